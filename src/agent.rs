@@ -1,0 +1,259 @@
+//! The agent: wires source → tracker → journal → sinks and the telemetry
+//! endpoint, and shuts them down in order.
+//!
+//! Shutdown order (SIGTERM/SIGINT): stop the libvirt source (no new
+//! intake), let the tracker drain its queue into the journal, then give the
+//! sinks `host.shutdown_timeout` to publish what the brokers accept; what
+//! is left stays in the journal for the next start.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::config::Config;
+use crate::journal::{Journal, JournalError, OpenOptions};
+use crate::sinks::nats::encoding::EncodingContext;
+use crate::sinks::nats::service::{NatsSink, SINK_NAME};
+use crate::sinks::nats::{self, NatsError};
+use crate::source::{self, ffi, LibvirtInspector, Source, SourceOptions};
+use crate::telemetry::{self, Health, Metrics, TelemetryError};
+use crate::tracker::{decode_records, Tracker, TrackerOptions, TrackerTask};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error("{0}")]
+    Thread(String),
+}
+
+/// The hostname, the last fallback for `host.id`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn source_options(cfg: &Config) -> SourceOptions {
+    SourceOptions {
+        uri: cfg.libvirt.uri.clone(),
+        read_only: cfg.libvirt.read_only,
+        keepalive_interval: cfg.libvirt.keepalive_interval,
+        keepalive_count: cfg.libvirt.keepalive_count,
+        backoff_min: cfg.libvirt.reconnect_backoff_min.0,
+        backoff_max: cfg.libvirt.reconnect_backoff_max.0,
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT, or until a sink fails in a way
+/// retrying cannot fix.
+pub async fn run(cfg: Config) -> Result<(), AgentError> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let listener = telemetry::bind(cfg.metrics.listen).await?;
+
+    let mut sinks = Vec::new();
+    if cfg.nats.is_some() {
+        sinks.push(SINK_NAME.to_string());
+    }
+    let src_opts = source_options(&cfg);
+    let default_host = {
+        let opts = src_opts.clone();
+        move || -> String {
+            // Only consulted when the journal is new and host.id is unset.
+            match source::open(&opts) {
+                Ok(c) => source::host_uuid(&c).unwrap_or_else(hostname),
+                Err(_) => hostname(),
+            }
+        }
+    };
+    let (journal, writer, recovered) = Journal::open(OpenOptions {
+        dir: &cfg.journal.path,
+        host_id: cfg.host.id.as_deref(),
+        default_host_id: &default_host,
+        sinks,
+        group_commit_max: cfg.journal.group_commit_max,
+        queue: cfg.journal.group_commit_max * 4,
+    })?;
+    tracing::info!(
+        host_id = %recovered.host_id,
+        epoch = %recovered.epoch,
+        host_seq = recovered.host_seq,
+        backlog = recovered.backlog_entries,
+        fresh = recovered.fresh,
+        "journal open"
+    );
+    health.journal_writable.store(true, Ordering::Relaxed);
+    let writer_thread = std::thread::Builder::new()
+        .name("journal-writer".into())
+        .spawn(move || writer.run())
+        .map_err(|e| AgentError::Thread(e.to_string()))?;
+
+    let (shutdown_tx, _) = broadcast::channel::<()>(4);
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // Source → tracker queue.
+    let (items_tx, items_rx) = std::sync::mpsc::sync_channel(cfg.libvirt.queue_capacity);
+    let (resync_tx, resync_rx) = std::sync::mpsc::sync_channel(1);
+    let overflow = Arc::new(AtomicBool::new(false));
+    let conn_slot = Arc::new(RwLock::new(None));
+    let src = Source {
+        opts: src_opts,
+        callbacks: ffi::CallbackTarget {
+            items: items_tx.clone(),
+            overflow: overflow.clone(),
+            dropped: metrics.events_dropped.clone(),
+        },
+        items: items_tx,
+        resync: resync_rx,
+        conn: conn_slot.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+        shutdown: stop.clone(),
+        accepted: Arc::new(RwLock::new(Vec::new())),
+    };
+    let source_thread = std::thread::Builder::new()
+        .name("libvirt-source".into())
+        .spawn(move || src.run())
+        .map_err(|e| AgentError::Thread(e.to_string()))?;
+
+    let tracker = Tracker::new(
+        recovered.host_id.clone(),
+        recovered.epoch.clone(),
+        recovered.host_seq,
+        decode_records(&recovered.domains),
+        LibvirtInspector { conn: conn_slot },
+        TrackerOptions {
+            xml: cfg.libvirt.xml,
+            lookup_attempts: cfg.libvirt.lookup_attempts,
+            max_journal_bytes: cfg.journal.max_bytes,
+        },
+    );
+    let task = TrackerTask {
+        tracker,
+        items: items_rx,
+        overflow,
+        resync: resync_tx,
+        journal: journal.clone(),
+        metrics: metrics.clone(),
+        restarted: !recovered.fresh,
+        stop: stop.clone(),
+    };
+    let tracker_thread = std::thread::Builder::new()
+        .name("tracker".into())
+        .spawn(move || task.run())
+        .map_err(|e| AgentError::Thread(e.to_string()))?;
+
+    // Sinks.
+    let mut sink_tasks = Vec::new();
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<NatsError>(4);
+    if let Some(ncfg) = &cfg.nats {
+        let client = nats::connect(ncfg, &format!("virtstream-{}", recovered.host_id)).await?;
+        let sink = NatsSink {
+            cfg: ncfg.clone(),
+            client,
+            journal: journal.clone(),
+            encoding: Arc::new(EncodingContext::new(
+                &recovered.host_id,
+                &recovered.epoch,
+                &ncfg.events_subject_prefix,
+                ncfg.encoding,
+            )),
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
+        let rx = shutdown_tx.subscribe();
+        let deadline = cfg.host.shutdown_timeout.0;
+        let fatal_tx = fatal_tx.clone();
+        sink_tasks.push(tokio::spawn(async move {
+            if let Err(e) = sink.run(rx, deadline).await {
+                let _ = fatal_tx.send(e).await;
+            }
+        }));
+    }
+
+    // Telemetry.
+    let refresh = {
+        let journal = journal.clone();
+        let metrics = metrics.clone();
+        let health = health.clone();
+        Arc::new(move || {
+            metrics
+                .journal_backlog_entries
+                .set(journal.backlog_entries() as i64);
+            metrics
+                .journal_backlog_bytes
+                .set(journal.backlog_bytes() as i64);
+            metrics.journal_commits.set(journal.commits() as i64);
+            health
+                .journal_writable
+                .store(journal.writable(), Ordering::Relaxed);
+        }) as Arc<dyn Fn() + Send + Sync>
+    };
+    let server = tokio::spawn(telemetry::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        refresh.clone(),
+        shutdown_tx.subscribe(),
+    ));
+    let ticker = {
+        let refresh = refresh.clone();
+        let mut rx = shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = rx.recv() => return,
+                    _ = t.tick() => refresh(),
+                }
+            }
+        })
+    };
+
+    // Wait for a signal or a fatal sink error.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| AgentError::Thread(format!("SIGTERM handler: {e}")))?;
+    let mut fatal: Option<AgentError> = None;
+    drop(fatal_tx);
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        Some(e) = fatal_rx.recv() => {
+            tracing::error!(error = %e, "sink failed; shutting down");
+            fatal = Some(e.into());
+        }
+    }
+
+    // 1. Stop intake; 2. tracker drains into the journal.
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = source_thread.join();
+        let _ = tracker_thread.join();
+    })
+    .await;
+    // 3. Sinks flush within the deadline.
+    let _ = shutdown_tx.send(());
+    for t in sink_tasks {
+        let _ = t.await;
+    }
+    let _ = server.await;
+    let _ = ticker.await;
+    drop(journal);
+    drop(refresh);
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    tracing::info!("stopped");
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,677 @@
+//! Configuration: TOML file + `VIRTSTREAM_<SECTION>_<KEY>` environment
+//! overrides, validated before anything starts.
+//!
+//! Invariants:
+//! - unknown keys and wrong types are refused, naming the full key
+//!   (`nats.url`) and the reason;
+//! - a sink is enabled exactly when its section is present (in the file or
+//!   through an environment override);
+//! - secrets never appear in `Display`/`redacted()` output.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "VIRTSTREAM_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Key { key: String, reason: String },
+}
+
+fn key_err(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// A duration written as `500ms`, `5s`, `2m`, `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration ({e}); use e.g. 500ms, 5s, 2m"
+            ))
+        })
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub host: HostConfig,
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
+    pub journal: JournalConfig,
+    pub nats: Option<NatsConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Stable host identity; default: the journal's recorded id, else the
+    /// libvirt host UUID, else the hostname.
+    pub id: Option<String>,
+    /// How long SIGTERM waits for the sinks to flush.
+    #[serde(default = "d_shutdown")]
+    pub shutdown_timeout: Dur,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XmlMode {
+    Off,
+    OnChange,
+    Always,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    #[serde(default = "d_uri")]
+    pub uri: String,
+    #[serde(default = "d_true")]
+    pub read_only: bool,
+    /// Keepalive probe interval in seconds (0 disables keepalive).
+    #[serde(default = "d_keepalive_interval")]
+    pub keepalive_interval: u32,
+    #[serde(default = "d_keepalive_count")]
+    pub keepalive_count: u32,
+    #[serde(default = "d_backoff_min")]
+    pub reconnect_backoff_min: Dur,
+    #[serde(default = "d_backoff_max")]
+    pub reconnect_backoff_max: Dur,
+    /// Capacity of the hand-off queue between the libvirt callback and the
+    /// tracker. When full, events are dropped, a gap is recorded and a
+    /// reconcile repairs the state.
+    #[serde(default = "d_queue")]
+    pub queue_capacity: usize,
+    /// Lookup attempts for a domain an event names but libvirt cannot find yet.
+    #[serde(default = "d_lookup_attempts")]
+    pub lookup_attempts: u32,
+    /// Domain XML in messages: off | on-change | always.
+    #[serde(default = "d_xml")]
+    pub xml: XmlMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Accepted entries are kept; new events are not journaled while full.
+    /// A gap marker and a reconcile follow once space is free again.
+    RejectNew,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    pub path: PathBuf,
+    /// Bound on unpublished journal payload bytes.
+    #[serde(default = "d_max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "d_when_full")]
+    pub when_full: WhenFull,
+    /// Most entries per group commit.
+    #[serde(default = "d_group")]
+    pub group_commit_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    #[serde(default = "d_events_stream")]
+    pub events_stream: String,
+    #[serde(default = "d_events_prefix")]
+    pub events_subject_prefix: String,
+    /// Create the stream when missing.
+    #[serde(default = "d_true")]
+    pub create_streams: bool,
+    #[serde(default = "d_max_age")]
+    pub max_age: Dur,
+    #[serde(default = "d_dup_window")]
+    pub duplicate_window: Dur,
+    #[serde(default = "d_one")]
+    pub replicas: usize,
+    /// Publishes awaiting a JetStream ack at once.
+    #[serde(default = "d_inflight")]
+    pub max_in_flight: usize,
+    #[serde(default = "d_ack_timeout")]
+    pub ack_timeout: Dur,
+    /// Body encoding: avro (single-object) or json.
+    #[serde(default = "d_encoding")]
+    pub encoding: Encoding,
+    /// Token read from this file (never from the command line).
+    pub token_file: Option<PathBuf>,
+    /// NATS credentials (.creds) file.
+    pub credentials_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Avro,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "d_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            id: None,
+            shutdown_timeout: d_shutdown(),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: d_listen() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "d_log_format")]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `virtstream=debug,info`.
+    #[serde(default = "d_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: d_log_format(),
+            level: d_log_level(),
+        }
+    }
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        LibvirtConfig {
+            uri: d_uri(),
+            read_only: true,
+            keepalive_interval: d_keepalive_interval(),
+            keepalive_count: d_keepalive_count(),
+            reconnect_backoff_min: d_backoff_min(),
+            reconnect_backoff_max: d_backoff_max(),
+            queue_capacity: d_queue(),
+            lookup_attempts: d_lookup_attempts(),
+            xml: d_xml(),
+        }
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_one() -> usize {
+    1
+}
+fn d_shutdown() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn d_uri() -> String {
+    "qemu:///system".into()
+}
+fn d_keepalive_interval() -> u32 {
+    5
+}
+fn d_keepalive_count() -> u32 {
+    3
+}
+fn d_backoff_min() -> Dur {
+    Dur(Duration::from_millis(500))
+}
+fn d_backoff_max() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn d_queue() -> usize {
+    16_384
+}
+fn d_lookup_attempts() -> u32 {
+    3
+}
+fn d_xml() -> XmlMode {
+    XmlMode::Off
+}
+fn d_max_bytes() -> u64 {
+    1 << 30
+}
+fn d_when_full() -> WhenFull {
+    WhenFull::RejectNew
+}
+fn d_group() -> usize {
+    4096
+}
+fn d_events_stream() -> String {
+    "VIRT_EVENTS".into()
+}
+fn d_events_prefix() -> String {
+    "virt.events.v1".into()
+}
+fn d_max_age() -> Dur {
+    Dur(Duration::from_secs(7 * 24 * 3600))
+}
+fn d_dup_window() -> Dur {
+    Dur(Duration::from_secs(120))
+}
+fn d_inflight() -> usize {
+    1024
+}
+fn d_ack_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn d_encoding() -> Encoding {
+    Encoding::Avro
+}
+fn d_listen() -> SocketAddr {
+    "127.0.0.1:9477".parse().expect("literal address")
+}
+fn d_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn d_log_level() -> String {
+    "info".into()
+}
+
+/// Keys whose values are secrets or point at them.
+const SECRET_KEYS: &[&str] = &["token", "password", "credentials_file", "token_file"];
+
+impl Config {
+    /// Reads `path`, applies environment overrides from `env`, validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path, env)
+    }
+
+    /// Parses TOML text, applies overrides, validates.
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: path.to_path_buf(),
+                    message: e.message().to_string(),
+                })?;
+        apply_env(&mut table, env)?;
+        let de = toml::Value::Table(table);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let reason = e.inner().to_string();
+            // serde reports a missing field on its parent; name the full key.
+            let missing = reason
+                .strip_prefix("missing field `")
+                .and_then(|r| r.split('`').next());
+            match missing {
+                Some(field) if key == "." => key_err(field, "required key is missing"),
+                Some(field) => key_err(&format!("{key}.{field}"), "required key is missing"),
+                None => key_err(&key, reason),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.host.id {
+            if id.is_empty() {
+                return Err(key_err("host.id", "must not be empty"));
+            }
+        }
+        if self.libvirt.queue_capacity == 0 {
+            return Err(key_err("libvirt.queue_capacity", "must be at least 1"));
+        }
+        if self.libvirt.reconnect_backoff_min.0 > self.libvirt.reconnect_backoff_max.0 {
+            return Err(key_err(
+                "libvirt.reconnect_backoff_min",
+                "is larger than libvirt.reconnect_backoff_max",
+            ));
+        }
+        if self.journal.group_commit_max == 0 {
+            return Err(key_err("journal.group_commit_max", "must be at least 1"));
+        }
+        if let Some(n) = &self.nats {
+            if !(n.url.starts_with("nats://")
+                || n.url.starts_with("tls://")
+                || n.url.starts_with("ws://")
+                || n.url.starts_with("wss://")
+                || !n.url.contains("://"))
+            {
+                return Err(key_err(
+                    "nats.url",
+                    format!("`{}` is not a NATS URL (nats://host:port)", n.url),
+                ));
+            }
+            if n.max_in_flight == 0 {
+                return Err(key_err("nats.max_in_flight", "must be at least 1"));
+            }
+            if n.duplicate_window.0.is_zero() {
+                return Err(key_err(
+                    "nats.duplicate_window",
+                    "must be > 0: JetStream de-duplication by Nats-Msg-Id needs it",
+                ));
+            }
+            for (k, v) in [("nats.events_stream", &n.events_stream)] {
+                if v.is_empty() || v.contains(['.', '*', '>', ' ']) {
+                    return Err(key_err(
+                        k,
+                        format!("`{v}` is not a valid JetStream stream name"),
+                    ));
+                }
+            }
+            for (k, v) in [("nats.events_subject_prefix", &n.events_subject_prefix)] {
+                if v.is_empty() || v.contains(['*', '>', ' ']) || v.ends_with('.') {
+                    return Err(key_err(k, format!("`{v}` is not a valid subject prefix")));
+                }
+            }
+            for (k, p) in [
+                ("nats.token_file", &n.token_file),
+                ("nats.credentials_file", &n.credentials_file),
+            ] {
+                if let Some(p) = p {
+                    std::fs::metadata(p)
+                        .map_err(|e| key_err(k, format!("cannot read {}: {e}", p.display())))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the journal directory can be created and written; the error
+    /// names `journal.path`.
+    pub fn check_journal_writable(&self) -> Result<(), ConfigError> {
+        let dir = &self.journal.path;
+        let fail = |e: std::io::Error| {
+            key_err(
+                "journal.path",
+                format!("{} is not a writable directory: {e}", dir.display()),
+            )
+        };
+        std::fs::create_dir_all(dir).map_err(fail)?;
+        let probe = dir.join(format!(".virtstream-probe-{}", std::process::id()));
+        std::fs::write(&probe, b"probe").map_err(fail)?;
+        std::fs::remove_file(&probe).map_err(fail)?;
+        std::fs::read_dir(dir).map_err(fail)?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets replaced by `<redacted>`.
+    pub fn redacted(&self) -> String {
+        let mut v = toml::Value::try_from(self).expect("config serializes");
+        fn scrub(v: &mut toml::Value) {
+            if let toml::Value::Table(t) = v {
+                for (k, val) in t.iter_mut() {
+                    if SECRET_KEYS.contains(&k.as_str()) {
+                        *val = toml::Value::String("<redacted>".into());
+                    } else {
+                        scrub(val);
+                    }
+                }
+            }
+        }
+        scrub(&mut v);
+        toml::to_string_pretty(&v).expect("toml renders")
+    }
+}
+
+/// Applies `VIRTSTREAM_<SECTION>_<KEY>=value` overrides. The value is typed
+/// after the key's current value when the file sets it (string, integer,
+/// float, boolean), else guessed (integer, boolean, then string).
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let overrides: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    for (name, raw) in overrides {
+        let rest = &name[ENV_PREFIX.len()..];
+        let Some((section, key)) = rest.split_once('_') else {
+            continue;
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let full = format!("{section}.{key}");
+        let sect = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(sect) = sect else {
+            return Err(key_err(&section, "is not a table"));
+        };
+        let value = match sect.get(&key) {
+            Some(toml::Value::Integer(_)) => raw
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .map_err(|_| key_err(&full, format!("{name}=`{raw}` is not an integer")))?,
+            Some(toml::Value::Float(_)) => raw
+                .parse::<f64>()
+                .map(toml::Value::Float)
+                .map_err(|_| key_err(&full, format!("{name}=`{raw}` is not a number")))?,
+            Some(toml::Value::Boolean(_)) => raw
+                .parse::<bool>()
+                .map(toml::Value::Boolean)
+                .map_err(|_| key_err(&full, format!("{name}=`{raw}` is not true/false")))?,
+            Some(_) => toml::Value::String(raw),
+            None => {
+                if let Ok(i) = raw.parse::<i64>() {
+                    if STRING_KEYS.contains(&full.as_str()) {
+                        toml::Value::String(raw)
+                    } else {
+                        toml::Value::Integer(i)
+                    }
+                } else if let Ok(b) = raw.parse::<bool>() {
+                    toml::Value::Boolean(b)
+                } else {
+                    toml::Value::String(raw)
+                }
+            }
+        };
+        sect.insert(key, value);
+    }
+    Ok(())
+}
+
+/// String-typed keys whose values may look like numbers.
+const STRING_KEYS: &[&str] = &["host.id", "journal.path", "nats.url", "metrics.listen"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[host]
+id = "host-a"
+[libvirt]
+uri = "test+unix:///default"
+[journal]
+path = "/var/lib/virtstream"
+[nats]
+url = "nats://127.0.0.1:4222"
+[metrics]
+listen = "127.0.0.1:9477"
+"#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            text,
+            Path::new("test.toml"),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(SAMPLE, &[]).unwrap();
+        assert_eq!(c.host.id.as_deref(), Some("host-a"));
+        assert_eq!(c.libvirt.uri, "test+unix:///default");
+        assert!(c.libvirt.read_only);
+        assert_eq!(c.nats.unwrap().events_stream, "VIRT_EVENTS");
+        assert_eq!(c.metrics.listen.port(), 9477);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse(&format!("{SAMPLE}\nbogus = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics.bogus"), "{err}");
+        let err = parse(&SAMPLE.replace("[host]", "[host]\ncolour = 1"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("host.colour") && err.contains("unknown field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = parse(
+            &SAMPLE.replace("uri = \"test+unix:///default\"", "uri = 5"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("libvirt.uri") && err.contains("invalid type"),
+            "{err}"
+        );
+        let err = parse(
+            &SAMPLE.replace("listen = \"127.0.0.1:9477\"", "listen = \"nowhere\""),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("metrics.listen"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let err = parse("[journal]\n", &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("journal.path") && err.contains("missing"),
+            "{err}"
+        );
+        let err = parse("[nats]\nurl=\"nats://x:1\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`journal`"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_win_and_are_typed() {
+        let c = parse(
+            SAMPLE,
+            &[
+                ("VIRTSTREAM_NATS_URL", "nats://10.0.0.1:4222"),
+                ("VIRTSTREAM_HOST_ID", "1234"),
+                ("VIRTSTREAM_LIBVIRT_QUEUE_CAPACITY", "64"),
+                ("VIRTSTREAM_LIBVIRT_READ_ONLY", "false"),
+                ("OTHER_THING", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.nats.unwrap().url, "nats://10.0.0.1:4222");
+        assert_eq!(c.host.id.as_deref(), Some("1234"));
+        assert_eq!(c.libvirt.queue_capacity, 64);
+        assert!(!c.libvirt.read_only);
+        let err = parse(SAMPLE, &[("VIRTSTREAM_LIBVIRT_READ_ONLY", "maybe")]).unwrap_err();
+        assert!(err.to_string().contains("libvirt.read_only"), "{err}");
+    }
+
+    #[test]
+    fn env_can_enable_a_sink() {
+        let text = SAMPLE.replace("[nats]\nurl = \"nats://127.0.0.1:4222\"\n", "");
+        assert!(parse(&text, &[]).unwrap().nats.is_none());
+        let c = parse(&text, &[("VIRTSTREAM_NATS_URL", "nats://h:4222")]).unwrap();
+        assert_eq!(c.nats.unwrap().url, "nats://h:4222");
+    }
+
+    #[test]
+    fn durations_parse_and_bad_ones_are_named() {
+        let c = parse(&format!("{SAMPLE}\n[log]\nformat = \"json\"\n"), &[]).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let err = parse(
+            &SAMPLE.replace("[host]", "[host]\nshutdown_timeout = \"soon\""),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("host.shutdown_timeout") && err.contains("duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("token");
+        std::fs::write(&tok, "s3cret").unwrap();
+        let text = SAMPLE.replace(
+            "url = \"nats://127.0.0.1:4222\"",
+            &format!(
+                "url = \"nats://127.0.0.1:4222\"\ntoken_file = \"{}\"",
+                tok.display()
+            ),
+        );
+        let out = parse(&text, &[]).unwrap().redacted();
+        assert!(out.contains("<redacted>"), "{out}");
+        assert!(!out.contains(tok.to_str().unwrap()), "{out}");
+        assert!(!out.contains("s3cret"));
+    }
+}

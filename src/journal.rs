@@ -1,0 +1,679 @@
+//! The journal: an embedded, crash-safe outbox (redb) holding every message
+//! the host emits until every configured sink acknowledged it, plus the
+//! sequence counters and the tracker's per-domain state.
+//!
+//! Invariants:
+//! - an entry, the `host_seq` counter and the domain record it updates are
+//!   committed in one transaction; commits are fsync'd (redb `Immediate`
+//!   durability) and grouped: one writer thread drains whatever is queued
+//!   (up to `group_commit_max`) into a single transaction;
+//! - sinks only ever see committed entries (`committed()` watch);
+//! - an entry is deleted only once every configured sink's cursor is at or
+//!   past it; a sink's cursor only moves forward;
+//! - a commit that fails is retried with the same operations: nothing the
+//!   tracker handed over is dropped.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::watch;
+
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+const DOMAINS: TableDefinition<&str, &[u8]> = TableDefinition::new("domains");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+
+/// On-disk format version; a newer file is refused, not guessed at.
+pub const FORMAT_VERSION: u32 = 1;
+const FILE_NAME: &str = "journal.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("journal {path} cannot be opened: {source}")]
+    Open {
+        path: PathBuf,
+        source: Box<redb::DatabaseError>,
+    },
+    #[error("journal {path} was written by format version {found}; this build reads up to {FORMAT_VERSION}")]
+    Format { path: PathBuf, found: u32 },
+    #[error("journal {path} belongs to host `{recorded}`, but the configured host id is `{configured}`; use a new journal path for a new host identity")]
+    HostMismatch {
+        path: PathBuf,
+        recorded: String,
+        configured: String,
+    },
+    #[error("journal storage error: {0}")]
+    Storage(String),
+    #[error("journal entry {host_seq} is corrupt: {reason}")]
+    Corrupt { host_seq: u64, reason: String },
+    #[error("journal writer has stopped")]
+    Closed,
+}
+
+fn storage(e: impl std::fmt::Display) -> JournalError {
+    JournalError::Storage(e.to_string())
+}
+
+/// What an entry carries, so a sink can route it without decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    DomainEvent = 1,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::DomainEvent),
+            _ => None,
+        }
+    }
+}
+
+/// One journaled message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub host_seq: u64,
+    pub kind: Kind,
+    /// The domain UUID the message is about (the host UUID for host-level).
+    pub key: String,
+    /// Agent receive time of the underlying event (µs), for latency metrics.
+    pub observed_at: i64,
+    /// Avro single-object encoded message.
+    pub payload: Vec<u8>,
+}
+
+impl Entry {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(11 + self.key.len() + self.payload.len());
+        v.push(1u8);
+        v.push(self.kind as u8);
+        v.extend_from_slice(&self.observed_at.to_le_bytes());
+        v.push(self.key.len() as u8);
+        v.extend_from_slice(self.key.as_bytes());
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    fn decode(host_seq: u64, b: &[u8]) -> Result<Entry, JournalError> {
+        let corrupt = |reason: &str| JournalError::Corrupt {
+            host_seq,
+            reason: reason.to_string(),
+        };
+        if b.len() < 11 || b[0] != 1 {
+            return Err(corrupt("bad header"));
+        }
+        let kind = Kind::from_u8(b[1]).ok_or_else(|| corrupt("unknown kind"))?;
+        let observed_at = i64::from_le_bytes(b[2..10].try_into().expect("8 bytes"));
+        let klen = b[10] as usize;
+        let key = b
+            .get(11..11 + klen)
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .ok_or_else(|| corrupt("bad key"))?
+            .to_string();
+        Ok(Entry {
+            host_seq,
+            kind,
+            key,
+            observed_at,
+            payload: b[11 + klen..].to_vec(),
+        })
+    }
+}
+
+/// What the journal held when it was opened.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    pub host_id: String,
+    pub epoch: String,
+    /// Last `host_seq` assigned (0 in a fresh epoch).
+    pub host_seq: u64,
+    /// Tracker records by domain UUID (opaque bytes owned by the tracker).
+    pub domains: HashMap<String, Vec<u8>>,
+    /// True when the journal was created by this open (new epoch).
+    pub fresh: bool,
+    /// Entries retained (not yet acknowledged by every sink).
+    pub backlog_entries: u64,
+}
+
+enum Op {
+    Append {
+        entry: Entry,
+        domain: Option<(String, Vec<u8>)>,
+    },
+    Cursor {
+        sink: String,
+        acked: u64,
+    },
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Shared, cloneable handle: appends go to the writer thread, reads go
+/// straight to the database.
+#[derive(Clone)]
+pub struct Journal {
+    db: Arc<Database>,
+    ops: SyncSender<Op>,
+    committed: watch::Receiver<u64>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    backlog_bytes: AtomicU64,
+    backlog_entries: AtomicU64,
+    writable: AtomicBool,
+    commits: AtomicU64,
+    trimmed: AtomicU64,
+}
+
+/// The writer half; run it on its own thread with [`JournalWriter::run`].
+pub struct JournalWriter {
+    db: Arc<Database>,
+    ops: Receiver<Op>,
+    committed: watch::Sender<u64>,
+    shared: Arc<Shared>,
+    sinks: Vec<String>,
+    group_max: usize,
+    last_host_seq: u64,
+}
+
+/// Open parameters.
+pub struct OpenOptions<'a> {
+    pub dir: &'a Path,
+    /// Configured host id, if any.
+    pub host_id: Option<&'a str>,
+    /// Host id for a fresh journal when none is configured.
+    pub default_host_id: &'a dyn Fn() -> String,
+    /// Names of the configured sinks (the journal trims behind all of them).
+    pub sinks: Vec<String>,
+    pub group_commit_max: usize,
+    /// Capacity of the queue in front of the writer.
+    pub queue: usize,
+}
+
+fn meta_get(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    k: &str,
+) -> Result<Option<Vec<u8>>, JournalError> {
+    Ok(t.get(k).map_err(storage)?.map(|v| v.value().to_vec()))
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `opts.dir`.
+    pub fn open(
+        opts: OpenOptions<'_>,
+    ) -> Result<(Journal, JournalWriter, Recovered), JournalError> {
+        std::fs::create_dir_all(opts.dir).map_err(|source| JournalError::Dir {
+            path: opts.dir.to_path_buf(),
+            source,
+        })?;
+        let path = opts.dir.join(FILE_NAME);
+        let existed = path.exists();
+        let db = {
+            let mut b = Database::builder();
+            b.set_cache_size(4 << 20);
+            b.create(&path).map_err(|source| JournalError::Open {
+                path: path.clone(),
+                source: Box::new(source),
+            })?
+        };
+        restrict_permissions(&path);
+        let mut txn = db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let (rec, trimmed) = {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let _ = txn.open_table(ENTRIES).map_err(storage)?;
+            let _ = txn.open_table(DOMAINS).map_err(storage)?;
+            let _ = txn.open_table(CURSORS).map_err(storage)?;
+            let format = meta_get(&meta, "format")?;
+            let fresh = format.is_none();
+            if let Some(f) = &format {
+                let found = u32::from_le_bytes(f.as_slice().try_into().map_err(|_| {
+                    JournalError::Format {
+                        path: path.clone(),
+                        found: u32::MAX,
+                    }
+                })?);
+                if found > FORMAT_VERSION {
+                    return Err(JournalError::Format { path, found });
+                }
+            }
+            if fresh {
+                let host = opts
+                    .host_id
+                    .map(str::to_string)
+                    .unwrap_or_else(|| (opts.default_host_id)());
+                let epoch = uuid::Uuid::new_v4().simple().to_string();
+                meta.insert("format", FORMAT_VERSION.to_le_bytes().as_slice())
+                    .map_err(storage)?;
+                meta.insert("host_id", host.as_bytes()).map_err(storage)?;
+                meta.insert("epoch", epoch.as_bytes()).map_err(storage)?;
+                meta.insert("host_seq", 0u64.to_le_bytes().as_slice())
+                    .map_err(storage)?;
+                meta.insert("trimmed", 0u64.to_le_bytes().as_slice())
+                    .map_err(storage)?;
+            }
+            let text = |k: &str| -> Result<String, JournalError> {
+                let v =
+                    meta_get(&meta, k)?.ok_or_else(|| storage(format!("meta key {k} missing")))?;
+                String::from_utf8(v).map_err(|_| storage(format!("meta key {k} is not UTF-8")))
+            };
+            let num = |k: &str| -> Result<u64, JournalError> {
+                let v =
+                    meta_get(&meta, k)?.ok_or_else(|| storage(format!("meta key {k} missing")))?;
+                Ok(u64::from_le_bytes(v.as_slice().try_into().map_err(
+                    |_| storage(format!("meta key {k} is not a u64")),
+                )?))
+            };
+            let host_id = text("host_id")?;
+            if let Some(cfg) = opts.host_id {
+                if cfg != host_id {
+                    return Err(JournalError::HostMismatch {
+                        path,
+                        recorded: host_id,
+                        configured: cfg.to_string(),
+                    });
+                }
+            }
+            let rec = Recovered {
+                host_id,
+                epoch: text("epoch")?,
+                host_seq: num("host_seq")?,
+                domains: HashMap::new(),
+                fresh: fresh || !existed,
+                backlog_entries: 0,
+            };
+            (rec, num("trimmed")?)
+        };
+        txn.commit().map_err(storage)?;
+
+        let mut rec = rec;
+        let read = db.begin_read().map_err(storage)?;
+        let mut backlog_bytes = 0u64;
+        {
+            let entries = read.open_table(ENTRIES).map_err(storage)?;
+            for item in entries.iter().map_err(storage)? {
+                let (_, v) = item.map_err(storage)?;
+                backlog_bytes += v.value().len() as u64;
+                rec.backlog_entries += 1;
+            }
+            let domains = read.open_table(DOMAINS).map_err(storage)?;
+            for item in domains.iter().map_err(storage)? {
+                let (k, v) = item.map_err(storage)?;
+                rec.domains
+                    .insert(k.value().to_string(), v.value().to_vec());
+            }
+        }
+        drop(read);
+
+        let db = Arc::new(db);
+        let shared = Arc::new(Shared {
+            backlog_bytes: AtomicU64::new(backlog_bytes),
+            backlog_entries: AtomicU64::new(rec.backlog_entries),
+            writable: AtomicBool::new(true),
+            commits: AtomicU64::new(0),
+            trimmed: AtomicU64::new(trimmed),
+        });
+        let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue.max(1));
+        let (ctx, crx) = watch::channel(rec.host_seq);
+        let journal = Journal {
+            db: db.clone(),
+            ops: tx,
+            committed: crx,
+            shared: shared.clone(),
+        };
+        let writer = JournalWriter {
+            db,
+            ops: rx,
+            committed: ctx,
+            shared,
+            sinks: opts.sinks,
+            group_max: opts.group_commit_max.max(1),
+            last_host_seq: rec.host_seq,
+        };
+        Ok((journal, writer, rec))
+    }
+
+    /// Queues an entry (and the domain record it updates) for the next
+    /// group commit. Blocks when the writer's queue is full (backpressure).
+    pub fn append(
+        &self,
+        entry: Entry,
+        domain: Option<(String, Vec<u8>)>,
+    ) -> Result<(), JournalError> {
+        self.shared.backlog_bytes.fetch_add(
+            entry.payload.len() as u64 + 11 + entry.key.len() as u64,
+            Ordering::Relaxed,
+        );
+        self.shared.backlog_entries.fetch_add(1, Ordering::Relaxed);
+        self.ops
+            .send(Op::Append { entry, domain })
+            .map_err(|_| JournalError::Closed)
+    }
+
+    /// Records that `sink` has every entry up to `acked` acknowledged.
+    pub fn ack(&self, sink: &str, acked: u64) -> Result<(), JournalError> {
+        self.ops
+            .send(Op::Cursor {
+                sink: sink.to_string(),
+                acked,
+            })
+            .map_err(|_| JournalError::Closed)
+    }
+
+    /// Waits until everything queued before this call is committed.
+    pub fn sync(&self) -> Result<(), JournalError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.ops
+            .send(Op::Barrier(tx))
+            .map_err(|_| JournalError::Closed)?;
+        rx.recv().map_err(|_| JournalError::Closed)
+    }
+
+    /// Highest committed `host_seq`; changes after every commit.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// A sink's acknowledged position. A sink never seen before starts at
+    /// the oldest retained entry.
+    pub fn cursor(&self, sink: &str) -> Result<u64, JournalError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let cursors = read.open_table(CURSORS).map_err(storage)?;
+        match cursors.get(sink).map_err(storage)? {
+            Some(v) => Ok(v.value()),
+            None => Ok(self.shared.trimmed.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Up to `max` committed entries with `host_seq > after`, in order.
+    pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<Entry>, JournalError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let entries = read.open_table(ENTRIES).map_err(storage)?;
+        let mut out = Vec::with_capacity(max.min(1024));
+        for item in entries.range(after.saturating_add(1)..).map_err(storage)? {
+            if out.len() >= max {
+                break;
+            }
+            let (k, v) = item.map_err(storage)?;
+            out.push(Entry::decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Bytes of retained entries (appended, not yet trimmed).
+    pub fn backlog_bytes(&self) -> u64 {
+        self.shared.backlog_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Entries retained.
+    pub fn backlog_entries(&self) -> u64 {
+        self.shared.backlog_entries.load(Ordering::Relaxed)
+    }
+
+    /// False after a failed commit, until a commit succeeds again.
+    pub fn writable(&self) -> bool {
+        self.shared.writable.load(Ordering::Relaxed)
+    }
+
+    /// Group commits done since open.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(unix)]
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+impl JournalWriter {
+    /// Runs until every [`Journal`] handle is dropped, then commits what
+    /// is left and returns.
+    pub fn run(mut self) {
+        let mut batch: Vec<Op> = Vec::with_capacity(self.group_max);
+        loop {
+            match self.ops.recv_timeout(Duration::from_millis(500)) {
+                Ok(op) => batch.push(op),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            while batch.len() < self.group_max {
+                match self.ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match self.commit(&batch) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.shared.writable.store(false, Ordering::Relaxed);
+                        tracing::error!(error = %e, retry_in = ?delay, "journal commit failed; retrying with the same entries");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            self.shared.writable.store(true, Ordering::Relaxed);
+            self.shared.commits.fetch_add(1, Ordering::Relaxed);
+            for op in batch.drain(..) {
+                if let Op::Barrier(tx) = op {
+                    let _ = tx.send(());
+                }
+            }
+            self.committed.send_replace(self.last_host_seq);
+        }
+    }
+
+    fn commit(&mut self, batch: &[Op]) -> Result<(), JournalError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let mut last = self.last_host_seq;
+        let mut trimmed_bytes = 0u64;
+        let mut trimmed_entries = 0u64;
+        let mut new_trimmed = None;
+        {
+            let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+            let mut domains = txn.open_table(DOMAINS).map_err(storage)?;
+            let mut cursors = txn.open_table(CURSORS).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let mut cursor_moved = false;
+            for op in batch {
+                match op {
+                    Op::Append { entry, domain } => {
+                        entries
+                            .insert(entry.host_seq, entry.encode().as_slice())
+                            .map_err(storage)?;
+                        last = last.max(entry.host_seq);
+                        if let Some((uuid, rec)) = domain {
+                            domains
+                                .insert(uuid.as_str(), rec.as_slice())
+                                .map_err(storage)?;
+                        }
+                    }
+                    Op::Cursor { sink, acked } => {
+                        let prev = cursors
+                            .get(sink.as_str())
+                            .map_err(storage)?
+                            .map(|v| v.value());
+                        if prev.is_none_or(|p| *acked > p) {
+                            cursors.insert(sink.as_str(), *acked).map_err(storage)?;
+                            cursor_moved = true;
+                        }
+                    }
+                    Op::Barrier(_) => {}
+                }
+            }
+            meta.insert("host_seq", last.to_le_bytes().as_slice())
+                .map_err(storage)?;
+            // Trim behind the slowest configured sink (everything, when no
+            // sink is configured).
+            let mut floor = last;
+            for s in &self.sinks {
+                let c = cursors
+                    .get(s.as_str())
+                    .map_err(storage)?
+                    .map(|v| v.value())
+                    .unwrap_or_else(|| self.shared.trimmed.load(Ordering::Relaxed));
+                floor = floor.min(c);
+            }
+            let trimmed = self.shared.trimmed.load(Ordering::Relaxed);
+            if floor > trimmed && (cursor_moved || self.sinks.is_empty()) {
+                let range = trimmed + 1..=floor;
+                for item in entries.range(range.clone()).map_err(storage)? {
+                    let (_, v) = item.map_err(storage)?;
+                    trimmed_bytes += v.value().len() as u64;
+                    trimmed_entries += 1;
+                }
+                entries.retain_in(range, |_, _| false).map_err(storage)?;
+                meta.insert("trimmed", floor.to_le_bytes().as_slice())
+                    .map_err(storage)?;
+                new_trimmed = Some(floor);
+            }
+        }
+        txn.commit().map_err(storage)?;
+        self.last_host_seq = last;
+        if let Some(t) = new_trimmed {
+            self.shared.trimmed.store(t, Ordering::Relaxed);
+            self.shared.backlog_bytes.fetch_sub(
+                trimmed_bytes.min(self.shared.backlog_bytes.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            self.shared.backlog_entries.fetch_sub(
+                trimmed_entries.min(self.shared.backlog_entries.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, sinks: &[&str]) -> (Journal, std::thread::JoinHandle<()>, Recovered) {
+        let (j, w, r) = Journal::open(OpenOptions {
+            dir,
+            host_id: Some("h"),
+            default_host_id: &|| "unused".into(),
+            sinks: sinks.iter().map(|s| s.to_string()).collect(),
+            group_commit_max: 64,
+            queue: 128,
+        })
+        .unwrap();
+        (j, std::thread::spawn(move || w.run()), r)
+    }
+
+    fn entry(n: u64) -> Entry {
+        Entry {
+            host_seq: n,
+            kind: Kind::DomainEvent,
+            key: "b9906489-6d5b-40f8-a742-ca71b2b84277".into(),
+            observed_at: n as i64,
+            payload: vec![n as u8; 10],
+        }
+    }
+
+    #[test]
+    fn entries_counters_and_domains_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch;
+        {
+            let (j, t, r) = open(dir.path(), &["nats"]);
+            assert!(r.fresh);
+            assert_eq!(r.host_seq, 0);
+            epoch = r.epoch.clone();
+            for n in 1..=5 {
+                j.append(entry(n), Some(("d1".into(), vec![n as u8])))
+                    .unwrap();
+            }
+            j.sync().unwrap();
+            assert_eq!(*j.committed().borrow(), 5);
+            drop(j);
+            t.join().unwrap();
+        }
+        let (j, t, r) = open(dir.path(), &["nats"]);
+        assert!(!r.fresh);
+        assert_eq!(r.epoch, epoch);
+        assert_eq!(r.host_seq, 5);
+        assert_eq!(r.domains.get("d1"), Some(&vec![5u8]));
+        assert_eq!(r.backlog_entries, 5);
+        let got = j.read_after(2, 10).unwrap();
+        assert_eq!(got, vec![entry(3), entry(4), entry(5)]);
+        drop(j);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn trims_only_behind_every_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, t, _) = open(dir.path(), &["a", "b"]);
+        for n in 1..=10 {
+            j.append(entry(n), None).unwrap();
+        }
+        j.ack("a", 8).unwrap();
+        j.sync().unwrap();
+        assert_eq!(j.read_after(0, 100).unwrap().len(), 10, "b acked nothing");
+        j.ack("b", 4).unwrap();
+        j.ack("a", 3).unwrap(); // never moves back
+        j.sync().unwrap();
+        assert_eq!(j.cursor("a").unwrap(), 8);
+        let left: Vec<u64> = j
+            .read_after(0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.host_seq)
+            .collect();
+        assert_eq!(left, (5..=10).collect::<Vec<_>>());
+        assert_eq!(j.backlog_entries(), 6);
+        assert_eq!(
+            j.cursor("new-sink").unwrap(),
+            4,
+            "a new sink starts at the oldest retained entry"
+        );
+        drop(j);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn refuses_another_hosts_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, t, _) = open(dir.path(), &[]);
+        drop(j);
+        t.join().unwrap();
+        let err = Journal::open(OpenOptions {
+            dir: dir.path(),
+            host_id: Some("other"),
+            default_host_id: &|| "x".into(),
+            sinks: vec![],
+            group_commit_max: 1,
+            queue: 1,
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, JournalError::HostMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn corrupt_entry_bytes_are_an_error() {
+        assert!(Entry::decode(1, &[9, 9]).is_err());
+        let mut b = entry(1).encode();
+        b[1] = 77;
+        assert!(Entry::decode(1, &b).is_err());
+        assert_eq!(Entry::decode(1, &entry(1).encode()).unwrap(), entry(1));
+    }
+}

@@ -1,0 +1,19 @@
+//! virtstream: libvirt domain lifecycle events as schema-versioned,
+//! sequence-numbered messages on NATS JetStream (and Kafka), with the tools
+//! to rebuild fleet state from them.
+//!
+//! Data flow, one module per stage:
+//! `source` (libvirt) → `tracker` → `journal` → `sinks` (NATS, …);
+//! `codec` and `model` define the messages; `consumer` reads them back;
+//! `config` and `telemetry` serve the operator; `agent` wires it together.
+
+pub mod agent;
+pub mod codec;
+pub mod config;
+pub mod consumer;
+pub mod journal;
+pub mod model;
+pub mod sinks;
+pub mod source;
+pub mod telemetry;
+pub mod tracker;

@@ -1,0 +1,115 @@
+//! Sinks: each reads the journal from its own cursor, publishes, and
+//! acknowledges back to the journal. Shared pieces live here: the
+//! contiguous-ack window and the reversible subject-token encoding of host
+//! ids.
+//!
+//! Invariants:
+//! - a sink's cursor is the highest `host_seq` such that every entry at or
+//!   below it was acknowledged by the broker; it only moves forward;
+//! - a slow or dead sink never blocks the tracker or another sink (the
+//!   journal absorbs the difference, within `journal.max_bytes`).
+
+pub mod nats;
+
+use std::collections::BTreeSet;
+
+/// Tracks out-of-order acknowledgements and yields the contiguous cursor.
+#[derive(Debug, Clone)]
+pub struct AckWindow {
+    cursor: u64,
+    above: BTreeSet<u64>,
+}
+
+impl AckWindow {
+    pub fn new(cursor: u64) -> Self {
+        AckWindow {
+            cursor,
+            above: BTreeSet::new(),
+        }
+    }
+
+    /// Records an ack; returns true when the cursor moved.
+    pub fn ack(&mut self, host_seq: u64) -> bool {
+        if host_seq <= self.cursor {
+            return false;
+        }
+        self.above.insert(host_seq);
+        let before = self.cursor;
+        while self.above.remove(&(self.cursor + 1)) {
+            self.cursor += 1;
+        }
+        self.cursor != before
+    }
+
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+}
+
+/// Encodes a host id as one NATS subject token, reversibly: ASCII letters,
+/// digits and `-` stay as they are; every other byte (including `_`, `.`,
+/// `*`, `>` and whitespace) becomes `_XX` (upper-case hex).
+/// `node1.example.com` → `node1_2Eexample_2Ecom`.
+pub fn subject_token(host_id: &str) -> String {
+    let mut out = String::with_capacity(host_id.len());
+    for b in host_id.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Inverse of [`subject_token`]; `None` for a token it cannot have made.
+pub fn host_from_token(token: &str) -> Option<String> {
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'_' {
+            let hex = token.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_window_is_contiguous() {
+        let mut w = AckWindow::new(10);
+        assert!(!w.ack(12));
+        assert!(!w.ack(9));
+        assert!(w.ack(11));
+        assert_eq!(w.cursor(), 12);
+        assert!(w.ack(13));
+        assert_eq!(w.cursor(), 13);
+    }
+
+    #[test]
+    fn subject_token_is_reversible_and_safe() {
+        for h in [
+            "host-a",
+            "node1.example.com",
+            "a b*c>d_e",
+            "ünï",
+            "x:y/z",
+            "",
+        ] {
+            let t = subject_token(h);
+            assert!(!t.contains(['.', '*', '>', ' ']), "{t}");
+            assert_eq!(host_from_token(&t).as_deref(), Some(h));
+        }
+        assert_eq!(subject_token("node1.example.com"), "node1_2Eexample_2Ecom");
+        assert_eq!(host_from_token("bad_Z"), None);
+    }
+}

@@ -1,0 +1,231 @@
+//! NATS JetStream sink: connection, stream provisioning and suitability
+//! checks (this file), encoding (`encoding.rs`), and the publish loop
+//! (`service.rs`).
+//!
+//! Invariants:
+//! - the events stream is file-backed, de-duplicates by `Nats-Msg-Id`
+//!   (duplicate window > 0), keeps history (limits retention, not one
+//!   message per subject) and covers `<prefix>.>`; an existing stream that
+//!   is not is refused with a message naming the setting;
+//! - the client reconnects forever; an unreachable server at start only
+//!   delays publishing (the journal holds everything meanwhile).
+
+pub mod encoding;
+pub mod service;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::NatsConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("NATS options: {0}")]
+    Options(String),
+    #[error("NATS connect to {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("JetStream stream {stream} is unsuitable for virtstream: {reason}")]
+    Unsuitable { stream: String, reason: String },
+    #[error("JetStream stream {stream} does not exist and nats.create_streams = false")]
+    Missing { stream: String },
+    #[error("JetStream API: {0}")]
+    Api(String),
+}
+
+impl NatsError {
+    /// Errors that retrying cannot fix.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            NatsError::Unsuitable { .. } | NatsError::Missing { .. } | NatsError::Options(_)
+        )
+    }
+}
+
+/// Connects with retry-forever semantics (returns at once, even when the
+/// server is down).
+pub async fn connect(cfg: &NatsConfig, client_name: &str) -> Result<async_nats::Client, NatsError> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(client_name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100u64 << attempts.min(6)).min(5_000))
+        })
+        .event_callback(|ev| async move {
+            tracing::info!(event = %ev, "nats connection event");
+        });
+    if let Some(path) = &cfg.credentials_file {
+        opts = async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| {
+                NatsError::Options(format!("nats.credentials_file {}: {e}", path.display()))
+            })?
+            .name(client_name)
+            .retry_on_initial_connect()
+            .max_reconnects(None);
+    }
+    if let Some(path) = &cfg.token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| NatsError::Options(format!("nats.token_file {}: {e}", path.display())))?;
+        opts = opts.token(token.trim().to_string());
+    }
+    opts.connect(cfg.url.as_str())
+        .await
+        .map_err(|e| NatsError::Connect {
+            url: cfg.url.clone(),
+            message: e.to_string(),
+        })
+}
+
+/// The JetStream context publishes go through.
+pub fn context(client: async_nats::Client, cfg: &NatsConfig) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(cfg.ack_timeout.0)
+        .max_ack_inflight(cfg.max_in_flight.max(1))
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+/// The stream configuration virtstream creates.
+pub fn events_stream_config(cfg: &NatsConfig) -> stream::Config {
+    stream::Config {
+        name: cfg.events_stream.clone(),
+        description: Some("virtstream DomainEvent messages (schemas/DomainEvent.v*.avsc)".into()),
+        subjects: vec![format!("{}.>", cfg.events_subject_prefix)],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: cfg.max_age.0,
+        duplicate_window: cfg.duplicate_window.0,
+        num_replicas: cfg.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Does NATS subject pattern `pattern` match every subject under `prefix.>`?
+pub fn covers(pattern: &str, prefix: &str) -> bool {
+    let p: Vec<&str> = pattern.split('.').collect();
+    let s: Vec<&str> = prefix.split('.').collect();
+    for (i, tok) in p.iter().enumerate() {
+        match *tok {
+            ">" => return true,
+            "*" if i < s.len() => continue,
+            t if i < s.len() && t == s[i] => continue,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Checks an existing stream; `Err` names the unsuitable setting.
+pub fn check_suitable(c: &stream::Config, cfg: &NatsConfig) -> Result<(), String> {
+    if !c
+        .subjects
+        .iter()
+        .any(|p| covers(p, &cfg.events_subject_prefix))
+    {
+        return Err(format!(
+            "its subjects {:?} do not cover `{}.>`",
+            c.subjects, cfg.events_subject_prefix
+        ));
+    }
+    if c.storage != stream::StorageType::File {
+        return Err(
+            "storage is memory; effectively-once across server restarts needs file storage".into(),
+        );
+    }
+    if c.duplicate_window.is_zero() {
+        return Err("duplicate_window is 0; Nats-Msg-Id de-duplication is required".into());
+    }
+    if c.retention != stream::RetentionPolicy::Limits {
+        return Err(format!(
+            "retention is {:?}; events must stay readable for replay and audit (use limits)",
+            c.retention
+        ));
+    }
+    if (1..=64).contains(&c.max_messages_per_subject) {
+        return Err(format!(
+            "max_messages_per_subject is {}: that compacts per-domain history (events need every message)",
+            c.max_messages_per_subject
+        ));
+    }
+    Ok(())
+}
+
+/// Finds the events stream, creating it when missing and allowed.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+) -> Result<stream::Stream, NatsError> {
+    match js.get_stream(&cfg.events_stream).await {
+        Ok(mut s) => {
+            let info = s.info().await.map_err(|e| NatsError::Api(e.to_string()))?;
+            check_suitable(&info.config, cfg).map_err(|reason| NatsError::Unsuitable {
+                stream: cfg.events_stream.clone(),
+                reason,
+            })?;
+            Ok(s)
+        }
+        Err(e) => {
+            let not_found = matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            );
+            if !not_found {
+                return Err(NatsError::Api(e.to_string()));
+            }
+            if !cfg.create_streams {
+                return Err(NatsError::Missing {
+                    stream: cfg.events_stream.clone(),
+                });
+            }
+            tracing::info!(stream = %cfg.events_stream, "creating JetStream stream");
+            js.create_stream(events_stream_config(cfg))
+                .await
+                .map_err(|e| NatsError::Api(e.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_coverage() {
+        assert!(covers("virt.events.v1.>", "virt.events.v1"));
+        assert!(covers("virt.>", "virt.events.v1"));
+        assert!(covers(">", "virt.events.v1"));
+        assert!(covers("virt.*.v1.>", "virt.events.v1"));
+        assert!(!covers("virt.events.v1.*", "virt.events.v1"));
+        assert!(!covers("virt.events.v2.>", "virt.events.v1"));
+        assert!(!covers("virt.events.v1", "virt.events.v1"));
+    }
+
+    #[test]
+    fn suitability_names_the_setting() {
+        let cfg: NatsConfig = toml::from_str("url = \"nats://x:1\"").unwrap();
+        let good = events_stream_config(&cfg);
+        assert!(check_suitable(&good, &cfg).is_ok());
+        let mut c = good.clone();
+        c.storage = stream::StorageType::Memory;
+        assert!(check_suitable(&c, &cfg).unwrap_err().contains("memory"));
+        let mut c = good.clone();
+        c.max_messages_per_subject = 1;
+        assert!(check_suitable(&c, &cfg)
+            .unwrap_err()
+            .contains("max_messages_per_subject"));
+        let mut c = good.clone();
+        c.subjects = vec!["other.>".into()];
+        assert!(check_suitable(&c, &cfg).unwrap_err().contains("subjects"));
+        let mut c = good;
+        c.duplicate_window = Duration::ZERO;
+        assert!(check_suitable(&c, &cfg)
+            .unwrap_err()
+            .contains("duplicate_window"));
+    }
+}

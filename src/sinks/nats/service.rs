@@ -1,0 +1,361 @@
+//! The NATS publish loop: journal cursor → JetStream, effectively once and
+//! in order per subject.
+//!
+//! How order and exactly-once hold across crashes and outages:
+//! - at most one publish per subject is in flight; publishes of different
+//!   subjects are pipelined (bounded by `nats.max_in_flight`);
+//! - each publish carries `Nats-Expected-Last-Subject-Sequence` = the
+//!   stream sequence of this subject's previous message, so a message can
+//!   never be stored ahead of a predecessor that was lost in an outage;
+//! - when the sink does not know a subject's position (after a start or an
+//!   error) it reads the subject's last stored message: if that message is
+//!   this host's, this epoch's, with a `host_seq` at or past the entry, the
+//!   entry is already stored and is not sent again (this holds beyond the
+//!   JetStream duplicate window); otherwise its sequence is the expectation;
+//! - `Nats-Msg-Id` = event_id lets JetStream drop a re-send inside the
+//!   duplicate window as well.
+//!
+//! Acks are handled before new work (`select! { biased; }`); the cursor is
+//! written back to the journal at most every 10 ms.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::broadcast;
+
+use super::encoding::{Encoded, EncodingContext};
+use super::{ensure_stream, NatsError};
+use crate::config::NatsConfig;
+use crate::journal::{Entry, Journal};
+use crate::model::parse_event_id;
+use crate::sinks::AckWindow;
+use crate::telemetry::{Health, Metrics, SinkState};
+use crate::tracker::now_micros;
+
+/// The sink's name in the journal's cursor table and in metrics.
+pub const SINK_NAME: &str = "nats";
+
+/// Entries read ahead of the in-flight window.
+const READ_AHEAD: usize = 8192;
+
+/// What the broker holds for one subject, as far as this sink knows.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    stream_seq: u64,
+    /// `host_seq` of that message when it is this host's and epoch's.
+    ours: Option<u64>,
+}
+
+enum Outcome {
+    Published { stream_seq: u64 },
+    AlreadyStored { stream_seq: u64 },
+}
+
+struct Done {
+    subject: String,
+    entry: Entry,
+    result: Result<Outcome, (bool, String)>,
+}
+
+pub struct NatsSink {
+    pub cfg: NatsConfig,
+    pub client: async_nats::Client,
+    pub journal: Journal,
+    pub encoding: Arc<EncodingContext>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+}
+
+async fn last_position(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    enc: &EncodingContext,
+) -> Result<Position, String> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => {
+            let ours = m
+                .headers
+                .get("Nats-Msg-Id")
+                .and_then(|v| {
+                    parse_event_id(v.as_str()).map(|(h, e, s)| (h.to_string(), e.to_string(), s))
+                })
+                .filter(|(h, e, _)| *h == enc.host_id && *e == enc.epoch)
+                .map(|(_, _, s)| s);
+            Ok(Position {
+                stream_seq: m.sequence,
+                ours,
+            })
+        }
+        Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(Position {
+            stream_seq: 0,
+            ours: None,
+        }),
+        Err(e) => Err(format!("reading last message of {subject}: {e}")),
+    }
+}
+
+async fn publish_one(
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    enc: Arc<EncodingContext>,
+    known: Option<Position>,
+    entry: Entry,
+    encoded: Encoded,
+) -> Done {
+    let subject = encoded.subject.clone();
+    let result = async {
+        let pos = match known {
+            Some(p) => p,
+            None => last_position(&stream, &subject, &enc)
+                .await
+                .map_err(|e| (false, e))?,
+        };
+        if pos.ours.is_some_and(|hs| hs >= entry.host_seq) {
+            return Ok(Outcome::AlreadyStored {
+                stream_seq: pos.stream_seq,
+            });
+        }
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(encoded.body)
+            .headers(encoded.headers)
+            .expected_last_subject_sequence(pos.stream_seq);
+        let ack = js
+            .send_publish(subject.clone(), msg)
+            .await
+            .map_err(|e| (false, e.to_string()))?
+            .await
+            .map_err(|e| {
+                (
+                    matches!(e.kind(), PublishErrorKind::WrongLastSequence),
+                    e.to_string(),
+                )
+            })?;
+        Ok(if ack.duplicate {
+            Outcome::AlreadyStored {
+                stream_seq: ack.sequence,
+            }
+        } else {
+            Outcome::Published {
+                stream_seq: ack.sequence,
+            }
+        })
+    }
+    .await;
+    Done {
+        subject,
+        entry,
+        result,
+    }
+}
+
+impl NatsSink {
+    fn set_state(&self, s: SinkState) {
+        self.health.set_sink(SINK_NAME, s);
+    }
+
+    /// Runs until shutdown; returns `Err` only for errors retrying cannot
+    /// fix (an unsuitable stream).
+    pub async fn run(
+        self,
+        mut shutdown: broadcast::Receiver<()>,
+        drain_deadline: Duration,
+    ) -> Result<(), NatsError> {
+        self.set_state(SinkState::Connecting);
+        let js = super::context(self.client.clone(), &self.cfg);
+        // Provision / check the stream, retrying transient failures.
+        let mut delay = Duration::from_millis(200);
+        let stream = loop {
+            tokio::select! {
+                _ = shutdown.recv() => return Ok(()),
+                r = ensure_stream(&js, &self.cfg) => match r {
+                    Ok(s) => break s,
+                    Err(e) if e.is_fatal() => {
+                        self.set_state(SinkState::Failing(e.to_string()));
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?delay, "NATS not ready");
+                        self.set_state(SinkState::Failing(e.to_string()));
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        };
+        self.set_state(SinkState::Ready);
+        tracing::info!(stream = %self.cfg.events_stream, "NATS sink ready");
+
+        let labels = Metrics::sink(SINK_NAME);
+        let published = self.metrics.published.get_or_create(&labels).clone();
+        let errors = self.metrics.publish_errors.get_or_create(&labels).clone();
+        let latency = self.metrics.publish_latency.get_or_create(&labels).clone();
+        let backlog = self.metrics.sink_backlog.get_or_create(&labels).clone();
+
+        let start = self
+            .journal
+            .cursor(SINK_NAME)
+            .map_err(|e| NatsError::Api(e.to_string()))?;
+        let mut window = AckWindow::new(start);
+        let mut read_upto = start;
+        let mut committed = self.journal.committed();
+        let mut queues: HashMap<String, VecDeque<Entry>> = HashMap::new();
+        // Subjects that are ready, in flight or waiting for a retry.
+        let mut scheduled: HashSet<String> = HashSet::new();
+        let mut ready: VecDeque<String> = VecDeque::new();
+        let mut positions: HashMap<String, Position> = HashMap::new();
+        let mut buffered = 0usize;
+        let mut inflight = FuturesUnordered::new();
+        let mut retry: Vec<String> = Vec::new();
+        let mut backoff_until: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut flushed_cursor = start;
+        let mut last_flush = Instant::now();
+        let mut draining: Option<Instant> = None;
+
+        loop {
+            // Read ahead from the journal.
+            let head = *committed.borrow_and_update();
+            if draining.is_none() && buffered < READ_AHEAD && read_upto < head {
+                let entries = self
+                    .journal
+                    .read_after(read_upto, READ_AHEAD - buffered)
+                    .map_err(|e| NatsError::Api(e.to_string()))?;
+                for entry in entries {
+                    read_upto = entry.host_seq;
+                    let subject = super::encoding::subject(
+                        &self.encoding.prefix,
+                        &self.encoding.host_token,
+                        &entry,
+                    );
+                    if scheduled.insert(subject.clone()) {
+                        ready.push_back(subject.clone());
+                    }
+                    queues.entry(subject).or_default().push_back(entry);
+                    buffered += 1;
+                }
+            }
+            // Dispatch.
+            let backing_off = backoff_until.is_some_and(|t| Instant::now() < t);
+            if !backing_off {
+                if backoff_until.take().is_some() {
+                    ready.extend(retry.drain(..));
+                }
+                while inflight.len() < self.cfg.max_in_flight {
+                    let Some(subject) = ready.pop_front() else {
+                        break;
+                    };
+                    let Some(entry) = queues.get_mut(&subject).and_then(|q| q.pop_front()) else {
+                        scheduled.remove(&subject);
+                        continue;
+                    };
+                    let encoded = match self.encoding.encode(&entry) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            // An entry this build cannot encode cannot be
+                            // published by retrying: report and skip it
+                            // (audit shows the hole).
+                            tracing::error!(host_seq = entry.host_seq, error = %e, "cannot encode journal entry; skipped");
+                            window.ack(entry.host_seq);
+                            buffered -= 1;
+                            ready.push_back(subject);
+                            continue;
+                        }
+                    };
+                    inflight.push(publish_one(
+                        js.clone(),
+                        stream.clone(),
+                        self.encoding.clone(),
+                        positions.get(&subject).copied(),
+                        entry,
+                        encoded,
+                    ));
+                }
+            }
+            // Cursor write-back, coalesced.
+            if window.cursor() > flushed_cursor
+                && (last_flush.elapsed() >= Duration::from_millis(10) || inflight.is_empty())
+            {
+                flushed_cursor = window.cursor();
+                last_flush = Instant::now();
+                let _ = self.journal.ack(SINK_NAME, flushed_cursor);
+            }
+            backlog.set(head.saturating_sub(window.cursor()) as i64);
+            if let Some(deadline) = draining {
+                let done = window.cursor() >= head || Instant::now() >= deadline;
+                if done {
+                    if window.cursor() > flushed_cursor {
+                        let _ = self.journal.ack(SINK_NAME, window.cursor());
+                    }
+                    tracing::info!(cursor = window.cursor(), head, "NATS sink stopped");
+                    return Ok(());
+                }
+            }
+            let wake = backoff_until.unwrap_or_else(|| {
+                Instant::now() + Duration::from_millis(if draining.is_some() { 20 } else { 500 })
+            });
+            tokio::select! {
+                biased;
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    buffered -= 1;
+                    let Done { subject, entry, result } = done;
+                    match result {
+                        Ok(outcome) => {
+                            let stream_seq = match outcome {
+                                Outcome::Published { stream_seq } => {
+                                    published.inc();
+                                    let lat = (now_micros() - entry.observed_at).max(0) as f64 / 1e6;
+                                    latency.observe(lat);
+                                    stream_seq
+                                }
+                                Outcome::AlreadyStored { stream_seq } => stream_seq,
+                            };
+                            positions.insert(subject.clone(), Position { stream_seq, ours: Some(entry.host_seq) });
+                            window.ack(entry.host_seq);
+                            backoff = Duration::from_millis(100);
+                            if !matches!(self.health.sink(SINK_NAME), Some(SinkState::Ready)) {
+                                self.set_state(SinkState::Ready);
+                            }
+                            if queues.get(&subject).is_some_and(|q| !q.is_empty()) {
+                                ready.push_back(subject);
+                            } else {
+                                scheduled.remove(&subject);
+                                queues.remove(&subject);
+                            }
+                        }
+                        Err((wrong_seq, msg)) => {
+                            errors.inc();
+                            positions.remove(&subject);
+                            queues.entry(subject.clone()).or_default().push_front(entry);
+                            buffered += 1;
+                            retry.push(subject);
+                            if wrong_seq {
+                                tracing::debug!(error = %msg, "subject position was stale; re-reading it");
+                                backoff_until.get_or_insert(Instant::now() + Duration::from_millis(5));
+                            } else {
+                                tracing::warn!(error = %msg, retry_in = ?backoff, "NATS publish failed; will retry in order");
+                                self.set_state(SinkState::Failing(msg));
+                                backoff_until = Some(Instant::now() + backoff);
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    }
+                }
+                _ = shutdown.recv(), if draining.is_none() => {
+                    tracing::info!(deadline = ?drain_deadline, in_flight = inflight.len(), "NATS sink draining");
+                    draining = Some(Instant::now() + drain_deadline);
+                }
+                r = committed.changed(), if draining.is_none() && buffered < READ_AHEAD => {
+                    if r.is_err() {
+                        // The journal is gone: finish what is in flight.
+                        draining.get_or_insert(Instant::now() + drain_deadline);
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+}

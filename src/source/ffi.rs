@@ -1,0 +1,308 @@
+//! The one place with `unsafe`: libvirt's default event loop, domain event
+//! and close-callback registration (the safe `virt` crate has none), and
+//! the raw `virDomainGetState` integers.
+//!
+//! Invariants:
+//! - callbacks run on libvirt's event-loop thread; they never block and
+//!   never call back into libvirt over the wire: they read the domain
+//!   object's local fields (UUID, name, id), `try_send` to a bounded queue,
+//!   and on a full queue set the overflow flag instead of waiting;
+//! - every opaque pointer handed to libvirt is a `Box` that libvirt frees
+//!   through the matching free callback, exactly once;
+//! - a [`Registration`] deregisters everything it registered when dropped;
+//! - no panic unwinds across the FFI boundary.
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::metrics::counter::Counter;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt_sys as sys;
+
+use crate::model::event_id;
+use crate::tracker::{now_micros, Item, RawEvent};
+
+/// Registers libvirt's default event loop implementation (once per
+/// process, before any connection is opened) and runs it on a dedicated
+/// thread. Also silences libvirt's default print-to-stderr error handler:
+/// errors are reported through `tracing` where they matter.
+pub fn init_event_loop() -> Result<(), String> {
+    static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
+    RESULT
+        .get_or_init(|| {
+            virt::error::clear_error_callback();
+            // SAFETY: runs once (OnceLock), before any connection exists, as
+            // libvirt requires for virEventRegisterDefaultImpl.
+            if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
+                return Err(last_error_message());
+            }
+            std::thread::Builder::new()
+                .name("libvirt-events".into())
+                .spawn(|| loop {
+                    // SAFETY: the default implementation was registered
+                    // above; this thread is its only runner.
+                    if unsafe { sys::virEventRunDefaultImpl() } < 0 {
+                        tracing::error!(error = %last_error_message(), "libvirt event loop iteration failed");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                })
+                .map(|_| ())
+                .map_err(|e| format!("cannot start the libvirt event thread: {e}"))
+        })
+        .clone()
+}
+
+fn last_error_message() -> String {
+    // SAFETY: virGetLastError returns a thread-local error or NULL; the
+    // message is a NUL-terminated string owned by libvirt.
+    unsafe {
+        let e = sys::virGetLastError();
+        if e.is_null() || (*e).message.is_null() {
+            "unknown libvirt error".to_string()
+        } else {
+            CStr::from_ptr((*e).message).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// Where callbacks put what they saw.
+#[derive(Clone)]
+pub struct CallbackTarget {
+    pub items: SyncSender<Item>,
+    pub overflow: Arc<AtomicBool>,
+    pub dropped: Counter,
+}
+
+impl CallbackTarget {
+    fn deliver(&self, raw: RawEvent) {
+        match self.items.try_send(Item::Event(raw)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.inc();
+                self.overflow.store(true, Ordering::Release);
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+/// Reads the identity a domain object carries locally (no RPC).
+///
+/// # Safety
+/// `dom` must be a valid virDomainPtr for the duration of the call.
+unsafe fn identity(dom: sys::virDomainPtr) -> Option<(String, String, Option<i32>)> {
+    let mut buf = [0 as c_char; 64];
+    if sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) < 0 {
+        return None;
+    }
+    let uuid = CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned();
+    let name_ptr = sys::virDomainGetName(dom);
+    let name = if name_ptr.is_null() {
+        String::new()
+    } else {
+        CStr::from_ptr(name_ptr).to_string_lossy().into_owned()
+    };
+    let id = sys::virDomainGetID(dom);
+    let id = if id == c_uint::MAX {
+        None
+    } else {
+        i32::try_from(id).ok()
+    };
+    Some((uuid, name, id))
+}
+
+unsafe extern "C" fn lifecycle_cb(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    event: c_int,
+    detail: c_int,
+    opaque: *mut c_void,
+) -> c_int {
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: opaque is the Box<CallbackTarget> registered with this
+        // callback; libvirt keeps it alive until the free callback runs.
+        let target = &*(opaque as *const CallbackTarget);
+        // SAFETY: libvirt passes a valid domain for the callback's duration.
+        if let Some((uuid, name, id)) = identity(dom) {
+            target.deliver(RawEvent {
+                uuid,
+                name,
+                id,
+                event_id: event_id::LIFECYCLE,
+                type_code: event,
+                detail_code: detail,
+                observed_at: now_micros(),
+            });
+        }
+    });
+    0
+}
+
+unsafe extern "C" fn generic_cb(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    opaque: *mut c_void,
+) {
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: as in lifecycle_cb; the opaque of a generic registration
+        // is a Box<(CallbackTarget, i32)> carrying the event id.
+        let (target, id_kind) = &*(opaque as *const (CallbackTarget, i32));
+        if let Some((uuid, name, id)) = identity(dom) {
+            target.deliver(RawEvent {
+                uuid,
+                name,
+                id,
+                event_id: *id_kind,
+                type_code: -1,
+                detail_code: -1,
+                observed_at: now_micros(),
+            });
+        }
+    });
+}
+
+unsafe extern "C" fn free_lifecycle(opaque: *mut c_void) {
+    // SAFETY: created by Box::into_raw in register(); libvirt calls this once.
+    drop(Box::from_raw(opaque as *mut CallbackTarget));
+}
+
+unsafe extern "C" fn free_generic(opaque: *mut c_void) {
+    // SAFETY: created by Box::into_raw in register(); libvirt calls this once.
+    drop(Box::from_raw(opaque as *mut (CallbackTarget, i32)));
+}
+
+unsafe extern "C" fn close_cb(_conn: sys::virConnectPtr, reason: c_int, opaque: *mut c_void) {
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: opaque is the Box<SyncSender<i32>> registered below.
+        let tx = &*(opaque as *const SyncSender<i32>);
+        let _ = tx.try_send(reason);
+    });
+}
+
+unsafe extern "C" fn free_close(opaque: *mut c_void) {
+    // SAFETY: created by Box::into_raw in register(); libvirt calls this once.
+    drop(Box::from_raw(opaque as *mut SyncSender<i32>));
+}
+
+/// The callbacks registered on one connection; dropping deregisters them.
+pub struct Registration {
+    conn: Connect,
+    callback_ids: Vec<c_int>,
+    close_registered: bool,
+    /// Event ids libvirt accepted (e.g. `[0, 1]`).
+    pub accepted: Vec<i32>,
+}
+
+/// Registers LIFECYCLE and REBOOT callbacks and the close callback.
+/// LIFECYCLE must succeed; REBOOT is optional (some drivers refuse it).
+pub fn register(
+    conn: &Connect,
+    target: &CallbackTarget,
+    close_tx: SyncSender<i32>,
+) -> Result<Registration, String> {
+    let mut reg = Registration {
+        conn: conn.clone(),
+        callback_ids: Vec::new(),
+        close_registered: false,
+        accepted: Vec::new(),
+    };
+    // SAFETY: the connection is open; the close callback and its opaque
+    // box stay valid until libvirt calls free_close.
+    unsafe {
+        let opaque = Box::into_raw(Box::new(close_tx)) as *mut c_void;
+        let rc = sys::virConnectRegisterCloseCallback(
+            conn.as_ptr(),
+            Some(close_cb),
+            opaque,
+            Some(free_close),
+        );
+        if rc < 0 {
+            drop(Box::from_raw(opaque as *mut SyncSender<i32>));
+            tracing::warn!(error = %last_error_message(), "libvirt close callback not available; disconnects are found by failing calls only");
+        } else {
+            reg.close_registered = true;
+        }
+    }
+    // SAFETY: libvirt calls a LIFECYCLE callback with the
+    // virConnectDomainEventCallback signature; registration takes it as the
+    // generic type (libvirt's VIR_DOMAIN_EVENT_CALLBACK cast).
+    unsafe {
+        let cb: sys::virConnectDomainEventGenericCallback = Some(std::mem::transmute::<
+            unsafe extern "C" fn(
+                sys::virConnectPtr,
+                sys::virDomainPtr,
+                c_int,
+                c_int,
+                *mut c_void,
+            ) -> c_int,
+            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+        >(lifecycle_cb));
+        let opaque = Box::into_raw(Box::new(target.clone())) as *mut c_void;
+        let id = sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            std::ptr::null_mut(),
+            event_id::LIFECYCLE,
+            cb,
+            opaque,
+            Some(free_lifecycle),
+        );
+        if id < 0 {
+            drop(Box::from_raw(opaque as *mut CallbackTarget));
+            return Err(format!(
+                "LIFECYCLE event registration refused: {}",
+                last_error_message()
+            ));
+        }
+        reg.callback_ids.push(id);
+        reg.accepted.push(event_id::LIFECYCLE);
+    }
+    // SAFETY: REBOOT callbacks have the generic signature.
+    unsafe {
+        let opaque = Box::into_raw(Box::new((target.clone(), event_id::REBOOT))) as *mut c_void;
+        let id = sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            std::ptr::null_mut(),
+            event_id::REBOOT,
+            Some(generic_cb),
+            opaque,
+            Some(free_generic),
+        );
+        if id < 0 {
+            drop(Box::from_raw(opaque as *mut (CallbackTarget, i32)));
+            tracing::info!(error = %last_error_message(), "REBOOT events not available on this driver");
+        } else {
+            reg.callback_ids.push(id);
+            reg.accepted.push(event_id::REBOOT);
+        }
+    }
+    Ok(reg)
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        for id in self.callback_ids.drain(..) {
+            // SAFETY: id came from virConnectDomainEventRegisterAny on this
+            // connection; libvirt frees the opaque through its free callback.
+            // Failure (connection already dead) leaves nothing to free here.
+            unsafe { sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), id) };
+        }
+        if self.close_registered {
+            // SAFETY: the callback was registered on this connection.
+            unsafe { sys::virConnectUnregisterCloseCallback(self.conn.as_ptr(), Some(close_cb)) };
+        }
+    }
+}
+
+/// libvirt's raw `(state, reason)` integers for a domain.
+pub fn domain_state(dom: &Domain) -> Result<(i32, i32), virt::error::Error> {
+    let (mut state, mut reason): (c_int, c_int) = (-1, -1);
+    // SAFETY: dom is a live domain reference; the out-pointers are valid.
+    let rc = unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) };
+    if rc < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok((state, reason))
+}

@@ -1,0 +1,348 @@
+//! The libvirt source: an explicit connection state machine
+//! (Connecting → Connected → Backoff → Connecting …) that owns the libvirt
+//! connection, registers the event callbacks, lists domains after every
+//! (re)connect and on request, and reports disconnects as items on the
+//! tracker's queue.
+//!
+//! Invariants:
+//! - callbacks are registered *before* the listing, so no change falls
+//!   between listing and events (a change may show in both; the listing
+//!   then finds no difference and the tracker emits nothing for it);
+//! - every lost connection puts `Item::Disconnected` on the queue before
+//!   the next listing, so consumers see a gap marker before the reconcile;
+//! - this thread may block on libvirt calls; libvirt's event-loop thread
+//!   never waits for it.
+
+pub mod ffi;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+use crate::model::StateReason;
+use crate::telemetry::{Health, Metrics};
+use crate::tracker::{now_micros, Facts, Inspector, Item, LookupError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot open libvirt connection to {uri}: {message}")]
+    Open { uri: String, message: String },
+    #[error("libvirt event loop: {0}")]
+    EventLoop(String),
+    #[error("registering callbacks on {uri}: {message}")]
+    Register { uri: String, message: String },
+    #[error("listing domains on {uri}: {message}")]
+    List { uri: String, message: String },
+}
+
+/// Connection settings (from `[libvirt]`).
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub uri: String,
+    pub read_only: bool,
+    pub keepalive_interval: u32,
+    pub keepalive_count: u32,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// The live connection, shared with the inspector for lookups.
+pub type ConnSlot = Arc<RwLock<Option<Connect>>>;
+
+/// Opens a connection as configured.
+pub fn open(opts: &SourceOptions) -> Result<Connect, SourceError> {
+    ffi::init_event_loop().map_err(SourceError::EventLoop)?;
+    let conn = if opts.read_only {
+        Connect::open_read_only(Some(&opts.uri))
+    } else {
+        Connect::open(Some(&opts.uri))
+    }
+    .map_err(|e| SourceError::Open {
+        uri: opts.uri.clone(),
+        message: e.message().to_string(),
+    })?;
+    if opts.keepalive_interval > 0 {
+        if let Err(e) = conn.set_keep_alive(opts.keepalive_interval as i32, opts.keepalive_count) {
+            tracing::warn!(error = %e.message(), "libvirt keepalive not enabled");
+        }
+    }
+    Ok(conn)
+}
+
+/// The host UUID from libvirt's capabilities, for a default host id.
+pub fn host_uuid(conn: &Connect) -> Option<String> {
+    let caps = conn.capabilities().ok()?;
+    let host = caps.split("<host>").nth(1)?;
+    let uuid = host.split("<uuid>").nth(1)?.split("</uuid>").next()?;
+    Some(uuid.trim().to_string()).filter(|u| !u.is_empty())
+}
+
+/// Everything a lookup or listing reports about one domain.
+pub fn facts_of(dom: &Domain, want_xml: bool) -> Result<Facts, virt::error::Error> {
+    let (state, reason) = ffi::domain_state(dom)?;
+    let persistent = dom.is_persistent()?;
+    let autostart = if persistent {
+        dom.autostart().ok()
+    } else {
+        Some(false)
+    };
+    let info = dom.info().ok();
+    let xml = if want_xml {
+        dom.xml_desc(virt_sys::VIR_DOMAIN_XML_INACTIVE).ok()
+    } else {
+        None
+    };
+    let config_hash = xml
+        .as_ref()
+        .map(|x| format!("sha256:{}", hex::encode(Sha256::digest(x.as_bytes()))));
+    Ok(Facts {
+        name: dom.name()?,
+        id: dom.id().and_then(|i| i32::try_from(i).ok()),
+        state: StateReason::from_codes(state, reason),
+        persistent,
+        autostart,
+        vcpus: info.as_ref().map(|i| i.nr_virt_cpu as i32),
+        memory_kib: info.as_ref().map(|i| i.max_mem as i64),
+        config_hash,
+        xml,
+    })
+}
+
+fn is_no_domain(e: &virt::error::Error) -> bool {
+    matches!(
+        e.code(),
+        virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoDomain)
+    )
+}
+
+/// Every domain on the host with its facts. Domains that vanish between
+/// the list and their lookup are skipped (their events follow).
+pub fn list(conn: &Connect) -> Result<Vec<(String, Facts)>, virt::error::Error> {
+    let doms = conn.list_all_domains(0)?;
+    let mut out = Vec::with_capacity(doms.len());
+    for d in doms {
+        let uuid = d.uuid_string()?;
+        match facts_of(&d, true) {
+            Ok(f) => out.push((uuid, f)),
+            Err(e) if is_no_domain(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Lookups through whatever connection is live.
+pub struct LibvirtInspector {
+    pub conn: ConnSlot,
+}
+
+impl Inspector for LibvirtInspector {
+    fn inspect(&self, uuid: &str, want_xml: bool) -> Result<Facts, LookupError> {
+        let conn = self
+            .conn
+            .read()
+            .expect("connection slot")
+            .clone()
+            .ok_or(LookupError::Disconnected)?;
+        let map = |e: virt::error::Error| {
+            if is_no_domain(&e) {
+                LookupError::NoDomain
+            } else {
+                LookupError::Libvirt(e.message().to_string())
+            }
+        };
+        let dom = conn.lookup_domain_by_uuid_string(uuid).map_err(map)?;
+        facts_of(&dom, want_xml).map_err(map)
+    }
+}
+
+/// The connection state machine.
+enum State {
+    Connecting { attempt: u32 },
+    Connected(Session),
+    Backoff { attempt: u32 },
+}
+
+struct Session {
+    // Field order matters: callbacks are deregistered before the
+    // connection reference is dropped.
+    registration: ffi::Registration,
+    conn: Connect,
+    closed: Receiver<i32>,
+}
+
+/// The source thread.
+pub struct Source {
+    pub opts: SourceOptions,
+    pub callbacks: ffi::CallbackTarget,
+    /// Blocking sender for control items (listings, disconnects).
+    pub items: SyncSender<Item>,
+    pub resync: Receiver<()>,
+    pub conn: ConnSlot,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Arc<AtomicBool>,
+    /// Event ids the last connection accepted (for HostSnapshot).
+    pub accepted: Arc<RwLock<Vec<i32>>>,
+}
+
+impl Source {
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self
+            .opts
+            .backoff_min
+            .saturating_mul(1u32 << attempt.min(16));
+        let capped = base.min(self.opts.backoff_max);
+        // Up to 20% jitter so a fleet does not reconnect in lockstep.
+        let jitter = (now_micros() as u64 % 1000) as f64 / 5000.0;
+        capped.mul_f64(1.0 + jitter)
+    }
+
+    fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps up to `d`, waking early on shutdown.
+    fn sleep(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while !self.stopping() {
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            std::thread::sleep((end - now).min(Duration::from_millis(50)));
+        }
+    }
+
+    fn connect(&self) -> Result<Session, SourceError> {
+        let conn = open(&self.opts)?;
+        let (close_tx, closed) = std::sync::mpsc::sync_channel(4);
+        let registration = ffi::register(&conn, &self.callbacks, close_tx).map_err(|message| {
+            SourceError::Register {
+                uri: self.opts.uri.clone(),
+                message,
+            }
+        })?;
+        Ok(Session {
+            registration,
+            conn,
+            closed,
+        })
+    }
+
+    fn send_listing(&self, session: &Session) -> Result<(), SourceError> {
+        let observed_at = now_micros();
+        let started = Instant::now();
+        let listing = list(&session.conn).map_err(|e| SourceError::List {
+            uri: self.opts.uri.clone(),
+            message: e.message().to_string(),
+        })?;
+        tracing::debug!(domains = listing.len(), took = ?started.elapsed(), "listed domains");
+        // Blocking send: this is not the libvirt event loop.
+        let _ = self.items.send(Item::Resync {
+            listing,
+            observed_at,
+        });
+        Ok(())
+    }
+
+    fn set_connected(&self, conn: Option<&Connect>) {
+        *self.conn.write().expect("connection slot") = conn.cloned();
+        let up = conn.is_some();
+        self.health.libvirt_connected.store(up, Ordering::Relaxed);
+        self.metrics.libvirt_connected.set(up as i64);
+    }
+
+    /// Runs until shutdown.
+    pub fn run(self) {
+        let mut state = State::Connecting { attempt: 0 };
+        let mut ever_connected = false;
+        while !self.stopping() {
+            state = match state {
+                State::Connecting { attempt } => match self.connect() {
+                    Ok(session) => {
+                        *self.accepted.write().expect("accepted ids") =
+                            session.registration.accepted.clone();
+                        self.conn
+                            .write()
+                            .expect("connection slot")
+                            .replace(session.conn.clone());
+                        match self.send_listing(&session) {
+                            Ok(()) => {
+                                tracing::info!(uri = %self.opts.uri, accepted_event_ids = ?session.registration.accepted, "connected to libvirt");
+                                if ever_connected {
+                                    self.metrics.libvirt_reconnects.inc();
+                                }
+                                ever_connected = true;
+                                self.set_connected(Some(&session.conn));
+                                State::Connected(session)
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "listing after connect failed");
+                                self.set_connected(None);
+                                State::Backoff {
+                                    attempt: attempt + 1,
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "libvirt connect failed");
+                        State::Backoff {
+                            attempt: attempt + 1,
+                        }
+                    }
+                },
+                State::Backoff { attempt } => {
+                    self.sleep(self.backoff(attempt.saturating_sub(1)));
+                    State::Connecting { attempt }
+                }
+                State::Connected(session) => self.connected(session),
+            };
+        }
+        self.set_connected(None);
+    }
+
+    /// Waits for a close, a resync request or shutdown.
+    fn connected(&self, session: Session) -> State {
+        loop {
+            if self.stopping() {
+                return State::Connected(session);
+            }
+            if let Ok(reason) = session.closed.try_recv() {
+                tracing::warn!(reason, "libvirt connection closed");
+                return self.lost(session);
+            }
+            match self.resync.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) => {
+                    if let Err(e) = self.send_listing(&session) {
+                        tracing::warn!(error = %e, "resync listing failed; reconnecting");
+                        return self.lost(session);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    // Without a close callback, notice a dead connection here.
+                    if !session.conn.is_alive().unwrap_or(false) {
+                        tracing::warn!("libvirt connection is no longer alive");
+                        return self.lost(session);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return State::Connected(session),
+            }
+        }
+    }
+
+    fn lost(&self, session: Session) -> State {
+        self.set_connected(None);
+        drop(session);
+        let _ = self.items.send(Item::Disconnected {
+            observed_at: now_micros(),
+        });
+        State::Connecting { attempt: 0 }
+    }
+}

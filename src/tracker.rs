@@ -1,0 +1,1133 @@
+//! The tracker: one state machine per (host, domain). Turns raw libvirt
+//! callbacks, reconcile listings and connection changes into `DomainEvent`
+//! messages with state-after, sequence numbers and enrichment, and hands
+//! them to the journal.
+//!
+//! Invariants:
+//! - `state_after` is derived from (event, detail) and the domain's previous
+//!   state; a lookup (which may already see a later state during a burst)
+//!   never overrides it, it only fills what the event cannot tell (the
+//!   reason where the event leaves it open, persistent for a domain never
+//!   seen, autostart, vcpus, memory, config hash);
+//! - `host_seq` grows by one per message, `seq` by one per message about a
+//!   domain (gap markers carry seq 0); both continue across restarts from
+//!   the journal and start at 1 in a new epoch;
+//! - a domain that cannot be looked up is still published with what is
+//!   known;
+//! - a domain record is never forgotten within an epoch (a UUID that comes
+//!   back continues its `seq`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::config::XmlMode;
+use crate::journal::{Entry, Journal, Kind};
+use crate::model::{
+    event_id, Detail, DomainEvent, DomainRef, DomainState, EventType, Origin, StateReason,
+    HOST_UUID,
+};
+use crate::telemetry::Metrics;
+
+/// What the libvirt callback hands over. Built without calling libvirt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawEvent {
+    pub uuid: String,
+    pub name: String,
+    /// libvirt domain id, when the domain object carried one.
+    pub id: Option<i32>,
+    /// `VIR_DOMAIN_EVENT_ID_*`.
+    pub event_id: i32,
+    /// Lifecycle event type integer (-1 for other event ids).
+    pub type_code: i32,
+    /// Lifecycle detail integer (-1 for other event ids).
+    pub detail_code: i32,
+    /// Agent receive time (µs since the Unix epoch).
+    pub observed_at: i64,
+}
+
+/// What a lookup or listing tells about a domain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Facts {
+    pub name: String,
+    pub id: Option<i32>,
+    pub state: StateReason,
+    pub persistent: bool,
+    pub autostart: Option<bool>,
+    pub vcpus: Option<i32>,
+    pub memory_kib: Option<i64>,
+    pub config_hash: Option<String>,
+    pub xml: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum LookupError {
+    #[error("no such domain (yet)")]
+    NoDomain,
+    #[error("not connected to libvirt")]
+    Disconnected,
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+}
+
+/// Looks domains up (libvirt in the agent, a table in tests and benches).
+pub trait Inspector: Send {
+    fn inspect(&self, uuid: &str, want_xml: bool) -> Result<Facts, LookupError>;
+}
+
+/// Why a gap marker is emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapCause {
+    Disconnected,
+    QueueOverflow,
+    JournalFull,
+    AgentRestart,
+}
+
+impl GapCause {
+    fn detail(self) -> Detail {
+        match self {
+            GapCause::Disconnected => Detail::DISCONNECTED,
+            GapCause::QueueOverflow => Detail::QUEUE_OVERFLOW,
+            GapCause::JournalFull => Detail::JOURNAL_FULL,
+            GapCause::AgentRestart => Detail::AGENT_RESTART,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            GapCause::Disconnected => "disconnected",
+            GapCause::QueueOverflow => "queue_overflow",
+            GapCause::JournalFull => "journal_full",
+            GapCause::AgentRestart => "agent_restart",
+        }
+    }
+}
+
+/// Items on the hand-off queue, in the order the tracker must see them.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Event(RawEvent),
+    /// A complete listing of the host's domains (after connect, or on
+    /// request); the tracker emits RECONCILE events for every difference.
+    Resync {
+        listing: Vec<(String, Facts)>,
+        observed_at: i64,
+    },
+    /// The libvirt connection was lost: events may be missing from here on.
+    Disconnected {
+        observed_at: i64,
+    },
+}
+
+/// The tracker's memory of one domain (persisted in the journal).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainRecord {
+    pub name: String,
+    pub id: Option<i32>,
+    pub state_code: i32,
+    pub reason_code: i32,
+    pub persistent: bool,
+    pub autostart: Option<bool>,
+    pub vcpus: Option<i32>,
+    pub memory_kib: Option<i64>,
+    pub config_hash: Option<String>,
+    pub seq: u64,
+}
+
+impl DomainRecord {
+    pub fn state(&self) -> StateReason {
+        StateReason::from_codes(self.state_code, self.reason_code)
+    }
+    /// Shut off and not persistent: the domain no longer exists on the host.
+    pub fn gone(&self) -> bool {
+        !self.persistent && DomainState::from_code(self.state_code) == DomainState::SHUTOFF
+    }
+}
+
+/// The (state, reason) an event leads to, from the event alone. `None`
+/// means the event does not change the state (DEFINED, UNDEFINED, REBOOT)
+/// or cannot tell it (unknown type). A `None` reason is left to the lookup.
+pub fn derive_state(
+    event: EventType,
+    detail: Detail,
+) -> Option<(DomainState, Option<&'static str>)> {
+    use Detail as D;
+    use DomainState as S;
+    let r = match event {
+        EventType::STARTED => match detail {
+            D::BOOTED => (S::RUNNING, Some("BOOTED")),
+            // The destination of an incoming migration is paused until
+            // RESUMED/MIGRATED: billing must not count it twice.
+            D::MIGRATED => (S::PAUSED, Some("MIGRATION")),
+            D::RESTORED => (S::RUNNING, Some("RESTORED")),
+            D::FROM_SNAPSHOT => (S::RUNNING, Some("FROM_SNAPSHOT")),
+            D::WAKEUP => (S::RUNNING, Some("WAKEUP")),
+            _ => (S::RUNNING, None),
+        },
+        EventType::SUSPENDED => match detail {
+            D::PAUSED => (S::PAUSED, Some("USER")),
+            D::MIGRATED => (S::PAUSED, Some("MIGRATION")),
+            D::IOERROR => (S::PAUSED, Some("IOERROR")),
+            D::WATCHDOG => (S::PAUSED, Some("WATCHDOG")),
+            D::FROM_SNAPSHOT => (S::PAUSED, Some("FROM_SNAPSHOT")),
+            D::API_ERROR => (S::PAUSED, Some("API_ERROR")),
+            D::POSTCOPY => (S::PAUSED, Some("POSTCOPY")),
+            D::POSTCOPY_FAILED => (S::PAUSED, Some("POSTCOPY_FAILED")),
+            _ => (S::PAUSED, None),
+        },
+        EventType::RESUMED => match detail {
+            D::UNPAUSED => (S::RUNNING, Some("UNPAUSED")),
+            D::MIGRATED => (S::RUNNING, Some("MIGRATED")),
+            D::FROM_SNAPSHOT => (S::RUNNING, Some("FROM_SNAPSHOT")),
+            D::POSTCOPY => (S::RUNNING, Some("POSTCOPY")),
+            D::POSTCOPY_FAILED => (S::RUNNING, Some("POSTCOPY_FAILED")),
+            _ => (S::RUNNING, None),
+        },
+        EventType::STOPPED => match detail {
+            D::SHUTDOWN => (S::SHUTOFF, Some("SHUTDOWN")),
+            D::DESTROYED => (S::SHUTOFF, Some("DESTROYED")),
+            D::CRASHED => (S::SHUTOFF, Some("CRASHED")),
+            D::MIGRATED => (S::SHUTOFF, Some("MIGRATED")),
+            D::SAVED => (S::SHUTOFF, Some("SAVED")),
+            D::FAILED => (S::SHUTOFF, Some("FAILED")),
+            D::FROM_SNAPSHOT => (S::SHUTOFF, Some("FROM_SNAPSHOT")),
+            _ => (S::SHUTOFF, None),
+        },
+        EventType::SHUTDOWN => (S::SHUTDOWN, Some("USER")),
+        EventType::PMSUSPENDED => (S::PMSUSPENDED, None),
+        EventType::CRASHED => match detail {
+            D::PANICKED => (S::CRASHED, Some("PANICKED")),
+            D::CRASHLOADED => (S::RUNNING, Some("CRASHED")),
+            _ => (S::CRASHED, None),
+        },
+        EventType::DEFINED
+        | EventType::UNDEFINED
+        | EventType::REBOOT
+        | EventType::GAP
+        | EventType::UNKNOWN => return None,
+    };
+    Some(r)
+}
+
+/// The event a reconcile emits to bring a consumer to `facts`' state.
+fn reconcile_event(prev: Option<&DomainRecord>, facts: &Facts) -> Option<(EventType, Detail)> {
+    let live = prev.filter(|p| !p.gone());
+    let target = facts.state.state;
+    let by_state = || -> (EventType, Detail) {
+        let reason = facts.state.reason.as_str();
+        match target {
+            DomainState::RUNNING | DomainState::BLOCKED | DomainState::NOSTATE => {
+                let d = match reason {
+                    "MIGRATED" => Detail::MIGRATED,
+                    "RESTORED" => Detail::RESTORED,
+                    "FROM_SNAPSHOT" => Detail::FROM_SNAPSHOT,
+                    "WAKEUP" => Detail::WAKEUP,
+                    "UNPAUSED" | "MIGRATION_CANCELED" | "SAVE_CANCELED" => Detail::UNPAUSED,
+                    _ => Detail::BOOTED,
+                };
+                let from_paused = live.is_some_and(|p| {
+                    matches!(DomainState::from_code(p.state_code), DomainState::PAUSED)
+                });
+                if from_paused {
+                    (
+                        EventType::RESUMED,
+                        if d == Detail::MIGRATED {
+                            d
+                        } else {
+                            Detail::UNPAUSED
+                        },
+                    )
+                } else {
+                    (
+                        EventType::STARTED,
+                        if d == Detail::UNPAUSED {
+                            Detail::BOOTED
+                        } else {
+                            d
+                        },
+                    )
+                }
+            }
+            DomainState::PAUSED => (
+                EventType::SUSPENDED,
+                match reason {
+                    "MIGRATION" => Detail::MIGRATED,
+                    "IOERROR" => Detail::IOERROR,
+                    "WATCHDOG" => Detail::WATCHDOG,
+                    "FROM_SNAPSHOT" => Detail::FROM_SNAPSHOT,
+                    "API_ERROR" => Detail::API_ERROR,
+                    "POSTCOPY" => Detail::POSTCOPY,
+                    "POSTCOPY_FAILED" => Detail::POSTCOPY_FAILED,
+                    _ => Detail::PAUSED,
+                },
+            ),
+            DomainState::SHUTDOWN => (EventType::SHUTDOWN, Detail::FINISHED),
+            DomainState::SHUTOFF => (
+                EventType::STOPPED,
+                match reason {
+                    "SHUTDOWN" => Detail::SHUTDOWN,
+                    "DESTROYED" => Detail::DESTROYED,
+                    "CRASHED" => Detail::CRASHED,
+                    "MIGRATED" => Detail::MIGRATED,
+                    "SAVED" => Detail::SAVED,
+                    "FAILED" | "DAEMON" => Detail::FAILED,
+                    "FROM_SNAPSHOT" => Detail::FROM_SNAPSHOT,
+                    _ => Detail::UNKNOWN,
+                },
+            ),
+            DomainState::CRASHED => (EventType::CRASHED, Detail::PANICKED),
+            DomainState::PMSUSPENDED => (EventType::PMSUSPENDED, Detail::MEMORY),
+            DomainState::UNKNOWN => (EventType::UNKNOWN, Detail::UNKNOWN),
+        }
+    };
+    match live {
+        None if target == DomainState::SHUTOFF => Some((EventType::DEFINED, Detail::ADDED)),
+        None => Some(by_state()),
+        Some(p) if DomainState::from_code(p.state_code) != target => Some(by_state()),
+        Some(p) if p.persistent != facts.persistent => Some(if facts.persistent {
+            (EventType::DEFINED, Detail::ADDED)
+        } else {
+            (EventType::UNDEFINED, Detail::REMOVED)
+        }),
+        Some(p) if facts.config_hash.is_some() && p.config_hash != facts.config_hash => {
+            Some((EventType::DEFINED, Detail::UPDATED))
+        }
+        Some(_) => None,
+    }
+}
+
+/// Tracker settings.
+#[derive(Debug, Clone)]
+pub struct TrackerOptions {
+    pub xml: XmlMode,
+    pub lookup_attempts: u32,
+    /// Journal payload bound; new events are not journaled beyond it.
+    pub max_journal_bytes: u64,
+}
+
+/// One message produced by the tracker, with the domain record it leaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub event: DomainEvent,
+    pub record: Option<(String, DomainRecord)>,
+}
+
+/// The per-host state machine (pure logic; `run` adds the queue and journal).
+pub struct Tracker<I: Inspector> {
+    host_id: String,
+    epoch: String,
+    host_seq: u64,
+    domains: HashMap<String, DomainRecord>,
+    inspector: I,
+    opts: TrackerOptions,
+}
+
+impl<I: Inspector> Tracker<I> {
+    pub fn new(
+        host_id: String,
+        epoch: String,
+        host_seq: u64,
+        domains: HashMap<String, DomainRecord>,
+        inspector: I,
+        opts: TrackerOptions,
+    ) -> Self {
+        Tracker {
+            host_id,
+            epoch,
+            host_seq,
+            domains,
+            inspector,
+            opts,
+        }
+    }
+
+    pub fn host_seq(&self) -> u64 {
+        self.host_seq
+    }
+
+    pub fn domain(&self, uuid: &str) -> Option<&DomainRecord> {
+        self.domains.get(uuid)
+    }
+
+    pub fn domain_count(&self) -> usize {
+        self.domains.values().filter(|d| !d.gone()).count()
+    }
+
+    fn next_host_seq(&mut self) -> u64 {
+        self.host_seq += 1;
+        self.host_seq
+    }
+
+    /// A gap marker: host-level, seq 0.
+    pub fn gap(&mut self, cause: GapCause, observed_at: i64) -> Output {
+        let host_seq = self.next_host_seq();
+        Output {
+            event: DomainEvent {
+                event_id: event_id(&self.host_id, &self.epoch, host_seq),
+                host_id: self.host_id.clone(),
+                epoch: self.epoch.clone(),
+                host_seq,
+                seq: 0,
+                domain: DomainRef {
+                    uuid: HOST_UUID.to_string(),
+                    name: String::new(),
+                    id: None,
+                },
+                event: EventType::GAP,
+                libvirt_event_id: crate::model::event_id::NONE,
+                event_code: -1,
+                detail: cause.detail(),
+                detail_code: -1,
+                origin: Origin::AGENT,
+                state_after: StateReason::from_codes(-1, -1),
+                persistent: false,
+                autostart: None,
+                vcpus: None,
+                memory_kib: None,
+                config_hash: None,
+                observed_at,
+                xml: None,
+            },
+            record: None,
+        }
+    }
+
+    /// Looks a domain up, retrying while libvirt does not know it yet.
+    fn lookup(&self, uuid: &str, want_xml: bool, retry: bool) -> Option<Facts> {
+        let attempts = if retry {
+            self.opts.lookup_attempts.max(1)
+        } else {
+            1
+        };
+        let mut delay = Duration::from_millis(2);
+        for attempt in 1..=attempts {
+            match self.inspector.inspect(uuid, want_xml) {
+                Ok(f) => return Some(f),
+                Err(LookupError::NoDomain) if attempt < attempts => {
+                    std::thread::sleep(delay);
+                    delay *= 4;
+                }
+                Err(e) => {
+                    tracing::debug!(uuid, error = %e, "lookup failed; publishing what the event tells");
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// One libvirt callback.
+    pub fn on_event(&mut self, raw: &RawEvent) -> Output {
+        let event = match raw.event_id {
+            crate::model::event_id::LIFECYCLE => EventType::from_lifecycle(raw.type_code),
+            crate::model::event_id::REBOOT => EventType::REBOOT,
+            _ => EventType::UNKNOWN,
+        };
+        let detail = if raw.event_id == crate::model::event_id::LIFECYCLE {
+            Detail::from_code(event, raw.detail_code)
+        } else if event == EventType::REBOOT {
+            Detail::NONE
+        } else {
+            Detail::UNKNOWN
+        };
+        let prev = self.domains.get(&raw.uuid).cloned();
+        let live = prev.as_ref().filter(|p| !p.gone());
+        let derived = derive_state(event, detail);
+
+        // Persistence follows DEFINED/UNDEFINED; otherwise what we knew.
+        let known_persistent = match event {
+            EventType::DEFINED => Some(true),
+            EventType::UNDEFINED => Some(false),
+            _ => live.map(|p| p.persistent),
+        };
+        // Will the domain still exist after this event?
+        let ends_up_gone = match (event, derived) {
+            (EventType::UNDEFINED, _) => {
+                live.is_none_or(|p| p.state().state == DomainState::SHUTOFF)
+            }
+            (_, Some((DomainState::SHUTOFF, _))) => known_persistent == Some(false),
+            _ => false,
+        };
+        let want_xml = self.opts.xml == XmlMode::Always
+            || self.opts.xml == XmlMode::OnChange
+            || matches!(event, EventType::DEFINED)
+            || live.is_none_or(|p| p.config_hash.is_none());
+        let facts = if ends_up_gone {
+            None
+        } else {
+            self.lookup(&raw.uuid, want_xml, true)
+        };
+
+        let state = match derived {
+            Some((s, Some(reason))) => StateReason::named(s, reason),
+            Some((s, None)) => match &facts {
+                Some(f) if f.state.state == s => f.state.clone(),
+                _ => StateReason::named(s, "UNKNOWN"),
+            },
+            None => match (live, &facts) {
+                (Some(p), _) => p.state(),
+                (None, _) if matches!(event, EventType::DEFINED | EventType::UNDEFINED) => {
+                    StateReason::named(DomainState::SHUTOFF, "UNKNOWN")
+                }
+                (None, _) if event == EventType::REBOOT => {
+                    StateReason::named(DomainState::RUNNING, "UNKNOWN")
+                }
+                (None, Some(f)) => f.state.clone(),
+                (None, None) => StateReason::from_codes(-1, -1),
+            },
+        };
+        let persistent = known_persistent
+            .or(facts.as_ref().map(|f| f.persistent))
+            .unwrap_or(false);
+        let id = if state.state == DomainState::SHUTOFF {
+            None
+        } else {
+            raw.id.or(live.and_then(|p| p.id))
+        };
+        let pick = |f: Option<&Facts>,
+                    p: Option<&DomainRecord>|
+         -> (Option<bool>, Option<i32>, Option<i64>, Option<String>) {
+            match (f, p) {
+                (Some(f), p) => (
+                    f.autostart,
+                    f.vcpus,
+                    f.memory_kib,
+                    f.config_hash
+                        .clone()
+                        .or(p.and_then(|p| p.config_hash.clone())),
+                ),
+                (None, Some(p)) => (p.autostart, p.vcpus, p.memory_kib, p.config_hash.clone()),
+                (None, None) => (None, None, None, None),
+            }
+        };
+        let (autostart, vcpus, memory_kib, config_hash) = pick(facts.as_ref(), prev.as_ref());
+        let xml = self.xml_for(prev.as_ref(), facts.as_ref(), &config_hash);
+        let seq = prev.as_ref().map_or(0, |p| p.seq) + 1;
+        let record = DomainRecord {
+            name: raw.name.clone(),
+            id,
+            state_code: state.state_code,
+            reason_code: state.reason_code,
+            persistent,
+            autostart,
+            vcpus,
+            memory_kib,
+            config_hash: config_hash.clone(),
+            seq,
+        };
+        let host_seq = self.next_host_seq();
+        let out = DomainEvent {
+            event_id: event_id(&self.host_id, &self.epoch, host_seq),
+            host_id: self.host_id.clone(),
+            epoch: self.epoch.clone(),
+            host_seq,
+            seq,
+            domain: DomainRef {
+                uuid: raw.uuid.clone(),
+                name: raw.name.clone(),
+                id,
+            },
+            event,
+            libvirt_event_id: raw.event_id,
+            event_code: raw.type_code,
+            detail,
+            detail_code: raw.detail_code,
+            origin: Origin::LIBVIRT,
+            state_after: state,
+            persistent,
+            autostart,
+            vcpus,
+            memory_kib,
+            config_hash,
+            observed_at: raw.observed_at,
+            xml,
+        };
+        self.domains.insert(raw.uuid.clone(), record.clone());
+        Output {
+            event: out,
+            record: Some((raw.uuid.clone(), record)),
+        }
+    }
+
+    fn xml_for(
+        &self,
+        prev: Option<&DomainRecord>,
+        facts: Option<&Facts>,
+        hash: &Option<String>,
+    ) -> Option<String> {
+        match self.opts.xml {
+            XmlMode::Off => None,
+            XmlMode::Always => facts.and_then(|f| f.xml.clone()),
+            XmlMode::OnChange => {
+                if prev.and_then(|p| p.config_hash.as_ref()) != hash.as_ref() {
+                    facts.and_then(|f| f.xml.clone())
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// A complete listing: RECONCILE events for every difference from what
+    /// the tracker last knew, including domains that vanished.
+    pub fn on_resync(&mut self, listing: &[(String, Facts)], observed_at: i64) -> Vec<Output> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::with_capacity(listing.len());
+        for (uuid, facts) in listing {
+            seen.insert(uuid.as_str());
+            let prev = self.domains.get(uuid).cloned();
+            let Some((event, detail)) = reconcile_event(prev.as_ref(), facts) else {
+                continue;
+            };
+            let xml = self.xml_for(prev.as_ref(), Some(facts), &facts.config_hash);
+            let record = DomainRecord {
+                name: facts.name.clone(),
+                id: facts.id,
+                state_code: facts.state.state_code,
+                reason_code: facts.state.reason_code,
+                persistent: facts.persistent,
+                autostart: facts.autostart,
+                vcpus: facts.vcpus,
+                memory_kib: facts.memory_kib,
+                config_hash: facts.config_hash.clone(),
+                seq: prev.as_ref().map_or(0, |p| p.seq) + 1,
+            };
+            out.push(self.reconcile_output(uuid, record, event, detail, observed_at, xml));
+        }
+        let vanished: Vec<(String, DomainRecord)> = self
+            .domains
+            .iter()
+            .filter(|(u, d)| !d.gone() && !seen.contains(u.as_str()))
+            .map(|(u, d)| (u.clone(), d.clone()))
+            .collect();
+        for (uuid, prev) in vanished {
+            let (event, detail) = if prev.persistent {
+                (EventType::UNDEFINED, Detail::REMOVED)
+            } else {
+                (EventType::STOPPED, Detail::UNKNOWN)
+            };
+            let state = StateReason::named(DomainState::SHUTOFF, "UNKNOWN");
+            let record = DomainRecord {
+                id: None,
+                state_code: state.state_code,
+                reason_code: state.reason_code,
+                persistent: false,
+                seq: prev.seq + 1,
+                ..prev
+            };
+            out.push(self.reconcile_output(&uuid, record, event, detail, observed_at, None));
+        }
+        out
+    }
+
+    fn reconcile_output(
+        &mut self,
+        uuid: &str,
+        record: DomainRecord,
+        event: EventType,
+        detail: Detail,
+        observed_at: i64,
+        xml: Option<String>,
+    ) -> Output {
+        let host_seq = self.next_host_seq();
+        let state = record.state();
+        let ev = DomainEvent {
+            event_id: event_id(&self.host_id, &self.epoch, host_seq),
+            host_id: self.host_id.clone(),
+            epoch: self.epoch.clone(),
+            host_seq,
+            seq: record.seq,
+            domain: DomainRef {
+                uuid: uuid.to_string(),
+                name: record.name.clone(),
+                id: record.id,
+            },
+            event,
+            libvirt_event_id: crate::model::event_id::NONE,
+            event_code: event.lifecycle_code().unwrap_or(-1),
+            detail,
+            detail_code: detail.code(event),
+            origin: Origin::RECONCILE,
+            state_after: state,
+            persistent: record.persistent,
+            autostart: record.autostart,
+            vcpus: record.vcpus,
+            memory_kib: record.memory_kib,
+            config_hash: record.config_hash.clone(),
+            observed_at,
+            xml,
+        };
+        self.domains.insert(uuid.to_string(), record.clone());
+        Output {
+            event: ev,
+            record: Some((uuid.to_string(), record)),
+        }
+    }
+}
+
+/// Decodes the domain records the journal recovered.
+pub fn decode_records(raw: &HashMap<String, Vec<u8>>) -> HashMap<String, DomainRecord> {
+    raw.iter()
+        .filter_map(|(k, v)| match serde_json::from_slice::<DomainRecord>(v) {
+            Ok(r) => Some((k.clone(), r)),
+            Err(e) => {
+                // The domain's seq restarts from the journal's view; a
+                // reconcile repairs its state. Never fatal.
+                tracing::warn!(uuid = %k, error = %e, "unreadable tracker record in journal; domain will be reconciled");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Current time in µs since the Unix epoch.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// The tracker's thread: queue in, journal out.
+pub struct TrackerTask<I: Inspector> {
+    pub tracker: Tracker<I>,
+    pub items: Receiver<Item>,
+    /// Set by the libvirt callback when the queue was full.
+    pub overflow: Arc<AtomicBool>,
+    /// Asks the source for a fresh listing (after overflow or a full journal).
+    pub resync: SyncSender<()>,
+    pub journal: Journal,
+    pub metrics: Arc<Metrics>,
+    /// Emit an AGENT_RESTART gap marker first (the journal existed).
+    pub restarted: bool,
+    /// Set at shutdown: drain what is queued, then return.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl<I: Inspector> TrackerTask<I> {
+    /// Runs until every sender of the queue is gone.
+    pub fn run(mut self) {
+        let mut full_gap_pending = false;
+        if self.restarted {
+            let o = self.tracker.gap(GapCause::AgentRestart, now_micros());
+            self.emit_gap(o, GapCause::AgentRestart);
+        }
+        loop {
+            if self.overflow.swap(false, Ordering::AcqRel) {
+                let o = self.tracker.gap(GapCause::QueueOverflow, now_micros());
+                self.emit_gap(o, GapCause::QueueOverflow);
+                self.request_resync();
+            }
+            let full = self.journal.backlog_bytes() >= self.tracker.opts.max_journal_bytes;
+            if !full && full_gap_pending {
+                full_gap_pending = false;
+                let o = self.tracker.gap(GapCause::JournalFull, now_micros());
+                self.emit_gap(o, GapCause::JournalFull);
+                self.request_resync();
+            }
+            let stopping = self.stop.load(Ordering::Relaxed);
+            let item = if stopping {
+                match self.items.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => break,
+                }
+            } else {
+                match self.items.recv_timeout(Duration::from_millis(100)) {
+                    Ok(item) => item,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            match item {
+                Item::Event(raw) => {
+                    if full {
+                        if !full_gap_pending {
+                            tracing::error!(
+                                backlog_bytes = self.journal.backlog_bytes(),
+                                max_bytes = self.tracker.opts.max_journal_bytes,
+                                "journal full: not journaling new events until sinks catch up (a gap marker and a reconcile follow)"
+                            );
+                        }
+                        full_gap_pending = true;
+                        self.metrics.journal_full_drops.inc();
+                        continue;
+                    }
+                    let o = self.tracker.on_event(&raw);
+                    self.metrics.count_received(o.event.event.as_str());
+                    self.append(o);
+                }
+                Item::Resync {
+                    listing,
+                    observed_at,
+                } => {
+                    let outs = self.tracker.on_resync(&listing, observed_at);
+                    tracing::info!(
+                        domains = listing.len(),
+                        changes = outs.len(),
+                        "reconciled with libvirt listing"
+                    );
+                    self.metrics.reconcile_events.inc_by(outs.len() as u64);
+                    for o in outs {
+                        self.append(o);
+                    }
+                    self.metrics
+                        .domains_tracked
+                        .set(self.tracker.domain_count() as i64);
+                }
+                Item::Disconnected { observed_at } => {
+                    let o = self.tracker.gap(GapCause::Disconnected, observed_at);
+                    self.emit_gap(o, GapCause::Disconnected);
+                }
+            }
+        }
+        if let Err(e) = self.journal.sync() {
+            tracing::error!(error = %e, "final journal sync failed");
+        }
+    }
+
+    fn request_resync(&self) {
+        match self.resync.try_send(()) {
+            Ok(()) | Err(TrySendError::Full(_)) => {}
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::debug!("no source to resync (shutting down)")
+            }
+        }
+    }
+
+    fn emit_gap(&mut self, o: Output, cause: GapCause) {
+        tracing::warn!(
+            cause = cause.label(),
+            host_seq = o.event.host_seq,
+            "gap marker: events may have been lost"
+        );
+        self.metrics.count_gap(cause.label());
+        self.append(o);
+    }
+
+    fn append(&mut self, o: Output) {
+        let entry = Entry {
+            host_seq: o.event.host_seq,
+            kind: Kind::DomainEvent,
+            key: o.event.domain.uuid.clone(),
+            observed_at: o.event.observed_at,
+            payload: codec::encode_event(&o.event),
+        };
+        let record = o
+            .record
+            .map(|(uuid, r)| (uuid, serde_json::to_vec(&r).expect("record serializes")));
+        if let Err(e) = self.journal.append(entry, record) {
+            // Only happens when the writer thread is gone (shutdown).
+            tracing::error!(error = %e, host_seq = o.event.host_seq, "journal closed; entry not appended");
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An in-memory inspector for the pure state-machine tests.
+    #[derive(Default, Clone)]
+    pub struct TableInspector(pub Arc<Mutex<HashMap<String, Facts>>>);
+
+    impl Inspector for TableInspector {
+        fn inspect(&self, uuid: &str, _xml: bool) -> Result<Facts, LookupError> {
+            self.0
+                .lock()
+                .unwrap()
+                .get(uuid)
+                .cloned()
+                .ok_or(LookupError::NoDomain)
+        }
+    }
+
+    pub fn facts(state: DomainState, reason: &str, persistent: bool) -> Facts {
+        Facts {
+            name: "vm".into(),
+            id: Some(3),
+            state: StateReason::named(state, reason),
+            persistent,
+            autostart: Some(false),
+            vcpus: Some(2),
+            memory_kib: Some(1024),
+            config_hash: Some("sha256:aa".into()),
+            xml: None,
+        }
+    }
+
+    fn tracker(table: TableInspector) -> Tracker<TableInspector> {
+        Tracker::new(
+            "host-a".into(),
+            "e1".into(),
+            0,
+            HashMap::new(),
+            table,
+            TrackerOptions {
+                xml: XmlMode::Off,
+                lookup_attempts: 1,
+                max_journal_bytes: u64::MAX,
+            },
+        )
+    }
+
+    fn raw(uuid: &str, ty: i32, detail: i32) -> RawEvent {
+        RawEvent {
+            uuid: uuid.into(),
+            name: "vm".into(),
+            id: Some(3),
+            event_id: 0,
+            type_code: ty,
+            detail_code: detail,
+            observed_at: 1,
+        }
+    }
+
+    #[test]
+    fn every_event_detail_pair_has_a_defined_state_after() {
+        // The full table: for each libvirt (type, detail) integer pair, and
+        // one past the end of each, the state after is what libvirt's own
+        // domstate would report right after that event.
+        use DomainState as S;
+        let expect = |ty: EventType, d: Detail| -> Option<(S, &str)> {
+            Some(match (ty, d) {
+                (EventType::STARTED, Detail::MIGRATED) => (S::PAUSED, "MIGRATION"),
+                (EventType::STARTED, Detail::BOOTED) => (S::RUNNING, "BOOTED"),
+                (EventType::STARTED, Detail::RESTORED) => (S::RUNNING, "RESTORED"),
+                (EventType::STARTED, Detail::FROM_SNAPSHOT) => (S::RUNNING, "FROM_SNAPSHOT"),
+                (EventType::STARTED, Detail::WAKEUP) => (S::RUNNING, "WAKEUP"),
+                (EventType::STARTED, _) => (S::RUNNING, "?"),
+                (EventType::SUSPENDED, Detail::PAUSED) => (S::PAUSED, "USER"),
+                (EventType::SUSPENDED, Detail::MIGRATED) => (S::PAUSED, "MIGRATION"),
+                (EventType::SUSPENDED, Detail::RESTORED | Detail::UNKNOWN) => (S::PAUSED, "?"),
+                (EventType::SUSPENDED, d) => (S::PAUSED, d.as_str()),
+                (EventType::RESUMED, Detail::UNKNOWN) => (S::RUNNING, "?"),
+                (EventType::RESUMED, d) => (S::RUNNING, d.as_str()),
+                (EventType::STOPPED, Detail::RECREATED | Detail::UNKNOWN) => (S::SHUTOFF, "?"),
+                (EventType::STOPPED, d) => (S::SHUTOFF, d.as_str()),
+                (EventType::SHUTDOWN, _) => (S::SHUTDOWN, "USER"),
+                (EventType::PMSUSPENDED, _) => (S::PMSUSPENDED, "?"),
+                (EventType::CRASHED, Detail::PANICKED) => (S::CRASHED, "PANICKED"),
+                (EventType::CRASHED, Detail::CRASHLOADED) => (S::RUNNING, "CRASHED"),
+                (EventType::CRASHED, _) => (S::CRASHED, "?"),
+                _ => return None,
+            })
+        };
+        let mut checked = 0;
+        for ty in 0..=9 {
+            let e = EventType::from_lifecycle(ty);
+            for dc in 0..=9 {
+                let d = Detail::from_code(e, dc);
+                let got = derive_state(e, d);
+                let want = expect(e, d);
+                match (got, want) {
+                    (None, None) => {}
+                    (Some((s, r)), Some((ws, wr))) => {
+                        assert_eq!(s, ws, "{e}/{d}");
+                        assert_eq!(r.unwrap_or("?"), wr, "{e}/{d}");
+                        // Every named reason exists in libvirt's table for that state.
+                        if let Some(r) = r {
+                            assert!(StateReason::named(s, r).reason_code >= 0, "{e}/{d}: {r}");
+                        }
+                    }
+                    (g, w) => panic!("{e}/{d}: got {g:?}, want {w:?}"),
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 100);
+    }
+
+    #[test]
+    fn lifecycle_sequence_gives_contiguous_seq_and_right_states() {
+        let table = TableInspector::default();
+        let mut t = tracker(table.clone());
+        let u = "11111111-1111-1111-1111-111111111111";
+        table
+            .0
+            .lock()
+            .unwrap()
+            .insert(u.into(), facts(DomainState::SHUTOFF, "UNKNOWN", true));
+        let steps = [
+            (0, 0, DomainState::SHUTOFF, true),  // DEFINED/ADDED
+            (2, 0, DomainState::RUNNING, true),  // STARTED/BOOTED
+            (3, 0, DomainState::PAUSED, true),   // SUSPENDED/PAUSED
+            (4, 0, DomainState::RUNNING, true),  // RESUMED/UNPAUSED
+            (5, 1, DomainState::SHUTOFF, true),  // STOPPED/DESTROYED
+            (1, 0, DomainState::SHUTOFF, false), // UNDEFINED/REMOVED
+        ];
+        for (i, (ty, d, state, persistent)) in steps.iter().enumerate() {
+            let o = t.on_event(&raw(u, *ty, *d));
+            assert_eq!(o.event.seq, i as u64 + 1);
+            assert_eq!(o.event.host_seq, i as u64 + 1);
+            assert_eq!(o.event.state_after.state, *state, "step {i}");
+            assert_eq!(o.event.persistent, *persistent, "step {i}");
+            assert_eq!(o.event.origin, Origin::LIBVIRT);
+        }
+        assert!(t.domain(u).unwrap().gone());
+        // The lookup table still says RUNNING-ish facts: they never override.
+        table
+            .0
+            .lock()
+            .unwrap()
+            .insert(u.into(), facts(DomainState::RUNNING, "BOOTED", true));
+        let o = t.on_event(&raw(u, 3, 0));
+        assert_eq!(o.event.state_after.state, DomainState::PAUSED);
+        assert_eq!(o.event.seq, 7, "a returning UUID continues its seq");
+    }
+
+    #[test]
+    fn lookup_never_overrides_the_event_derived_state() {
+        let table = TableInspector::default();
+        let mut t = tracker(table.clone());
+        let u = "22222222-2222-2222-2222-222222222222";
+        // During a burst the lookup already sees the domain paused again.
+        table
+            .0
+            .lock()
+            .unwrap()
+            .insert(u.into(), facts(DomainState::PAUSED, "USER", false));
+        let o = t.on_event(&raw(u, 4, 0)); // RESUMED/UNPAUSED
+        assert_eq!(o.event.state_after.state, DomainState::RUNNING);
+        assert_eq!(o.event.state_after.reason, "UNPAUSED");
+        assert!(
+            !o.event.persistent,
+            "persistent filled from the lookup for an unseen domain"
+        );
+        assert_eq!(o.event.vcpus, Some(2));
+    }
+
+    #[test]
+    fn transient_stop_means_gone_and_unlookupable_domains_still_publish() {
+        let table = TableInspector::default();
+        let mut t = tracker(table.clone());
+        let u = "33333333-3333-3333-3333-333333333333";
+        // STARTED for a domain libvirt cannot find (yet): still published.
+        let o = t.on_event(&raw(u, 2, 0));
+        assert_eq!(o.event.state_after.state, DomainState::RUNNING);
+        assert!(!o.event.persistent);
+        assert_eq!(o.event.vcpus, None);
+        let o = t.on_event(&raw(u, 5, 1));
+        assert_eq!(o.event.state_after.state, DomainState::SHUTOFF);
+        assert!(!o.event.persistent);
+        assert_eq!(o.event.domain.id, None);
+        assert!(t.domain(u).unwrap().gone());
+    }
+
+    #[test]
+    fn unknown_integers_are_published_as_unknown_with_raw_values() {
+        let mut t = tracker(TableInspector::default());
+        let u = "44444444-4444-4444-4444-444444444444";
+        let o = t.on_event(&raw(u, 42, 7));
+        assert_eq!(o.event.event, EventType::UNKNOWN);
+        assert_eq!(o.event.detail, Detail::UNKNOWN);
+        assert_eq!((o.event.event_code, o.event.detail_code), (42, 7));
+        let o = t.on_event(&raw(u, 2, 99)); // STARTED/<new detail>
+        assert_eq!(o.event.event, EventType::STARTED);
+        assert_eq!(o.event.detail, Detail::UNKNOWN);
+        assert_eq!(o.event.detail_code, 99);
+        assert_eq!(o.event.state_after.state, DomainState::RUNNING);
+        let mut reboot = raw(u, -1, -1);
+        reboot.event_id = 1;
+        let o = t.on_event(&reboot);
+        assert_eq!(
+            (o.event.event, o.event.detail),
+            (EventType::REBOOT, Detail::NONE)
+        );
+        assert_eq!(o.event.state_after.state, DomainState::RUNNING);
+        let mut other = raw(u, -1, -1);
+        other.event_id = 77;
+        let o = t.on_event(&other);
+        assert_eq!(
+            (o.event.event, o.event.libvirt_event_id),
+            (EventType::UNKNOWN, 77)
+        );
+    }
+
+    #[test]
+    fn migration_destination_is_paused_until_resumed() {
+        let mut t = tracker(TableInspector::default());
+        let u = "55555555-5555-5555-5555-555555555555";
+        let o = t.on_event(&raw(u, 2, 1)); // STARTED/MIGRATED
+        assert_eq!(o.event.state_after.state, DomainState::PAUSED);
+        let o = t.on_event(&raw(u, 4, 1)); // RESUMED/MIGRATED
+        assert_eq!(o.event.state_after.state, DomainState::RUNNING);
+        assert_eq!(o.event.state_after.reason, "MIGRATED");
+    }
+
+    #[test]
+    fn resync_emits_only_differences_and_vanished_domains() {
+        let mut t = tracker(TableInspector::default());
+        let a = "aaaaaaaa-0000-0000-0000-000000000000".to_string();
+        let b = "bbbbbbbb-0000-0000-0000-000000000000".to_string();
+        let c = "cccccccc-0000-0000-0000-000000000000".to_string();
+        let listing = vec![
+            (a.clone(), facts(DomainState::RUNNING, "BOOTED", true)),
+            (b.clone(), facts(DomainState::SHUTOFF, "UNKNOWN", true)),
+            (c.clone(), facts(DomainState::PAUSED, "USER", false)),
+        ];
+        let outs = t.on_resync(&listing, 5);
+        let got: Vec<_> = outs
+            .iter()
+            .map(|o| (o.event.domain.uuid.clone(), o.event.event))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (a.clone(), EventType::STARTED),
+                (b.clone(), EventType::DEFINED),
+                (c.clone(), EventType::SUSPENDED)
+            ]
+        );
+        assert!(outs
+            .iter()
+            .all(|o| o.event.origin == Origin::RECONCILE && o.event.seq == 1));
+        // Same listing again: nothing to say.
+        assert!(t.on_resync(&listing, 6).is_empty());
+        // a paused, b gone, c resumed.
+        let listing2 = vec![
+            (a.clone(), facts(DomainState::PAUSED, "USER", true)),
+            (c.clone(), facts(DomainState::RUNNING, "UNPAUSED", false)),
+        ];
+        let outs = t.on_resync(&listing2, 7);
+        let mut got: Vec<_> = outs
+            .iter()
+            .map(|o| {
+                (
+                    o.event.domain.uuid.clone(),
+                    o.event.event,
+                    o.event.seq,
+                    o.event.persistent,
+                )
+            })
+            .collect();
+        got.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            got,
+            vec![
+                (a, EventType::SUSPENDED, 2, true),
+                (b, EventType::UNDEFINED, 2, false),
+                (c, EventType::RESUMED, 2, false)
+            ]
+        );
+        let hs: Vec<u64> = outs.iter().map(|o| o.event.host_seq).collect();
+        assert_eq!(hs, vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn gap_marker_is_host_level() {
+        let mut t = tracker(TableInspector::default());
+        let g = t.gap(GapCause::Disconnected, 9);
+        assert_eq!(g.event.event, EventType::GAP);
+        assert_eq!(g.event.detail, Detail::DISCONNECTED);
+        assert_eq!(g.event.seq, 0);
+        assert_eq!(g.event.host_seq, 1);
+        assert_eq!(g.event.domain.uuid, HOST_UUID);
+        assert_eq!(g.event.origin, Origin::AGENT);
+    }
+}
