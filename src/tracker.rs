@@ -325,6 +325,9 @@ pub struct Tracker<I: Inspector> {
     domains: HashMap<String, DomainRecord>,
     inspector: I,
     opts: TrackerOptions,
+    /// UUID → agent time at which a lookup found no such domain. Events
+    /// observed before that time skip the lookup: it cannot tell more.
+    missing_since: HashMap<String, i64>,
 }
 
 impl<I: Inspector> Tracker<I> {
@@ -343,6 +346,7 @@ impl<I: Inspector> Tracker<I> {
             domains,
             inspector,
             opts,
+            missing_since: HashMap::new(),
         }
     }
 
@@ -397,8 +401,24 @@ impl<I: Inspector> Tracker<I> {
         }
     }
 
-    /// Looks a domain up, retrying while libvirt does not know it yet.
-    fn lookup(&self, uuid: &str, want_xml: bool, retry: bool) -> Option<Facts> {
+    /// Looks a domain up. A domain the tracker does not know yet is retried
+    /// (libvirt sends DEFINED before lookups find the domain); a known one
+    /// that is missing is gone, and events observed before that are not
+    /// looked up again (the answer cannot be better).
+    fn lookup(
+        &mut self,
+        uuid: &str,
+        want_xml: bool,
+        retry: bool,
+        observed_at: i64,
+    ) -> Option<Facts> {
+        if self
+            .missing_since
+            .get(uuid)
+            .is_some_and(|t| observed_at <= *t)
+        {
+            return None;
+        }
         let attempts = if retry {
             self.opts.lookup_attempts.max(1)
         } else {
@@ -407,10 +427,21 @@ impl<I: Inspector> Tracker<I> {
         let mut delay = Duration::from_millis(2);
         for attempt in 1..=attempts {
             match self.inspector.inspect(uuid, want_xml) {
-                Ok(f) => return Some(f),
+                Ok(f) => {
+                    self.missing_since.remove(uuid);
+                    return Some(f);
+                }
                 Err(LookupError::NoDomain) if attempt < attempts => {
                     std::thread::sleep(delay);
                     delay *= 4;
+                }
+                Err(LookupError::NoDomain) => {
+                    if self.missing_since.len() >= 65_536 {
+                        // Bounded: forgetting only costs a lookup or two.
+                        self.missing_since.clear();
+                    }
+                    self.missing_since.insert(uuid.to_string(), now_micros());
+                    return None;
                 }
                 Err(e) => {
                     tracing::debug!(uuid, error = %e, "lookup failed; publishing what the event tells");
@@ -460,7 +491,8 @@ impl<I: Inspector> Tracker<I> {
         let facts = if ends_up_gone {
             None
         } else {
-            self.lookup(&raw.uuid, want_xml, true)
+            let unknown = live.is_none();
+            self.lookup(&raw.uuid, want_xml, unknown, raw.observed_at)
         };
 
         let state = match derived {

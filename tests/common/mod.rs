@@ -1,0 +1,648 @@
+//! Fixtures for tests against real servers: nats-server on a random port
+//! with a temporary store (killed on drop), the system libvirtd (started
+//! when missing and allowed), the agent binary as a child process, and
+//! `virsh event` as the independent oracle.
+//!
+//! A missing server is a failure with a message saying how to start it,
+//! never a silent skip.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use virtstream::model::DomainEvent;
+
+pub const TEST_URI: &str = "test+unix:///default";
+pub const QEMU_URI: &str = "qemu:///system";
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Unique short name for this test run.
+pub fn unique(prefix: &str) -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{:x}", std::process::id(), n % 0xffff_ffff)
+}
+
+// ---------------------------------------------------------------- NATS
+
+pub struct NatsServer {
+    pub port: u16,
+    pub store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let store = tempfile::tempdir().unwrap();
+        let mut s = NatsServer {
+            port: free_port(),
+            store,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("nats-server")
+            .args(["-js", "-sd"])
+            .arg(self.store.path())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run nats-server ({e}): install and start the test environment with \
+                     `sudo deploy/local-env.sh start` (Debian package nats-server)"
+                )
+            });
+        self.child = Some(child);
+        assert!(
+            wait_port(self.port, Duration::from_secs(10)),
+            "nats-server did not listen on 127.0.0.1:{} within 10 s",
+            self.port
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGTERM, wait); the store is kept.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe_kill(c.id(), libc::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn resume(&mut self) {
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn unsafe_kill(pid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// One message read back from JetStream.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub stream_seq: u64,
+    pub subject: String,
+    pub event: DomainEvent,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Every message on `filter` in the stream, in stream order.
+pub fn fetch(url: &str, stream: &str, filter: &str) -> Vec<Stored> {
+    rt().block_on(async {
+        let client = async_nats::connect(url).await.expect("connect to nats");
+        let js = jetstream::new(client);
+        let mut st = match js.get_stream(stream).await {
+            Ok(s) => s,
+            Err(_) => return Vec::new(),
+        };
+        let last = st.info().await.unwrap().state.last_sequence;
+        if last == 0 {
+            return Vec::new();
+        }
+        let consumer = st
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut msgs = consumer.messages().await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(2), msgs.next()).await;
+            let m = match next {
+                Ok(Some(Ok(m))) => m,
+                _ => break,
+            };
+            let info = m.info().unwrap();
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            let headers = m
+                .headers
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Stored {
+                stream_seq: seq,
+                subject: m.subject.to_string(),
+                event: virtstream::codec::decode_event(&m.payload).expect("decodes"),
+                headers,
+            });
+            if pending == 0 || seq >= last {
+                break;
+            }
+        }
+        out
+    })
+}
+
+/// Polls until `pred(messages)` holds, or fails after `timeout`.
+pub fn wait_for(
+    url: &str,
+    filter: &str,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&[Stored]) -> bool,
+) -> Vec<Stored> {
+    let end = Instant::now() + timeout;
+    loop {
+        let got = fetch(url, "VIRT_EVENTS", filter);
+        if pred(&got) {
+            return got;
+        }
+        if Instant::now() > end {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; have {} messages",
+                got.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+// ---------------------------------------------------------------- libvirt
+
+/// Makes sure the system libvirtd answers on the test driver socket;
+/// starts virtlogd + libvirtd when running as root and they are down.
+pub fn ensure_libvirtd() {
+    if virsh_ok() {
+        return;
+    }
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    assert!(
+        root,
+        "libvirtd is not answering on {TEST_URI}: start it with `sudo deploy/local-env.sh start`"
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local-env.sh");
+    let st = Command::new("bash")
+        .arg(script)
+        .arg("start")
+        .status()
+        .unwrap();
+    assert!(st.success(), "deploy/local-env.sh start failed");
+    assert!(virsh_ok(), "libvirtd still not answering on {TEST_URI}");
+}
+
+fn virsh_ok() -> bool {
+    Command::new("virsh")
+        .args(["-c", TEST_URI, "list", "--all"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn test_domain_xml(name: &str, uuid: &str) -> String {
+    format!(
+        "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory>8192</memory>\
+         <vcpu>1</vcpu><os><type>hvm</type></os></domain>"
+    )
+}
+
+pub fn qemu_domain_xml(name: &str, uuid: &str) -> String {
+    format!(
+        "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>\
+         <memory unit='MiB'>32</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os>\
+         <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices></domain>"
+    )
+}
+
+pub fn new_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A libvirt event as `virsh event` printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OracleEvent {
+    pub domain: String,
+    /// `EventType` symbol, e.g. `STARTED`, or `REBOOT`.
+    pub event: String,
+    /// `Detail` symbol, e.g. `BOOTED`.
+    pub detail: String,
+}
+
+/// `virsh event --all --loop --timestamp` as a record of what libvirt
+/// emitted. It also keeps a connection open (the test driver forgets its
+/// domains when the last connection closes).
+pub struct Oracle {
+    child: Child,
+    pub events: Arc<Mutex<Vec<OracleEvent>>>,
+}
+
+fn map_virsh(ty: &str, detail: &str) -> Option<(String, String)> {
+    let (event, details): (&str, &[(&str, &str)]) = match ty {
+        "Defined" => (
+            "DEFINED",
+            &[
+                ("Added", "ADDED"),
+                ("Updated", "UPDATED"),
+                ("Renamed", "RENAMED"),
+                ("Snapshot", "FROM_SNAPSHOT"),
+            ],
+        ),
+        "Undefined" => (
+            "UNDEFINED",
+            &[("Removed", "REMOVED"), ("Renamed", "RENAMED")],
+        ),
+        "Started" => (
+            "STARTED",
+            &[
+                ("Booted", "BOOTED"),
+                ("Migrated", "MIGRATED"),
+                ("Restored", "RESTORED"),
+                ("Snapshot", "FROM_SNAPSHOT"),
+                ("Event wakeup", "WAKEUP"),
+            ],
+        ),
+        "Suspended" => (
+            "SUSPENDED",
+            &[
+                ("Paused", "PAUSED"),
+                ("Migrated", "MIGRATED"),
+                ("I/O Error", "IOERROR"),
+                ("Watchdog", "WATCHDOG"),
+                ("Restored", "RESTORED"),
+                ("Snapshot", "FROM_SNAPSHOT"),
+                ("API error", "API_ERROR"),
+                ("Post-copy", "POSTCOPY"),
+                ("Post-copy Error", "POSTCOPY_FAILED"),
+            ],
+        ),
+        "Resumed" => (
+            "RESUMED",
+            &[
+                ("Unpaused", "UNPAUSED"),
+                ("Migrated", "MIGRATED"),
+                ("Snapshot", "FROM_SNAPSHOT"),
+                ("Post-copy", "POSTCOPY"),
+                ("Post-copy Error", "POSTCOPY_FAILED"),
+            ],
+        ),
+        "Stopped" => (
+            "STOPPED",
+            &[
+                ("Shutdown", "SHUTDOWN"),
+                ("Destroyed", "DESTROYED"),
+                ("Crashed", "CRASHED"),
+                ("Migrated", "MIGRATED"),
+                ("Saved", "SAVED"),
+                ("Failed", "FAILED"),
+                ("Snapshot", "FROM_SNAPSHOT"),
+            ],
+        ),
+        "Shutdown" => (
+            "SHUTDOWN",
+            &[
+                ("Finished", "FINISHED"),
+                ("Finished after guest request", "GUEST"),
+                ("Finished after host request", "HOST"),
+            ],
+        ),
+        "PMSuspended" => ("PMSUSPENDED", &[("Memory", "MEMORY"), ("Disk", "DISK")]),
+        "Crashed" => (
+            "CRASHED",
+            &[("Panicked", "PANICKED"), ("Crashloaded", "CRASHLOADED")],
+        ),
+        _ => return None,
+    };
+    let d = details
+        .iter()
+        .find(|(s, _)| *s == detail)
+        .map(|(_, d)| *d)?;
+    Some((event.to_string(), d.to_string()))
+}
+
+fn parse_oracle_line(line: &str) -> Option<OracleEvent> {
+    // 2026-11-22 02:45:38.454+0000: event 'lifecycle' for domain 'probe-t': Defined Added
+    let rest = line.split_once("event '")?.1;
+    let (kind, rest) = rest.split_once('\'')?;
+    let rest = rest.split_once("for domain '")?.1;
+    let (name, rest) = rest.rsplit_once('\'')?;
+    match kind {
+        "lifecycle" => {
+            let text = rest.trim_start_matches(':').trim();
+            let (ty, detail) = text.split_once(' ')?;
+            let (event, detail) = map_virsh(ty, detail.trim())
+                .unwrap_or_else(|| panic!("oracle line not understood: {line}"));
+            Some(OracleEvent {
+                domain: name.to_string(),
+                event,
+                detail,
+            })
+        }
+        "reboot" => Some(OracleEvent {
+            domain: name.to_string(),
+            event: "REBOOT".into(),
+            detail: "NONE".into(),
+        }),
+        _ => None,
+    }
+}
+
+impl Oracle {
+    pub fn start(uri: &str) -> Oracle {
+        let mut child = Command::new("virsh")
+            .args(["-c", uri, "event", "--all", "--loop", "--timestamp"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("virsh (libvirt-clients) must be installed: sudo deploy/local-env.sh start");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let ev = events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(e) = parse_oracle_line(&line) {
+                    ev.lock().unwrap().push(e);
+                }
+            }
+        });
+        let o = Oracle { child, events };
+        // Sync: a sentinel domain's events prove virsh has registered.
+        let conn = virt::connect::Connect::open(Some(uri)).unwrap();
+        let name = unique("oracle-sync");
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let d = conn
+                .define_domain_xml(&if uri.starts_with("test") {
+                    test_domain_xml(&name, &new_uuid())
+                } else {
+                    qemu_domain_xml(&name, &new_uuid())
+                })
+                .unwrap();
+            d.undefine().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            if o.events.lock().unwrap().iter().any(|e| e.domain == name) {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "virsh event did not report anything within 20 s"
+            );
+        }
+        o
+    }
+
+    /// The events for `domain`, in order.
+    pub fn for_domain(&self, domain: &str) -> Vec<OracleEvent> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.domain == domain)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Oracle {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- agent
+
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub metrics_port: u16,
+    pub host_id: String,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl Agent {
+    /// Writes a config for `uri` and `nats_url` (extra TOML appended).
+    pub fn new(uri: &str, nats_url: Option<&str>, extra: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics_port = free_port();
+        let host_id = unique("host");
+        let mut toml = format!(
+            "[host]\nid = \"{host_id}\"\nshutdown_timeout = \"5s\"\n\
+             [libvirt]\nuri = \"{uri}\"\nreconnect_backoff_min = \"200ms\"\nreconnect_backoff_max = \"2s\"\n\
+             [journal]\npath = \"{}\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+            dir.path().join("journal").display()
+        );
+        if let Some(u) = nats_url {
+            toml.push_str(&format!("[nats]\nurl = \"{u}\"\n"));
+        }
+        toml.push_str(extra);
+        let config = dir.path().join("agent.toml");
+        std::fs::write(&config, toml).unwrap();
+        Agent {
+            dir,
+            config,
+            metrics_port,
+            host_id,
+            child: None,
+            runs: 0,
+        }
+    }
+
+    pub fn bin() -> &'static str {
+        env!("CARGO_BIN_EXE_virtstream")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("agent-{}.log", self.runs))
+    }
+
+    pub fn start(&mut self) {
+        self.runs += 1;
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(Self::bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("VIRTSTREAM_LOG", "virtstream=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn http(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
+        Some((code, body))
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some((200, _)) = self.http("/readyz") {
+                return;
+            }
+            if Instant::now() > end {
+                panic!(
+                    "agent not ready within {timeout:?}: {:?}\n--- agent log ---\n{}",
+                    self.http("/readyz"),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe_kill(c.id(), libc::SIGTERM);
+        c.wait().ok()?.code()
+    }
+
+    /// Subject filter for this agent's events.
+    pub fn filter(&self) -> String {
+        format!(
+            "virt.events.v1.{}.>",
+            virtstream::sinks::subject_token(&self.host_id)
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent log ({}) ---\n{}",
+                self.log_path().display(),
+                self.log()
+            );
+        }
+        self.kill9();
+    }
+}
+
+/// Checks the invariants every stream must hold for one host: host_seq
+/// unique and contiguous from `first`, and seq contiguous from 1 per domain
+/// in stream order.
+pub fn assert_contiguous(msgs: &[Stored]) {
+    let mut hs: Vec<u64> = msgs.iter().map(|m| m.event.host_seq).collect();
+    hs.sort_unstable();
+    let n = hs.len() as u64;
+    assert_eq!(
+        hs,
+        (1..=n).collect::<Vec<_>>(),
+        "host_seq must be exactly 1..={n}, each once"
+    );
+    let mut per_domain: std::collections::HashMap<&str, u64> = Default::default();
+    let mut per_subject: std::collections::HashMap<&str, u64> = Default::default();
+    for m in msgs {
+        let last_hs = per_subject.entry(m.subject.as_str()).or_insert(0);
+        assert!(
+            m.event.host_seq > *last_hs,
+            "host_seq out of order on {}",
+            m.subject
+        );
+        *last_hs = m.event.host_seq;
+        if m.event.event.as_str() == "GAP" {
+            assert_eq!(m.event.seq, 0);
+            continue;
+        }
+        let s = per_domain.entry(m.event.domain.uuid.as_str()).or_insert(0);
+        assert_eq!(
+            m.event.seq,
+            *s + 1,
+            "seq of {} not contiguous",
+            m.event.domain.name
+        );
+        *s += 1;
+    }
+}
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
