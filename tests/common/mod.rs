@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use virtstream::model::DomainEvent;
+use std::collections::HashMap;
+
+use virtstream::model::{DomainEvent, DomainState, Origin};
 
 pub const TEST_URI: &str = "test+unix:///default";
 pub const QEMU_URI: &str = "qemu:///system";
@@ -228,6 +230,8 @@ pub fn wait_for(
 /// Makes sure the system libvirtd answers on the test driver socket;
 /// starts virtlogd + libvirtd when running as root and they are down.
 pub fn ensure_libvirtd() {
+    // Test-side libvirt errors are asserted on, not printed.
+    virt::error::clear_error_callback();
     if virsh_ok() {
         return;
     }
@@ -249,6 +253,50 @@ pub fn ensure_libvirtd() {
         .unwrap();
     assert!(st.success(), "deploy/local-env.sh start failed");
     assert!(virsh_ok(), "libvirtd still not answering on {TEST_URI}");
+}
+
+/// Kills the system libvirtd, keeps it down for `downtime`, starts it again.
+pub fn restart_libvirtd(downtime: Duration) {
+    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
+    let end = Instant::now() + Duration::from_secs(20);
+    while Command::new("pgrep")
+        .args(["-x", "libvirtd"])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < end, "libvirtd did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(downtime);
+    let st = Command::new("libvirtd")
+        .arg("--daemon")
+        .status()
+        .expect("libvirtd binary");
+    assert!(st.success(), "libvirtd --daemon failed");
+    let end = Instant::now() + Duration::from_secs(20);
+    while !virsh_ok() {
+        assert!(Instant::now() < end, "libvirtd did not come back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last host_seq the agent's journal holds (agent must be stopped).
+pub fn journal_host_seq(agent: &Agent) -> u64 {
+    let dir = agent.dir.path().join("journal");
+    let (j, w, rec) = virtstream::journal::Journal::open(virtstream::journal::OpenOptions {
+        dir: &dir,
+        host_id: Some(&agent.host_id),
+        default_host_id: &|| unreachable!(),
+        sinks: vec![],
+        group_commit_max: 1,
+        queue: 1,
+    })
+    .expect("journal opens after the agent stopped");
+    drop(j);
+    drop(w);
+    rec.host_seq
 }
 
 fn virsh_ok() -> bool {
@@ -640,6 +688,126 @@ pub fn assert_contiguous(msgs: &[Stored]) {
             m.event.domain.name
         );
         *s += 1;
+    }
+}
+
+/// The state an oracle event leaves a domain in (independent of the
+/// agent's table), given the previous state.
+pub fn expected_state(event: &str, prev: DomainState) -> DomainState {
+    match event {
+        "STARTED" | "RESUMED" => DomainState::RUNNING,
+        "SUSPENDED" => DomainState::PAUSED,
+        "STOPPED" => DomainState::SHUTOFF,
+        "SHUTDOWN" => DomainState::SHUTDOWN,
+        "DEFINED" | "UNDEFINED" | "REBOOT" => prev,
+        other => panic!("unexpected oracle event {other}"),
+    }
+}
+
+/// Compares one domain's messages with the oracle, event by event.
+pub fn check_domain(
+    oracle: &Oracle,
+    msgs: &[Stored],
+    name: &str,
+    persistent_until_undefine: bool,
+    memory_kib: i64,
+) {
+    let want = oracle.for_domain(name);
+    let got: Vec<&Stored> = msgs
+        .iter()
+        .filter(|m| m.event.domain.name == name && m.event.origin == Origin::LIBVIRT)
+        .collect();
+    let got_pairs: Vec<(String, String)> = got
+        .iter()
+        .map(|m| (m.event.event.to_string(), m.event.detail.to_string()))
+        .collect();
+    let want_pairs: Vec<(String, String)> = want
+        .iter()
+        .map(|e| (e.event.clone(), e.detail.clone()))
+        .collect();
+    assert_eq!(
+        got_pairs, want_pairs,
+        "events of {name} differ from virsh event"
+    );
+    assert!(
+        msgs.iter()
+            .filter(|m| m.event.domain.name == name)
+            .all(|m| m.event.origin == Origin::LIBVIRT),
+        "no reconcile events expected for {name}"
+    );
+    let mut state = DomainState::SHUTOFF;
+    let mut persistent = false;
+    for (i, m) in got.iter().enumerate() {
+        let e = &m.event;
+        assert_eq!(e.seq, i as u64 + 1, "{name}: seq contiguous from 1");
+        state = expected_state(e.event.as_str(), state);
+        assert_eq!(
+            e.state_after.state,
+            state,
+            "{name} #{}: state_after after {}/{}",
+            i + 1,
+            e.event,
+            e.detail
+        );
+        match e.event.as_str() {
+            "DEFINED" => persistent = true,
+            "UNDEFINED" => persistent = false,
+            _ if i == 0 => persistent = persistent_until_undefine,
+            _ => {}
+        }
+        assert_eq!(
+            e.persistent,
+            persistent,
+            "{name} #{}: persistent after {}",
+            i + 1,
+            e.event
+        );
+        // Enrichment comes from lookups, which fail once a fast script has
+        // already removed the domain: then the event is published with what
+        // is known. What is there must be right.
+        assert!(
+            e.vcpus.is_none_or(|v| v == 1),
+            "{name} #{}: vcpus {:?}",
+            i + 1,
+            e.vcpus
+        );
+        assert!(
+            e.memory_kib.is_none_or(|m| m == memory_kib),
+            "{name} #{}: memory {:?}",
+            i + 1,
+            e.memory_kib
+        );
+        assert!(e
+            .config_hash
+            .as_deref()
+            .is_none_or(|h| h.starts_with("sha256:") && h.len() == 71));
+        if state != DomainState::SHUTOFF {
+            assert!(
+                e.domain.id.is_some(),
+                "{name} #{}: running domains carry their id",
+                i + 1
+            );
+        } else {
+            assert_eq!(e.domain.id, None);
+        }
+        // Subject, message id and CloudEvents headers.
+        assert!(m.subject.ends_with(&e.domain.uuid));
+        let h: HashMap<&str, &str> = m
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(h.get("Nats-Msg-Id"), Some(&e.event_id.as_str()));
+        assert_eq!(h.get("ce_id"), Some(&e.event_id.as_str()));
+        assert_eq!(h.get("ce_specversion"), Some(&"1.0"));
+        assert_eq!(h.get("ce_type"), Some(&"io.virtstream.domain.event.v1"));
+        assert_eq!(h.get("ce_subject"), Some(&e.domain.uuid.as_str()));
+        assert_eq!(
+            h.get("ce_source").map(|s| s.to_string()),
+            Some(format!("virtstream://{}", e.host_id))
+        );
+        assert!(h.contains_key("ce_time") && h.contains_key("virtstream-schema-fingerprint"));
+        assert_eq!(h.get("content-type"), Some(&"application/avro"));
     }
 }
 
