@@ -68,9 +68,13 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> NatsServer {
         let store = tempfile::tempdir().unwrap();
         let mut s = NatsServer {
-            port: free_port(),
+            port,
             store,
             child: None,
         };
@@ -622,6 +626,18 @@ impl Agent {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// The exit code if the agent has exited (None while running).
+    pub fn try_exit(&mut self) -> Option<Option<i32>> {
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(st)) => {
+                self.child = None;
+                Some(st.code())
+            }
+            _ => None,
         }
     }
 
