@@ -51,6 +51,7 @@ fn source_options(cfg: &Config) -> SourceOptions {
         keepalive_count: cfg.libvirt.keepalive_count,
         backoff_min: cfg.libvirt.reconnect_backoff_min.0,
         backoff_max: cfg.libvirt.reconnect_backoff_max.0,
+        keep_xml: cfg.libvirt.xml != crate::config::XmlMode::Off,
     }
 }
 
@@ -82,7 +83,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         default_host_id: &default_host,
         sinks,
         group_commit_max: cfg.journal.group_commit_max,
-        queue: cfg.journal.group_commit_max * 4,
+        queue: cfg.journal.group_commit_max * 2,
     })?;
     tracing::info!(
         host_id = %recovered.host_id,
@@ -170,6 +171,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             )),
             health: health.clone(),
             metrics: metrics.clone(),
+            observer: None,
         };
         let rx = shutdown_tx.subscribe();
         let deadline = cfg.host.shutdown_timeout.0;

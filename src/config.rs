@@ -271,7 +271,7 @@ fn d_backoff_max() -> Dur {
     Dur(Duration::from_secs(30))
 }
 fn d_queue() -> usize {
-    16_384
+    8192
 }
 fn d_lookup_attempts() -> u32 {
     3
@@ -286,7 +286,7 @@ fn d_when_full() -> WhenFull {
     WhenFull::RejectNew
 }
 fn d_group() -> usize {
-    4096
+    1024
 }
 fn d_events_stream() -> String {
     "VIRT_EVENTS".into()
@@ -301,7 +301,7 @@ fn d_dup_window() -> Dur {
     Dur(Duration::from_secs(120))
 }
 fn d_inflight() -> usize {
-    1024
+    256
 }
 fn d_ack_timeout() -> Dur {
     Dur(Duration::from_secs(5))

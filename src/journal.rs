@@ -221,7 +221,7 @@ impl Journal {
         let existed = path.exists();
         let db = {
             let mut b = Database::builder();
-            b.set_cache_size(4 << 20);
+            b.set_cache_size(1 << 20);
             b.create(&path).map_err(|source| JournalError::Open {
                 path: path.clone(),
                 source: Box::new(source),

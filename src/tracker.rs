@@ -111,7 +111,8 @@ impl GapCause {
 /// Items on the hand-off queue, in the order the tracker must see them.
 #[derive(Debug, Clone)]
 pub enum Item {
-    Event(RawEvent),
+    /// Boxed so the queue's slots stay small (the queue preallocates).
+    Event(Box<RawEvent>),
     /// A complete listing of the host's domains (after connect, or on
     /// request); the tracker emits RECONCILE events for every difference.
     Resync {
@@ -119,9 +120,7 @@ pub enum Item {
         observed_at: i64,
     },
     /// The libvirt connection was lost: events may be missing from here on.
-    Disconnected {
-        observed_at: i64,
-    },
+    Disconnected { observed_at: i64 },
 }
 
 /// The tracker's memory of one domain (persisted in the journal).

@@ -78,7 +78,7 @@ pub struct CallbackTarget {
 
 impl CallbackTarget {
     fn deliver(&self, raw: RawEvent) {
-        match self.items.try_send(Item::Event(raw)) {
+        match self.items.try_send(Item::Event(Box::new(raw))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.inc();

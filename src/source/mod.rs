@@ -49,6 +49,8 @@ pub struct SourceOptions {
     pub keepalive_count: u32,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Keep domain XML in listings (messages carry it).
+    pub keep_xml: bool,
 }
 
 /// The live connection, shared with the inspector for lookups.
@@ -121,14 +123,21 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
 }
 
 /// Every domain on the host with its facts. Domains that vanish between
-/// the list and their lookup are skipped (their events follow).
-pub fn list(conn: &Connect) -> Result<Vec<(String, Facts)>, virt::error::Error> {
+/// the list and their lookup are skipped (their events follow). The XML is
+/// fetched for the config hash; it is kept only when `keep_xml` (messages
+/// carry it), so a large host's listing does not hold every XML at once.
+pub fn list(conn: &Connect, keep_xml: bool) -> Result<Vec<(String, Facts)>, virt::error::Error> {
     let doms = conn.list_all_domains(0)?;
     let mut out = Vec::with_capacity(doms.len());
     for d in doms {
         let uuid = d.uuid_string()?;
         match facts_of(&d, true) {
-            Ok(f) => out.push((uuid, f)),
+            Ok(mut f) => {
+                if !keep_xml {
+                    f.xml = None;
+                }
+                out.push((uuid, f))
+            }
             Err(e) if is_no_domain(&e) => continue,
             Err(e) => return Err(e),
         }
@@ -238,7 +247,7 @@ impl Source {
     fn send_listing(&self, session: &Session) -> Result<(), SourceError> {
         let observed_at = now_micros();
         let started = Instant::now();
-        let listing = list(&session.conn).map_err(|e| SourceError::List {
+        let listing = list(&session.conn, self.opts.keep_xml).map_err(|e| SourceError::List {
             uri: self.opts.uri.clone(),
             message: e.message().to_string(),
         })?;

@@ -108,6 +108,10 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     /// Stops the server (SIGTERM, wait); the store is kept.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -627,6 +631,10 @@ impl Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// The exit code if the agent has exited (None while running).

@@ -61,6 +61,9 @@ struct Done {
     result: Result<Outcome, (bool, String)>,
 }
 
+/// Called for every entry the broker stored (benchmarks measure latency).
+pub type AckObserver = Arc<dyn Fn(&Entry) + Send + Sync>;
+
 pub struct NatsSink {
     pub cfg: NatsConfig,
     pub client: async_nats::Client,
@@ -68,6 +71,7 @@ pub struct NatsSink {
     pub encoding: Arc<EncodingContext>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    pub observer: Option<AckObserver>,
 }
 
 async fn last_position(
@@ -100,7 +104,7 @@ async fn last_position(
 
 async fn publish_one(
     js: jetstream::Context,
-    stream: jetstream::stream::Stream,
+    stream: Arc<jetstream::stream::Stream>,
     enc: Arc<EncodingContext>,
     known: Option<Position>,
     entry: Entry,
@@ -186,7 +190,9 @@ impl NatsSink {
                 }
             }
         };
+        let stream = Arc::new(stream);
         self.set_state(SinkState::Ready);
+        let mut ready_state = true;
         tracing::info!(stream = %self.cfg.events_stream, "NATS sink ready");
 
         let labels = Metrics::sink(SINK_NAME);
@@ -219,7 +225,7 @@ impl NatsSink {
         loop {
             // Read ahead from the journal.
             let head = *committed.borrow_and_update();
-            if draining.is_none() && buffered < READ_AHEAD && read_upto < head {
+            if buffered < READ_AHEAD && read_upto < head {
                 let entries = self
                     .journal
                     .read_after(read_upto, READ_AHEAD - buffered)
@@ -309,6 +315,9 @@ impl NatsSink {
                                     published.inc();
                                     let lat = (now_micros() - entry.observed_at).max(0) as f64 / 1e6;
                                     latency.observe(lat);
+                                    if let Some(o) = &self.observer {
+                                        o(&entry);
+                                    }
                                     stream_seq
                                 }
                                 Outcome::AlreadyStored { stream_seq } => stream_seq,
@@ -316,7 +325,8 @@ impl NatsSink {
                             positions.insert(subject.clone(), Position { stream_seq, ours: Some(entry.host_seq) });
                             window.ack(entry.host_seq);
                             backoff = Duration::from_millis(100);
-                            if !matches!(self.health.sink(SINK_NAME), Some(SinkState::Ready)) {
+                            if !ready_state {
+                                ready_state = true;
                                 self.set_state(SinkState::Ready);
                             }
                             if queues.get(&subject).is_some_and(|q| !q.is_empty()) {
@@ -338,6 +348,7 @@ impl NatsSink {
                             } else {
                                 tracing::warn!(error = %msg, retry_in = ?backoff, "NATS publish failed; will retry in order");
                                 self.set_state(SinkState::Failing(msg));
+                                ready_state = false;
                                 backoff_until = Some(Instant::now() + backoff);
                                 backoff = (backoff * 2).min(Duration::from_secs(5));
                             }

@@ -1,0 +1,377 @@
+//! Pipeline benchmark: synthetic libvirt events through tracker → journal
+//! (fsync on) → NATS sink → a real nats-server on loopback.
+//!
+//! Reports:
+//! 1. sustained throughput (events/s acknowledged by JetStream) for a
+//!    200,000-event flood over 1,000 domains;
+//! 2. hand-off → JetStream ack latency (p50/p99/max) at 1,000 events/s;
+//! 3. RSS of the real agent binary tracking 1,000 domains on the libvirtd
+//!    test driver (and of this process after the runs, for reference).
+//!
+//! Run: `cargo bench --bench pipeline` (needs nats-server and libvirtd:
+//! `sudo deploy/local-env.sh start`). Targets on a 2-core machine:
+//! ≥ 20,000 events/s; p99 ≤ 10 ms at 1,000 events/s; RSS ≤ 30 MiB.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+use virtstream::config::{NatsConfig, XmlMode};
+use virtstream::journal::{Journal, OpenOptions};
+use virtstream::model::{DomainState, StateReason};
+use virtstream::sinks::nats::encoding::EncodingContext;
+use virtstream::sinks::nats::service::NatsSink;
+use virtstream::telemetry::{Health, Metrics};
+use virtstream::tracker::{
+    now_micros, Facts, Inspector, Item, LookupError, RawEvent, Tracker, TrackerOptions, TrackerTask,
+};
+
+const DOMAINS: usize = 1000;
+const FLOOD: u64 = 200_000;
+const PACED_RATE: u64 = 1000;
+const PACED_SECS: u64 = 10;
+
+struct Table(HashMap<String, Facts>);
+
+impl Inspector for Table {
+    fn inspect(&self, uuid: &str, _xml: bool) -> Result<Facts, LookupError> {
+        self.0.get(uuid).cloned().ok_or(LookupError::NoDomain)
+    }
+}
+
+fn uuid(i: usize) -> String {
+    format!("00000000-0000-4000-8000-{i:012x}")
+}
+
+struct Pipeline {
+    items: std::sync::mpsc::SyncSender<Item>,
+    acked: Arc<AtomicU64>,
+    latencies: Arc<Mutex<Vec<i64>>>,
+    recording: Arc<AtomicBool>,
+    shutdown: broadcast::Sender<()>,
+    stop: Arc<AtomicBool>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn pipeline(nats_url: &str) -> Pipeline {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let (journal, writer, rec) = Journal::open(OpenOptions {
+        dir: dir.path(),
+        host_id: Some("bench-host"),
+        default_host_id: &|| unreachable!(),
+        sinks: vec!["nats".into()],
+        group_commit_max: 1024,
+        queue: 2048,
+    })
+    .unwrap();
+    std::thread::Builder::new()
+        .name("journal-writer".into())
+        .spawn(move || writer.run())
+        .unwrap();
+    let facts: HashMap<String, Facts> = (0..DOMAINS)
+        .map(|i| {
+            (
+                uuid(i),
+                Facts {
+                    name: format!("vm-{i}"),
+                    id: Some(i as i32 + 1),
+                    state: StateReason::named(DomainState::RUNNING, "BOOTED"),
+                    persistent: true,
+                    autostart: Some(false),
+                    vcpus: Some(4),
+                    memory_kib: Some(8 << 20),
+                    config_hash: Some(format!("sha256:{:064x}", i)),
+                    xml: None,
+                },
+            )
+        })
+        .collect();
+    let tracker = Tracker::new(
+        rec.host_id.clone(),
+        rec.epoch.clone(),
+        rec.host_seq,
+        HashMap::new(),
+        Table(facts),
+        TrackerOptions {
+            xml: XmlMode::Off,
+            lookup_attempts: 1,
+            max_journal_bytes: u64::MAX,
+        },
+    );
+    let (items_tx, items_rx) = std::sync::mpsc::sync_channel(16384);
+    let (resync_tx, _resync_rx) = std::sync::mpsc::sync_channel(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = TrackerTask {
+        tracker,
+        items: items_rx,
+        overflow: Arc::new(AtomicBool::new(false)),
+        resync: resync_tx,
+        journal: journal.clone(),
+        metrics: metrics.clone(),
+        restarted: false,
+        stop: stop.clone(),
+    };
+    std::thread::Builder::new()
+        .name("tracker".into())
+        .spawn(move || task.run())
+        .unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg: NatsConfig = toml::from_str(&format!("url = \"{nats_url}\"")).unwrap();
+    let acked = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(20_000)));
+    let recording = Arc::new(AtomicBool::new(false));
+    let (shutdown, _) = broadcast::channel(1);
+    {
+        let acked = acked.clone();
+        let latencies = latencies.clone();
+        let recording = recording.clone();
+        let client = rt
+            .block_on(virtstream::sinks::nats::connect(&cfg, "bench"))
+            .unwrap();
+        let sink = NatsSink {
+            encoding: Arc::new(EncodingContext::new(
+                &rec.host_id,
+                &rec.epoch,
+                &cfg.events_subject_prefix,
+                cfg.encoding,
+            )),
+            cfg,
+            client,
+            journal,
+            health,
+            metrics,
+            observer: Some(Arc::new(move |e| {
+                acked.fetch_add(1, Ordering::Relaxed);
+                if recording.load(Ordering::Relaxed) {
+                    latencies.lock().unwrap().push(now_micros() - e.observed_at);
+                }
+            })),
+        };
+        let rx = shutdown.subscribe();
+        rt.spawn(async move { sink.run(rx, Duration::from_secs(5)).await });
+    }
+    Pipeline {
+        items: items_tx,
+        acked,
+        latencies,
+        recording,
+        shutdown,
+        stop,
+        rt,
+        _dir: dir,
+    }
+}
+
+fn event(n: u64) -> Item {
+    let d = (n as usize) % DOMAINS;
+    // Alternate suspend / resume per domain.
+    let ty = if (n / DOMAINS as u64) % 2 == 0 { 3 } else { 4 };
+    Item::Event(Box::new(RawEvent {
+        uuid: uuid(d),
+        name: format!("vm-{d}"),
+        id: Some(d as i32 + 1),
+        event_id: 0,
+        type_code: ty,
+        detail_code: 0,
+        observed_at: now_micros(),
+    }))
+}
+
+fn wait_acked(p: &Pipeline, n: u64, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    while p.acked.load(Ordering::Relaxed) < n {
+        assert!(
+            Instant::now() < end,
+            "only {} of {n} acknowledged",
+            p.acked.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU seconds per thread of a process (`/proc/<pid>/task/*/stat`).
+fn thread_cpu(pid: &str) -> Vec<(String, f64)> {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut out: HashMap<String, f64> = HashMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let cpu =
+            (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / tick;
+        *out.entry(name).or_default() += cpu;
+    }
+    let mut v: Vec<_> = out.into_iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing
+    // and must not run the full benchmark.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("pipeline benchmark: run with `cargo bench --bench pipeline`");
+        return;
+    }
+    let nats = common::NatsServer::start();
+    let p = pipeline(&nats.url());
+
+    // Warm-up: every domain once (tracker records, subject positions).
+    for n in 0..DOMAINS as u64 {
+        p.items.send(event(n)).unwrap();
+    }
+    wait_acked(&p, DOMAINS as u64, Duration::from_secs(60));
+
+    // 1. Sustained throughput.
+    let base = p.acked.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    for n in 0..FLOOD {
+        p.items.send(event(DOMAINS as u64 + n)).unwrap();
+    }
+    wait_acked(&p, base + FLOOD, Duration::from_secs(300));
+    let secs = t0.elapsed().as_secs_f64();
+    let throughput = FLOOD as f64 / secs;
+    println!("throughput: {FLOOD} events in {secs:.2} s = {throughput:.0} events/s (hand-off → JetStream ack, fsync on)");
+    println!("  CPU seconds by thread so far: {:?}", thread_cpu("self"));
+    println!(
+        "  nats-server CPU seconds so far: {:?}",
+        thread_cpu(&nats.pid().to_string())
+            .iter()
+            .map(|t| t.1)
+            .sum::<f64>()
+    );
+
+    // 2. Latency at a steady 1,000 events/s.
+    std::thread::sleep(Duration::from_millis(500));
+    p.recording.store(true, Ordering::Relaxed);
+    let base = p.acked.load(Ordering::Relaxed);
+    let total = PACED_RATE * PACED_SECS;
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + Duration::from_micros(i * 1_000_000 / PACED_RATE);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        p.items.send(event(i)).unwrap();
+    }
+    wait_acked(&p, base + total, Duration::from_secs(60));
+    p.recording.store(false, Ordering::Relaxed);
+    let mut lat = p.latencies.lock().unwrap().clone();
+    lat.sort_unstable();
+    let q = |f: f64| lat[((lat.len() as f64 * f) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+    println!(
+        "latency at {PACED_RATE} events/s over {PACED_SECS} s ({} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        lat.len(),
+        q(0.50),
+        q(0.99),
+        *lat.last().unwrap() as f64 / 1000.0
+    );
+    println!("bench process RSS after the runs: {} KiB", rss_kib("self"));
+    p.stop.store(true, Ordering::Relaxed);
+    let _ = p.shutdown.send(());
+    drop(p.items);
+    p.rt.shutdown_timeout(Duration::from_secs(2));
+
+    // 3. RSS of the real agent with 1,000 domains tracked.
+    common::ensure_libvirtd();
+    let _oracle_conn = virt::connect::Connect::open(Some(common::TEST_URI)).unwrap();
+    let conn = virt::connect::Connect::open(Some(common::TEST_URI)).unwrap();
+    let prefix = common::unique("rss");
+    let mut doms = Vec::new();
+    for i in 0..DOMAINS {
+        let d = conn
+            .define_domain_xml(&common::test_domain_xml(
+                &format!("{prefix}-{i}"),
+                &common::new_uuid(),
+            ))
+            .unwrap();
+        if i % 2 == 0 {
+            d.create().unwrap();
+        }
+        doms.push(d);
+    }
+    let mut agent = common::Agent::new(
+        common::TEST_URI,
+        Some(&nats.url()),
+        "[log]\nlevel = \"warn\"\n",
+    );
+    agent.start();
+    agent.wait_ready(Duration::from_secs(60));
+    common::wait_for(
+        &nats.url(),
+        &agent.filter(),
+        Duration::from_secs(120),
+        "1,000 reconcile events",
+        |m| m.len() > DOMAINS,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, metrics) = agent.http("/metrics").unwrap();
+    let tracked = metrics
+        .lines()
+        .find(|l| l.starts_with("virtstream_domains_tracked "))
+        .unwrap_or("?")
+        .to_string();
+    let pid = agent.pid().unwrap().to_string();
+    let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!(
+        "agent with {tracked}: RSS {} KiB (anon {} KiB, file {} KiB), PSS {pss} KiB",
+        rss_kib(&pid),
+        field("RssAnon:"),
+        field("RssFile:")
+    );
+    agent.terminate();
+    for d in doms {
+        let _ = d.destroy();
+        let _ = d.undefine();
+    }
+}

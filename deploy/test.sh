@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up everything the test suite needs (Debian packages, libvirtd with
+# the test driver and QEMU/TCG, nats-server) and runs the whole suite:
+# formatting, lints, unit tests and the end-to-end tests against real
+# servers. Needs root (apt-get, libvirtd) and a Rust toolchain (rustup).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "test.sh: cargo not found. Install Rust 1.85 or newer with rustup (https://rustup.rs), then re-run." >&2
+  exit 1
+fi
+
+bash deploy/local-env.sh start
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+# Test binaries run one after another (the libvirtd-restart test restarts
+# the shared daemon); tests inside a binary run in parallel.
+cargo test --locked --all-targets
