@@ -56,7 +56,6 @@ struct Pipeline {
     recording: Arc<AtomicBool>,
     shutdown: broadcast::Sender<()>,
     stop: Arc<AtomicBool>,
-    rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
 
@@ -125,11 +124,6 @@ fn pipeline(nats_url: &str) -> Pipeline {
         .spawn(move || task.run())
         .unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
     let cfg: NatsConfig = toml::from_str(&format!("url = \"{nats_url}\"")).unwrap();
     let acked = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(20_000)));
@@ -139,30 +133,42 @@ fn pipeline(nats_url: &str) -> Pipeline {
         let acked = acked.clone();
         let latencies = latencies.clone();
         let recording = recording.clone();
-        let client = rt
-            .block_on(virtstream::sinks::nats::connect(&cfg, "bench"))
-            .unwrap();
-        let sink = NatsSink {
-            encoding: Arc::new(EncodingContext::new(
-                &rec.host_id,
-                &rec.epoch,
-                &cfg.events_subject_prefix,
-                cfg.encoding,
-            )),
-            cfg,
-            client,
-            journal,
-            health,
-            metrics,
-            observer: Some(Arc::new(move |e| {
-                acked.fetch_add(1, Ordering::Relaxed);
-                if recording.load(Ordering::Relaxed) {
-                    latencies.lock().unwrap().push(now_micros() - e.observed_at);
-                }
-            })),
-        };
         let rx = shutdown.subscribe();
-        rt.spawn(async move { sink.run(rx, Duration::from_secs(5)).await });
+        // Like the agent: a current-thread runtime, here on its own thread.
+        let sink_thread = std::thread::Builder::new().name("sink-runtime".into());
+        sink_thread
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let client = virtstream::sinks::nats::connect(&cfg, "bench")
+                        .await
+                        .unwrap();
+                    let sink = NatsSink {
+                        encoding: Arc::new(EncodingContext::new(
+                            &rec.host_id,
+                            &rec.epoch,
+                            &cfg.events_subject_prefix,
+                            cfg.encoding,
+                        )),
+                        cfg,
+                        client,
+                        journal,
+                        health,
+                        metrics,
+                        observer: Some(Arc::new(move |e| {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                            if recording.load(Ordering::Relaxed) {
+                                latencies.lock().unwrap().push(now_micros() - e.observed_at);
+                            }
+                        })),
+                    };
+                    sink.run(rx, Duration::from_secs(5)).await
+                })
+            })
+            .unwrap();
     }
     Pipeline {
         items: items_tx,
@@ -171,7 +177,6 @@ fn pipeline(nats_url: &str) -> Pipeline {
         recording,
         shutdown,
         stop,
-        rt,
         _dir: dir,
     }
 }
@@ -303,7 +308,7 @@ fn main() {
     p.stop.store(true, Ordering::Relaxed);
     let _ = p.shutdown.send(());
     drop(p.items);
-    p.rt.shutdown_timeout(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(500));
 
     // 3. RSS of the real agent with 1,000 domains tracked.
     common::ensure_libvirtd();

@@ -20,7 +20,7 @@ need_root() {
 
 install_packages() {
   local missing=()
-  for bin in nats-server libvirtd virtlogd virsh qemu-system-x86_64 pkg-config; do
+  for bin in nats-server libvirtd virtlogd virsh qemu-system-x86_64 pkg-config curl python3 setpriv cc; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
   done
   if ! pkg-config --exists libvirt 2>/dev/null; then missing+=(libvirt-dev); fi
@@ -35,7 +35,7 @@ install_packages() {
   # running in containers and CI; we start the daemons by hand below.
   apt-get install -y -qq --no-install-recommends \
     nats-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
-    libvirt-dev qemu-system-x86 pkg-config >/dev/null
+    libvirt-dev qemu-system-x86 pkg-config curl python3 util-linux gcc libc6-dev >/dev/null
 }
 
 ensure_users() {

@@ -66,6 +66,16 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Loads the config and checks the journal directory (both usage errors).
+fn load_checked(path: &std::path::Path) -> Result<Config, ExitCode> {
+    let cfg = load(path)?;
+    cfg.check_journal_writable().map_err(|e| {
+        eprintln!("virtstream: {e}");
+        ExitCode::from(EX_USAGE)
+    })?;
+    Ok(cfg)
+}
+
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIRTSTREAM_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
@@ -79,9 +89,10 @@ fn init_logging(cfg: &Config) {
     }
 }
 
+/// One thread is enough for the async side (sinks, HTTP, NATS client):
+/// libvirt, the tracker and the journal writer have threads of their own.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")
@@ -98,26 +109,18 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::CheckConfig { config } => {
-            let cfg = match load(&config) {
+            let cfg = match load_checked(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if let Err(e) = cfg.check_journal_writable() {
-                eprintln!("virtstream: {e}");
-                return ExitCode::from(EX_USAGE);
-            }
             print!("{}", cfg.redacted());
             ExitCode::SUCCESS
         }
         Command::Run { config } => {
-            let cfg = match load(&config) {
+            let cfg = match load_checked(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if let Err(e) = cfg.check_journal_writable() {
-                eprintln!("virtstream: {e}");
-                return ExitCode::from(EX_USAGE);
-            }
             init_logging(&cfg);
             let result = runtime().and_then(|rt| {
                 rt.block_on(virtstream::agent::run(cfg))

@@ -157,58 +157,35 @@ pub fn derive_state(
 ) -> Option<(DomainState, Option<&'static str>)> {
     use Detail as D;
     use DomainState as S;
-    let r = match event {
-        EventType::STARTED => match detail {
-            D::BOOTED => (S::RUNNING, Some("BOOTED")),
-            // The destination of an incoming migration is paused until
-            // RESUMED/MIGRATED: billing must not count it twice.
-            D::MIGRATED => (S::PAUSED, Some("MIGRATION")),
-            D::RESTORED => (S::RUNNING, Some("RESTORED")),
-            D::FROM_SNAPSHOT => (S::RUNNING, Some("FROM_SNAPSHOT")),
-            D::WAKEUP => (S::RUNNING, Some("WAKEUP")),
-            _ => (S::RUNNING, None),
-        },
-        EventType::SUSPENDED => match detail {
-            D::PAUSED => (S::PAUSED, Some("USER")),
-            D::MIGRATED => (S::PAUSED, Some("MIGRATION")),
-            D::IOERROR => (S::PAUSED, Some("IOERROR")),
-            D::WATCHDOG => (S::PAUSED, Some("WATCHDOG")),
-            D::FROM_SNAPSHOT => (S::PAUSED, Some("FROM_SNAPSHOT")),
-            D::API_ERROR => (S::PAUSED, Some("API_ERROR")),
-            D::POSTCOPY => (S::PAUSED, Some("POSTCOPY")),
-            D::POSTCOPY_FAILED => (S::PAUSED, Some("POSTCOPY_FAILED")),
-            _ => (S::PAUSED, None),
-        },
-        EventType::RESUMED => match detail {
-            D::UNPAUSED => (S::RUNNING, Some("UNPAUSED")),
-            D::MIGRATED => (S::RUNNING, Some("MIGRATED")),
-            D::FROM_SNAPSHOT => (S::RUNNING, Some("FROM_SNAPSHOT")),
-            D::POSTCOPY => (S::RUNNING, Some("POSTCOPY")),
-            D::POSTCOPY_FAILED => (S::RUNNING, Some("POSTCOPY_FAILED")),
-            _ => (S::RUNNING, None),
-        },
-        EventType::STOPPED => match detail {
-            D::SHUTDOWN => (S::SHUTOFF, Some("SHUTDOWN")),
-            D::DESTROYED => (S::SHUTOFF, Some("DESTROYED")),
-            D::CRASHED => (S::SHUTOFF, Some("CRASHED")),
-            D::MIGRATED => (S::SHUTOFF, Some("MIGRATED")),
-            D::SAVED => (S::SHUTOFF, Some("SAVED")),
-            D::FAILED => (S::SHUTOFF, Some("FAILED")),
-            D::FROM_SNAPSHOT => (S::SHUTOFF, Some("FROM_SNAPSHOT")),
-            _ => (S::SHUTOFF, None),
-        },
-        EventType::SHUTDOWN => (S::SHUTDOWN, Some("USER")),
-        EventType::PMSUSPENDED => (S::PMSUSPENDED, None),
-        EventType::CRASHED => match detail {
-            D::PANICKED => (S::CRASHED, Some("PANICKED")),
-            D::CRASHLOADED => (S::RUNNING, Some("CRASHED")),
-            _ => (S::CRASHED, None),
-        },
-        EventType::DEFINED
-        | EventType::UNDEFINED
-        | EventType::REBOOT
-        | EventType::GAP
-        | EventType::UNKNOWN => return None,
+    // Where libvirt names the reason like the detail (STOPPED/DESTROYED →
+    // SHUTOFF/DESTROYED), the detail is the reason; other pairs are listed.
+    let named = |s: S| -> (S, Option<&'static str>) {
+        let r = detail.as_str();
+        let known = detail != D::UNKNOWN && StateReason::named(s, r).reason_code >= 0;
+        (s, known.then_some(r))
+    };
+    let r = match (event, detail) {
+        // The destination of an incoming migration is paused until
+        // RESUMED/MIGRATED: billing must not count it twice.
+        (EventType::STARTED, D::MIGRATED) => (S::PAUSED, Some("MIGRATION")),
+        (EventType::STARTED, _) => named(S::RUNNING),
+        (EventType::SUSPENDED, D::PAUSED) => (S::PAUSED, Some("USER")),
+        (EventType::SUSPENDED, D::MIGRATED) => (S::PAUSED, Some("MIGRATION")),
+        (EventType::SUSPENDED, _) => named(S::PAUSED),
+        (EventType::RESUMED, _) => named(S::RUNNING),
+        (EventType::STOPPED, _) => named(S::SHUTOFF),
+        (EventType::SHUTDOWN, _) => (S::SHUTDOWN, Some("USER")),
+        (EventType::PMSUSPENDED, _) => (S::PMSUSPENDED, None),
+        (EventType::CRASHED, D::CRASHLOADED) => (S::RUNNING, Some("CRASHED")),
+        (EventType::CRASHED, _) => named(S::CRASHED),
+        (
+            EventType::DEFINED
+            | EventType::UNDEFINED
+            | EventType::REBOOT
+            | EventType::GAP
+            | EventType::UNKNOWN,
+            _,
+        ) => return None,
     };
     Some(r)
 }

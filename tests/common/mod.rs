@@ -209,7 +209,16 @@ pub fn fetch(url: &str, stream: &str, filter: &str) -> Vec<Stored> {
     })
 }
 
-/// Polls until `pred(messages)` holds, or fails after `timeout`.
+/// Is the host's `host_seq` set exactly 1..=n? Subjects are published in
+/// parallel, so a snapshot of a live stream can have holes that later fill.
+pub fn contiguous(msgs: &[Stored]) -> bool {
+    let mut hs: Vec<u64> = msgs.iter().map(|m| m.event.host_seq).collect();
+    hs.sort_unstable();
+    hs.iter().enumerate().all(|(i, h)| *h == i as u64 + 1)
+}
+
+/// Polls until `pred(messages)` holds on a hole-free snapshot of one
+/// host's stream (see [`contiguous`]), or fails after `timeout`.
 pub fn wait_for(
     url: &str,
     filter: &str,
@@ -220,7 +229,7 @@ pub fn wait_for(
     let end = Instant::now() + timeout;
     loop {
         let got = fetch(url, "VIRT_EVENTS", filter);
-        if pred(&got) {
+        if contiguous(&got) && pred(&got) {
             return got;
         }
         if Instant::now() > end {

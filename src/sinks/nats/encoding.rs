@@ -80,3 +80,57 @@ impl EncodingContext {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::tests::sample;
+
+    fn entry() -> Entry {
+        let e = sample();
+        Entry {
+            host_seq: e.host_seq,
+            kind: Kind::DomainEvent,
+            key: e.domain.uuid.clone(),
+            observed_at: e.observed_at,
+            payload: codec::encode_event(&e),
+        }
+    }
+
+    #[test]
+    fn avro_body_is_the_journal_bytes_with_cloudevents_headers() {
+        let ctx = EncodingContext::new("host.a", "7f3c", "virt.events.v1", Encoding::Avro);
+        let enc = ctx.encode(&entry()).unwrap();
+        assert_eq!(
+            enc.subject,
+            "virt.events.v1.host_2Ea.b9906489-6d5b-40f8-a742-ca71b2b84277"
+        );
+        assert_eq!(enc.msg_id, "host.a:7f3c:1042");
+        assert_eq!(enc.body.as_ref(), entry().payload.as_slice());
+        let h = |k: &str| enc.headers.get(k).map(|v| v.as_str().to_string());
+        assert_eq!(h("Nats-Msg-Id").as_deref(), Some("host.a:7f3c:1042"));
+        assert_eq!(h("ce_source").as_deref(), Some("virtstream://host.a"));
+        assert_eq!(
+            h("ce_type").as_deref(),
+            Some("io.virtstream.domain.event.v1")
+        );
+        assert_eq!(h("content-type").as_deref(), Some("application/avro"));
+        assert_eq!(
+            h("virtstream-schema").as_deref(),
+            Some("io.virtstream.DomainEvent.v1")
+        );
+    }
+
+    #[test]
+    fn json_body_carries_the_same_record() {
+        let ctx = EncodingContext::new("host-a", "7f3c", "virt.events.v1", Encoding::Json);
+        let enc = ctx.encode(&entry()).unwrap();
+        let j: serde_json::Value = serde_json::from_slice(&enc.body).unwrap();
+        assert_eq!(j["event_id"], sample().event_id.as_str());
+        assert_eq!(j["state_after"]["state"], "RUNNING");
+        assert_eq!(
+            enc.headers.get("content-type").unwrap().as_str(),
+            "application/json"
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! Gaps the agent knows about are announced, then repaired: a hand-off
+//! queue overflow (tiny queue) and a full journal (tiny bound while NATS is
+//! down) each give a gap marker followed by a reconcile that brings the
+//! stream back to libvirt's state.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use virt::connect::Connect;
+use virtstream::model::{DomainState, Origin};
+
+fn metric(agent: &Agent, name: &str) -> f64 {
+    let (_, m) = agent.http("/metrics").unwrap();
+    m.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn queue_overflow_gives_gap_marker_then_reconcile() {
+    ensure_libvirtd();
+    let nats = NatsServer::start();
+    let _oracle = Oracle::start(TEST_URI);
+    let mut agent = Agent::new(TEST_URI, Some(&nats.url()), "");
+    // A one-slot queue: a burst cannot fit.
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        cfg.replace("[libvirt]\n", "[libvirt]\nqueue_capacity = 1\n"),
+    )
+    .unwrap();
+    agent.start();
+    agent.wait_ready(Duration::from_secs(30));
+
+    let conn = Connect::open(Some(TEST_URI)).unwrap();
+    let name = unique("overflow");
+    let d = conn
+        .define_domain_xml(&test_domain_xml(&name, &new_uuid()))
+        .unwrap();
+    d.create().unwrap();
+    for _ in 0..200 {
+        d.suspend().unwrap();
+        d.resume().unwrap();
+    }
+    d.suspend().unwrap(); // final state: paused
+
+    let msgs = wait_for(
+        &nats.url(),
+        &agent.filter(),
+        Duration::from_secs(60),
+        "overflow repaired",
+        |m| {
+            m.iter()
+                .rfind(|s| s.event.domain.name == name)
+                .is_some_and(|s| s.event.state_after.state == DomainState::PAUSED)
+                && m.iter()
+                    .any(|s| s.event.detail.as_str() == "QUEUE_OVERFLOW")
+        },
+    );
+    assert_contiguous(&msgs);
+    assert!(metric(&agent, "virtstream_libvirt_events_dropped_total") > 0.0);
+    let gap = msgs
+        .iter()
+        .find(|s| s.event.detail.as_str() == "QUEUE_OVERFLOW")
+        .unwrap();
+    assert_eq!(gap.event.origin, Origin::AGENT);
+    // Dropped events are not published, so the domain has fewer messages
+    // than libvirt emitted; the stream still ends in libvirt's state.
+    let count = msgs.iter().filter(|s| s.event.domain.name == name).count();
+    assert!(
+        count < 2 + 400 + 1,
+        "some events were dropped ({count} published)"
+    );
+    assert_eq!(
+        d.state().unwrap().0,
+        virt::domain::DomainStateEnum::Known(virt::domain::DomainState::Paused)
+    );
+    d.destroy().unwrap();
+    d.undefine().unwrap();
+}
+
+#[test]
+fn full_journal_keeps_what_it_accepted_then_gap_and_reconcile() {
+    ensure_libvirtd();
+    let _oracle = Oracle::start(TEST_URI);
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    // Room for a handful of entries while NATS is unreachable.
+    let mut agent = Agent::new(TEST_URI, Some(&url), "");
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        cfg.replace("[journal]\n", "[journal]\nmax_bytes = 3000\n"),
+    )
+    .unwrap();
+    agent.start();
+    let end = Instant::now() + Duration::from_secs(30);
+    while !agent
+        .http("/readyz")
+        .is_some_and(|(_, b)| b.contains("libvirt: connected"))
+    {
+        assert!(Instant::now() < end, "agent never connected to libvirt");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let conn = Connect::open(Some(TEST_URI)).unwrap();
+    let name = unique("full");
+    let d = conn
+        .define_domain_xml(&test_domain_xml(&name, &new_uuid()))
+        .unwrap();
+    d.create().unwrap();
+    for _ in 0..20 {
+        d.suspend().unwrap();
+        d.resume().unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    while metric(&agent, "virtstream_journal_full_drops_total") == 0.0 {
+        assert!(Instant::now() < end, "journal never reported full");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A change while the journal is full: only the reconcile can tell it
+    // (the tracker last saw the domain running or paused, never shut off).
+    d.destroy().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let nats = NatsServer::start_on(port);
+    let msgs = wait_for(
+        &nats.url(),
+        &agent.filter(),
+        Duration::from_secs(60),
+        "journal drained and repaired",
+        |m| {
+            m.iter().any(|s| s.event.detail.as_str() == "JOURNAL_FULL")
+                && m.iter()
+                    .rfind(|s| s.event.domain.name == name)
+                    .is_some_and(|s| s.event.state_after.state == DomainState::SHUTOFF)
+        },
+    );
+    assert_contiguous(&msgs);
+    let gap = msgs
+        .iter()
+        .find(|s| s.event.detail.as_str() == "JOURNAL_FULL")
+        .unwrap();
+    let repaired = msgs.iter().rfind(|s| s.event.domain.name == name).unwrap();
+    assert_eq!(
+        repaired.event.origin,
+        Origin::RECONCILE,
+        "the final state came from the reconcile"
+    );
+    assert!(
+        repaired.event.host_seq > gap.event.host_seq,
+        "reconcile follows the gap marker"
+    );
+    // What was accepted before the journal filled was all delivered: the
+    // domain's first events are its DEFINED and STARTED.
+    let first: Vec<&str> = msgs
+        .iter()
+        .filter(|s| s.event.domain.name == name)
+        .take(2)
+        .map(|s| s.event.event.as_str())
+        .collect();
+    assert_eq!(first, vec!["DEFINED", "STARTED"]);
+    d.undefine().unwrap();
+}
