@@ -250,6 +250,8 @@ fn main() {
         println!("pipeline benchmark: run with `cargo bench --bench pipeline`");
         return;
     }
+    // As the agent does at start.
+    virtstream::source::ffi::limit_malloc_arenas();
     let nats = common::NatsServer::start();
     let p = pipeline(&nats.url());
 

@@ -1,6 +1,6 @@
 //! The one place with `unsafe`: libvirt's default event loop, domain event
-//! and close-callback registration (the safe `virt` crate has none), and
-//! the raw `virDomainGetState` integers.
+//! and close-callback registration (the safe `virt` crate has none), the
+//! raw `virDomainGetState` integers, and one glibc allocator setting.
 //!
 //! Invariants:
 //! - callbacks run on libvirt's event-loop thread; they never block and
@@ -53,6 +53,19 @@ pub fn init_event_loop() -> Result<(), String> {
                 .map_err(|e| format!("cannot start the libvirt event thread: {e}"))
         })
         .clone()
+}
+
+/// Limits glibc malloc to two arenas. The agent has a handful of threads
+/// with small heaps; glibc's default (one arena per contending thread, up to
+/// 8 × cores) only keeps freed memory resident. Call before any thread
+/// starts. Measured: about 1.3 MiB less RSS with 1,000 domains tracked.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called at start-up
+    // from the main thread before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 fn last_error_message() -> String {
