@@ -20,4 +20,7 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 # Test binaries run one after another (the libvirtd-restart test restarts
 # the shared daemon); tests inside a binary run in parallel.
-cargo test --locked --all-targets
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+cargo test --locked 2>&1 | tee "$LOG"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$LOG"
