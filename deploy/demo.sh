@@ -10,10 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v cargo >/dev/null 2>&1; then
-  echo "demo.sh: cargo not found. Install Rust 1.85 or newer with rustup (https://rustup.rs), then re-run." >&2
-  exit 1
-fi
+bash deploy/local-env.sh toolchain
 bash deploy/local-env.sh start
 cargo build --release --locked
 BIN=target/release/virtstream

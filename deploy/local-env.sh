@@ -6,6 +6,7 @@
 #   deploy/local-env.sh install   # packages only (needs root)
 #   deploy/local-env.sh start     # packages + virtlogd + libvirtd (needs root)
 #   deploy/local-env.sh status    # what is running
+#   deploy/local-env.sh toolchain # fails with advice when cargo is missing
 #
 # nats-server is not started here: tests start their own on a random port,
 # and deploy/demo.sh starts one for the demo.
@@ -78,6 +79,13 @@ start_daemons() {
 }
 
 case "${1:-start}" in
+  toolchain)
+    # Rust comes from rustup, not apt (Debian's is too old for the crates).
+    if ! command -v cargo >/dev/null 2>&1; then
+      echo "local-env.sh: cargo not found. Install Rust 1.85 or newer with rustup (https://rustup.rs), then re-run." >&2
+      exit 1
+    fi
+    ;;
   install) install_packages ;;
   start) install_packages; start_daemons ;;
   status)
@@ -85,5 +93,5 @@ case "${1:-start}" in
     pgrep -a libvirtd || echo "libvirtd: not running"
     command -v nats-server || echo "nats-server: not installed"
     ;;
-  *) echo "usage: $0 install|start|status" >&2; exit 64 ;;
+  *) echo "usage: $0 install|start|status|toolchain" >&2; exit 64 ;;
 esac

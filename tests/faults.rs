@@ -59,9 +59,7 @@ fn agent_kill_9_mid_burst_loses_and_duplicates_nothing() {
     ensure_libvirtd();
     let nats = NatsServer::start();
     let oracle = Oracle::start(TEST_URI); // also keeps the test driver's domains alive
-    let mut agent = Agent::new(TEST_URI, Some(&nats.url()), "");
-    agent.start();
-    agent.wait_ready(Duration::from_secs(30));
+    let mut agent = Agent::ready(TEST_URI, Some(&nats.url()), "");
 
     let name = unique("kill9");
     let b = burst(name.clone(), new_uuid(), 400, Duration::from_millis(2));
@@ -118,9 +116,7 @@ fn nats_down_10s_mid_burst_delivers_everything_once_in_order() {
     ensure_libvirtd();
     let mut nats = NatsServer::start();
     let oracle = Oracle::start(TEST_URI);
-    let mut agent = Agent::new(TEST_URI, Some(&nats.url()), "");
-    agent.start();
-    agent.wait_ready(Duration::from_secs(30));
+    let mut agent = Agent::ready(TEST_URI, Some(&nats.url()), "");
 
     let name = unique("natsdown");
     let b = burst(name.clone(), new_uuid(), 300, Duration::from_millis(20));

@@ -15,9 +15,7 @@ use virtstream::model::{DomainState, Origin};
 fn libvirtd_restart_gives_gap_then_reconcile() {
     ensure_libvirtd();
     let nats = NatsServer::start();
-    let mut agent = Agent::new(TEST_URI, Some(&nats.url()), "");
-    agent.start();
-    agent.wait_ready(Duration::from_secs(30));
+    let agent = Agent::ready(TEST_URI, Some(&nats.url()), "");
 
     let conn = Connect::open(Some(TEST_URI)).unwrap();
     let running = unique("rst-run");

@@ -31,9 +31,7 @@ fn qemu_lifecycle_matches_the_oracle() {
     ensure_libvirtd();
     let nats = NatsServer::start();
     let oracle = Oracle::start(QEMU_URI);
-    let mut agent = Agent::new(QEMU_URI, Some(&nats.url()), "");
-    agent.start();
-    agent.wait_ready(Duration::from_secs(30));
+    let mut agent = Agent::ready(QEMU_URI, Some(&nats.url()), "");
 
     let conn = Connect::open(Some(QEMU_URI)).unwrap();
     let name = unique("vsq");
@@ -106,4 +104,5 @@ fn qemu_lifecycle_matches_the_oracle() {
     assert_eq!(failed.event.state_after.state.as_str(), "SHUTOFF");
     assert_eq!(failed.event.state_after.reason, "FAILED");
     assert!(failed.event.persistent);
+    assert_eq!(agent.terminate(), Some(0), "SIGTERM is a clean exit");
 }

@@ -16,9 +16,7 @@ fn scripted_lifecycle_matches_the_oracle() {
     ensure_libvirtd();
     let nats = NatsServer::start();
     let oracle = Oracle::start(TEST_URI);
-    let mut agent = Agent::new(TEST_URI, Some(&nats.url()), "");
-    agent.start();
-    agent.wait_ready(Duration::from_secs(30));
+    let mut agent = Agent::ready(TEST_URI, Some(&nats.url()), "");
 
     let conn = Connect::open(Some(TEST_URI)).unwrap();
     // Persistent domain: the full lifecycle.

@@ -299,6 +299,22 @@ pub fn restart_libvirtd(downtime: Duration) {
     }
 }
 
+/// Stops the agent (SIGTERM must be a clean exit) and checks that the
+/// stream holds exactly the journal's entries: host_seq 1..=N, each once,
+/// in order per subject. Returns the stream.
+pub fn assert_stream_is_journal(nats_url: &str, agent: &mut Agent) -> Vec<Stored> {
+    assert_eq!(agent.terminate(), Some(0), "SIGTERM is a clean exit");
+    let n = journal_host_seq(agent);
+    let all = fetch(nats_url, "VIRT_EVENTS", &agent.filter());
+    assert_eq!(
+        all.len() as u64,
+        n,
+        "stream holds exactly the journal's {n} entries"
+    );
+    assert_contiguous(&all);
+    all
+}
+
 /// The last host_seq the agent's journal holds (agent must be stopped).
 pub fn journal_host_seq(agent: &Agent) -> u64 {
     let dir = agent.dir.path().join("journal");
@@ -575,6 +591,14 @@ impl Agent {
             child: None,
             runs: 0,
         }
+    }
+
+    /// A new agent, started and ready.
+    pub fn ready(uri: &str, nats_url: Option<&str>, extra: &str) -> Agent {
+        let mut a = Agent::new(uri, nats_url, extra);
+        a.start();
+        a.wait_ready(Duration::from_secs(30));
+        a
     }
 
     pub fn bin() -> &'static str {
