@@ -120,7 +120,6 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         health: health.clone(),
         metrics: metrics.clone(),
         shutdown: stop.clone(),
-        accepted: Arc::new(RwLock::new(Vec::new())),
     };
     let source_thread = std::thread::Builder::new()
         .name("libvirt-source".into())

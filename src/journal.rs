@@ -93,9 +93,17 @@ pub struct Entry {
     pub payload: Vec<u8>,
 }
 
+/// Bytes before the key in a stored entry: version, kind, observed_at, key length.
+const ENTRY_HEADER: usize = 11;
+
 impl Entry {
+    /// Size of the stored form (what `journal.max_bytes` counts).
+    fn stored_len(&self) -> usize {
+        ENTRY_HEADER + self.key.len() + self.payload.len()
+    }
+
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(11 + self.key.len() + self.payload.len());
+        let mut v = Vec::with_capacity(self.stored_len());
         v.push(1u8);
         v.push(self.kind as u8);
         v.extend_from_slice(&self.observed_at.to_le_bytes());
@@ -110,14 +118,14 @@ impl Entry {
             host_seq,
             reason: reason.to_string(),
         };
-        if b.len() < 11 || b[0] != 1 {
+        if b.len() < ENTRY_HEADER || b[0] != 1 {
             return Err(corrupt("bad header"));
         }
         let kind = Kind::from_u8(b[1]).ok_or_else(|| corrupt("unknown kind"))?;
         let observed_at = i64::from_le_bytes(b[2..10].try_into().expect("8 bytes"));
         let klen = b[10] as usize;
         let key = b
-            .get(11..11 + klen)
+            .get(ENTRY_HEADER..ENTRY_HEADER + klen)
             .and_then(|k| std::str::from_utf8(k).ok())
             .ok_or_else(|| corrupt("bad key"))?
             .to_string();
@@ -126,7 +134,7 @@ impl Entry {
             kind,
             key,
             observed_at,
-            payload: b[11 + klen..].to_vec(),
+            payload: b[ENTRY_HEADER + klen..].to_vec(),
         })
     }
 }
@@ -351,10 +359,9 @@ impl Journal {
         entry: Entry,
         domain: Option<(String, Vec<u8>)>,
     ) -> Result<(), JournalError> {
-        self.shared.backlog_bytes.fetch_add(
-            entry.payload.len() as u64 + 11 + entry.key.len() as u64,
-            Ordering::Relaxed,
-        );
+        self.shared
+            .backlog_bytes
+            .fetch_add(entry.stored_len() as u64, Ordering::Relaxed);
         self.shared.backlog_entries.fetch_add(1, Ordering::Relaxed);
         self.ops
             .send(Op::Append { entry, domain })

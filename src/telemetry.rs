@@ -226,10 +226,6 @@ impl Health {
             .insert(name.to_string(), state);
     }
 
-    pub fn sink(&self, name: &str) -> Option<SinkState> {
-        self.sinks.lock().expect("health mutex").get(name).cloned()
-    }
-
     /// (ready, human-readable report).
     pub fn readiness(&self) -> (bool, String) {
         let lv = self.libvirt_connected.load(Ordering::Relaxed);

@@ -18,15 +18,6 @@ fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
     p
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 #[test]
 fn unknown_config_key_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -70,16 +70,7 @@ fn agent_kill_9_mid_burst_loses_and_duplicates_nothing() {
     b.join().unwrap();
     agent.wait_ready(Duration::from_secs(30));
     let msgs = settle(&nats.url(), &agent, &name);
-    assert_eq!(agent.terminate(), Some(0));
-
-    let n = journal_host_seq(&agent);
-    let all = fetch(&nats.url(), "VIRT_EVENTS", &agent.filter());
-    assert_eq!(
-        all.len() as u64,
-        n,
-        "stream holds exactly the journal's {n} entries"
-    );
-    assert_contiguous(&all);
+    let all = assert_stream_is_journal(&nats.url(), &mut agent);
     assert!(msgs.len() > 100, "the burst was journaled before the kill");
     // The restart is announced; what libvirt said while the agent was up
     // is published in libvirt's order (a subsequence of the oracle: the
@@ -126,16 +117,7 @@ fn nats_down_10s_mid_burst_delivers_everything_once_in_order() {
     nats.resume();
     b.join().unwrap();
     let msgs = settle(&nats.url(), &agent, &name);
-    assert_eq!(agent.terminate(), Some(0));
-
-    let n = journal_host_seq(&agent);
-    let all = fetch(&nats.url(), "VIRT_EVENTS", &agent.filter());
-    assert_eq!(
-        all.len() as u64,
-        n,
-        "stream holds exactly the journal's {n} entries"
-    );
-    assert_contiguous(&all);
+    assert_stream_is_journal(&nats.url(), &mut agent);
     // No agent restart, no libvirt disconnect: the domain's messages are
     // exactly what libvirt emitted, in order.
     let want: Vec<(String, String)> = oracle

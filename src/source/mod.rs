@@ -196,8 +196,6 @@ pub struct Source {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Arc<AtomicBool>,
-    /// Event ids the last connection accepted (for HostSnapshot).
-    pub accepted: Arc<RwLock<Vec<i32>>>,
 }
 
 impl Source {
@@ -275,8 +273,6 @@ impl Source {
             state = match state {
                 State::Connecting { attempt } => match self.connect() {
                     Ok(session) => {
-                        *self.accepted.write().expect("accepted ids") =
-                            session.registration.accepted.clone();
                         self.conn
                             .write()
                             .expect("connection slot")

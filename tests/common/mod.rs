@@ -244,6 +244,15 @@ pub fn wait_for(
 
 // ---------------------------------------------------------------- libvirt
 
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 /// Makes sure the system libvirtd answers on the test driver socket;
 /// starts virtlogd + libvirtd when running as root and they are down.
 pub fn ensure_libvirtd() {
@@ -252,14 +261,8 @@ pub fn ensure_libvirtd() {
     if virsh_ok() {
         return;
     }
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
     assert!(
-        root,
+        is_root(),
         "libvirtd is not answering on {TEST_URI}: start it with `sudo deploy/local-env.sh start`"
     );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local-env.sh");
