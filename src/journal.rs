@@ -27,6 +27,9 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const DOMAINS: TableDefinition<&str, &[u8]> = TableDefinition::new("domains");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// Per-sink opaque state written atomically with the sink's cursor (the
+/// Kafka sink keeps its acknowledged partition offsets here).
+const SINK_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("sink_state");
 
 /// On-disk format version; a newer file is refused, not guessed at.
 pub const FORMAT_VERSION: u32 = 1;
@@ -162,6 +165,7 @@ enum Op {
     Cursor {
         sink: String,
         acked: u64,
+        state: Option<Vec<u8>>,
     },
     Barrier(std::sync::mpsc::SyncSender<()>),
 }
@@ -243,6 +247,7 @@ impl Journal {
             let _ = txn.open_table(ENTRIES).map_err(storage)?;
             let _ = txn.open_table(DOMAINS).map_err(storage)?;
             let _ = txn.open_table(CURSORS).map_err(storage)?;
+            let _ = txn.open_table(SINK_STATE).map_err(storage)?;
             let format = meta_get(&meta, "format")?;
             let fresh = format.is_none();
             if let Some(f) = &format {
@@ -374,8 +379,33 @@ impl Journal {
             .send(Op::Cursor {
                 sink: sink.to_string(),
                 acked,
+                state: None,
             })
             .map_err(|_| JournalError::Closed)
+    }
+
+    /// Like [`Journal::ack`], and replaces the sink's state in the same
+    /// transaction (the state is written even when the cursor stays).
+    pub fn ack_with_state(
+        &self,
+        sink: &str,
+        acked: u64,
+        state: Vec<u8>,
+    ) -> Result<(), JournalError> {
+        self.ops
+            .send(Op::Cursor {
+                sink: sink.to_string(),
+                acked,
+                state: Some(state),
+            })
+            .map_err(|_| JournalError::Closed)
+    }
+
+    /// The state last written with [`Journal::ack_with_state`].
+    pub fn sink_state(&self, sink: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let t = read.open_table(SINK_STATE).map_err(storage)?;
+        Ok(t.get(sink).map_err(storage)?.map(|v| v.value().to_vec()))
     }
 
     /// Waits until everything queued before this call is committed.
@@ -496,6 +526,7 @@ impl JournalWriter {
             let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
             let mut domains = txn.open_table(DOMAINS).map_err(storage)?;
             let mut cursors = txn.open_table(CURSORS).map_err(storage)?;
+            let mut sink_state = txn.open_table(SINK_STATE).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             let mut cursor_moved = false;
             for op in batch {
@@ -511,7 +542,12 @@ impl JournalWriter {
                                 .map_err(storage)?;
                         }
                     }
-                    Op::Cursor { sink, acked } => {
+                    Op::Cursor { sink, acked, state } => {
+                        if let Some(st) = state {
+                            sink_state
+                                .insert(sink.as_str(), st.as_slice())
+                                .map_err(storage)?;
+                        }
                         let prev = cursors
                             .get(sink.as_str())
                             .map_err(storage)?
@@ -652,6 +688,35 @@ mod tests {
             4,
             "a new sink starts at the oldest retained entry"
         );
+        drop(j);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn sink_state_is_written_with_the_cursor_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, t, _) = open(dir.path(), &["kafka"]);
+            for n in 1..=3 {
+                j.append(entry(n), None).unwrap();
+            }
+            assert_eq!(j.sink_state("kafka").unwrap(), None);
+            j.ack_with_state("kafka", 2, b"offsets-a".to_vec()).unwrap();
+            j.sync().unwrap();
+            assert_eq!(j.cursor("kafka").unwrap(), 2);
+            // State may change while the cursor stays.
+            j.ack_with_state("kafka", 2, b"offsets-b".to_vec()).unwrap();
+            j.sync().unwrap();
+            drop(j);
+            t.join().unwrap();
+        }
+        let (j, t, _) = open(dir.path(), &["kafka"]);
+        assert_eq!(j.cursor("kafka").unwrap(), 2);
+        assert_eq!(
+            j.sink_state("kafka").unwrap().as_deref(),
+            Some(&b"offsets-b"[..])
+        );
+        assert_eq!(j.sink_state("nats").unwrap(), None);
         drop(j);
         t.join().unwrap();
     }
