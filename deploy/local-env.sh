@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Installs (Debian, apt) and starts the local environment virtstream runs and
 # is tested against: libvirtd (test driver + QEMU under TCG) with virtlogd,
-# and the nats-server binary. Idempotent: running it twice is harmless.
+# the nats-server binary, and the tansu Kafka-protocol broker (built once
+# with cargo: not in Debian). Idempotent: running it twice is harmless.
 #
 #   deploy/local-env.sh install   # packages only (needs root)
 #   deploy/local-env.sh start     # packages + virtlogd + libvirtd (needs root)
 #   deploy/local-env.sh status    # what is running
 #   deploy/local-env.sh toolchain # fails with advice when cargo is missing
 #
-# nats-server is not started here: tests start their own on a random port,
-# and deploy/demo.sh starts one for the demo.
+# The brokers are not started here: tests start their own on random ports,
+# and deploy/demo.sh starts them for the demo.
 set -euo pipefail
 
 need_root() {
@@ -21,10 +22,13 @@ need_root() {
 
 install_packages() {
   local missing=()
-  for bin in nats-server libvirtd virtlogd virsh qemu-system-x86_64 pkg-config curl python3 setpriv cc; do
+  for bin in nats-server libvirtd virtlogd virsh qemu-system-x86_64 pkg-config curl python3 setpriv cc make perl; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
   done
   if ! pkg-config --exists libvirt 2>/dev/null; then missing+=(libvirt-dev); fi
+  # librdkafka (built from source by the rdkafka crate) links OpenSSL and zlib.
+  if ! pkg-config --exists openssl 2>/dev/null; then missing+=(libssl-dev); fi
+  if ! pkg-config --exists zlib 2>/dev/null; then missing+=(zlib1g-dev); fi
   if [ ${#missing[@]} -eq 0 ]; then
     return 0
   fi
@@ -36,7 +40,33 @@ install_packages() {
   # running in containers and CI; we start the daemons by hand below.
   apt-get install -y -qq --no-install-recommends \
     nats-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
-    libvirt-dev qemu-system-x86 pkg-config curl python3 util-linux gcc libc6-dev >/dev/null
+    libvirt-dev qemu-system-x86 pkg-config curl python3 util-linux gcc libc6-dev \
+    make perl libssl-dev zlib1g-dev >/dev/null
+}
+
+TANSU_VERSION=0.6.0
+
+tansu_bin() {
+  command -v tansu 2>/dev/null || {
+    local b="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+    [ -x "$b" ] && echo "$b"
+  }
+}
+
+# tansu is a Kafka-protocol broker written in Rust (Apache-2.0). The
+# crates.io release needs the dynostore feature for in-memory storage
+# (memory://); the build takes ~16 minutes once and is then cached in
+# ~/.cargo/bin.
+install_tansu() {
+  if [ -n "$(tansu_bin)" ]; then
+    return 0
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "local-env.sh: cargo is needed to build tansu (the test Kafka broker); install Rust with rustup" >&2
+    exit 1
+  fi
+  echo "local-env.sh: building tansu $TANSU_VERSION (Kafka-protocol test broker; ~16 min, once)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --quiet
 }
 
 ensure_users() {
@@ -86,12 +116,13 @@ case "${1:-start}" in
       exit 1
     fi
     ;;
-  install) install_packages ;;
-  start) install_packages; start_daemons ;;
+  install) install_packages; install_tansu ;;
+  start) install_packages; install_tansu; start_daemons ;;
   status)
     pgrep -a virtlogd || echo "virtlogd: not running"
     pgrep -a libvirtd || echo "libvirtd: not running"
     command -v nats-server || echo "nats-server: not installed"
+    tansu_bin || echo "tansu: not installed"
     ;;
   *) echo "usage: $0 install|start|status|toolchain" >&2; exit 64 ;;
 esac

@@ -14,8 +14,10 @@ use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::journal::{Journal, JournalError, OpenOptions};
+use crate::sinks::kafka::service::KafkaSink;
+use crate::sinks::kafka::{self, KafkaSinkError};
 use crate::sinks::nats::encoding::EncodingContext;
-use crate::sinks::nats::service::{NatsSink, SINK_NAME};
+use crate::sinks::nats::service::NatsSink;
 use crate::sinks::nats::{self, NatsError};
 use crate::source::{self, ffi, LibvirtInspector, Source, SourceOptions};
 use crate::telemetry::{self, Health, Metrics, TelemetryError};
@@ -29,6 +31,8 @@ pub enum AgentError {
     Telemetry(#[from] TelemetryError),
     #[error(transparent)]
     Nats(#[from] NatsError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSinkError),
     #[error("{0}")]
     Thread(String),
 }
@@ -64,7 +68,15 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
 
     let mut sinks = Vec::new();
     if cfg.nats.is_some() {
-        sinks.push(SINK_NAME.to_string());
+        sinks.push(nats::service::SINK_NAME.to_string());
+    }
+    if cfg.kafka.is_some() {
+        sinks.push(kafka::service::SINK_NAME.to_string());
+    }
+    // Each sink is "connecting" (not ready) until it reports otherwise.
+    let sink_names = sinks.clone();
+    for name in &sinks {
+        health.set_sink(name, crate::telemetry::SinkState::Connecting);
     }
     let src_opts = source_options(&cfg);
     let default_host = {
@@ -153,9 +165,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         .spawn(move || task.run())
         .map_err(|e| AgentError::Thread(e.to_string()))?;
 
-    // Sinks.
     let mut sink_tasks = Vec::new();
-    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<NatsError>(4);
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<AgentError>(4);
     if let Some(ncfg) = &cfg.nats {
         let client = nats::connect(ncfg, &format!("virtstream-{}", recovered.host_id)).await?;
         let sink = NatsSink {
@@ -177,7 +188,27 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         let fatal_tx = fatal_tx.clone();
         sink_tasks.push(tokio::spawn(async move {
             if let Err(e) = sink.run(rx, deadline).await {
-                let _ = fatal_tx.send(e).await;
+                let _ = fatal_tx.send(e.into()).await;
+            }
+        }));
+    }
+    if let Some(kcfg) = &cfg.kafka {
+        let sink = KafkaSink {
+            cfg: kcfg.clone(),
+            client_id: format!("virtstream-{}", recovered.host_id),
+            host_id: recovered.host_id.clone(),
+            epoch: recovered.epoch.clone(),
+            journal: journal.clone(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+            observer: None,
+        };
+        let rx = shutdown_tx.subscribe();
+        let deadline = cfg.host.shutdown_timeout.0;
+        let fatal_tx = fatal_tx.clone();
+        sink_tasks.push(tokio::spawn(async move {
+            if let Err(e) = sink.run(rx, deadline).await {
+                let _ = fatal_tx.send(e.into()).await;
             }
         }));
     }
@@ -187,7 +218,19 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         let journal = journal.clone();
         let metrics = metrics.clone();
         let health = health.clone();
+        let sinks = sink_names.clone();
         Arc::new(move || {
+            // Per-sink backlog from the recorded cursors: known even while
+            // a sink cannot reach its broker.
+            let head = *journal.committed().borrow();
+            for name in &sinks {
+                if let Ok(c) = journal.cursor(name) {
+                    metrics
+                        .sink_backlog
+                        .get_or_create(&Metrics::sink(name))
+                        .set(head.saturating_sub(c) as i64);
+                }
+            }
             metrics
                 .journal_backlog_entries
                 .set(journal.backlog_entries() as i64);
@@ -231,7 +274,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         Some(e) = fatal_rx.recv() => {
             tracing::error!(error = %e, "sink failed; shutting down");
-            fatal = Some(e.into());
+            fatal = Some(e);
         }
     }
 

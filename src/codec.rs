@@ -164,13 +164,16 @@ impl Writer {
     }
 }
 
+/// The two bytes every Avro single-object message starts with.
+pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xc3, 0x01];
+
 /// Encodes a `DomainEvent` as an Avro single-object message.
 pub fn encode_event(e: &DomainEvent) -> Vec<u8> {
     let fp = latest("DomainEvent").fingerprint;
     let mut w = Writer(Vec::with_capacity(
         256 + e.xml.as_ref().map_or(0, |x| x.len()),
     ));
-    w.0.extend_from_slice(&[0xc3, 0x01]);
+    w.0.extend_from_slice(&SINGLE_OBJECT_MAGIC);
     w.0.extend_from_slice(&fp.to_le_bytes());
     w.str(&e.event_id);
     w.str(&e.host_id);
@@ -205,7 +208,7 @@ fn split(bytes: &[u8]) -> Result<(&'static SchemaEntry, &[u8]), CodecError> {
     if bytes.len() < 10 {
         return Err(CodecError::TooShort(bytes.len()));
     }
-    if bytes[0] != 0xc3 || bytes[1] != 0x01 {
+    if bytes[..2] != SINGLE_OBJECT_MAGIC {
         return Err(CodecError::BadMagic(bytes[0], bytes[1]));
     }
     let fp = u64::from_le_bytes(bytes[2..10].try_into().expect("8 bytes"));

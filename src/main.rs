@@ -43,20 +43,60 @@ enum Command {
         #[arg(long, value_enum)]
         bus: Bus,
         /// Start at this time (RFC 3339).
-        #[arg(long, conflicts_with = "from_stream_seq")]
+        #[arg(long, conflicts_with_all = ["from_stream_seq", "from_offset"])]
         since: Option<String>,
-        /// Start at this JetStream stream sequence.
-        #[arg(long)]
+        /// NATS: start at this JetStream stream sequence.
+        #[arg(long, conflicts_with = "from_offset")]
         from_stream_seq: Option<u64>,
+        /// Kafka: read one partition from an offset, as PARTITION:OFFSET.
+        #[arg(long, value_parser = parse_partition_offset)]
+        from_offset: Option<(i32, i64)>,
         /// Only this domain's messages.
         #[arg(long)]
         domain: Option<String>,
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Bus {
     Nats,
+    Kafka,
+}
+
+fn parse_partition_offset(s: &str) -> Result<(i32, i64), String> {
+    let bad = || format!("`{s}` is not PARTITION:OFFSET (e.g. 3:1500)");
+    let (p, o) = s.split_once(':').ok_or_else(bad)?;
+    let p: i32 = p.parse().map_err(|_| bad())?;
+    let o: i64 = o.parse().map_err(|_| bad())?;
+    if p < 0 || o < 0 {
+        return Err(bad());
+    }
+    Ok((p, o))
+}
+
+fn parse_since(s: &str) -> Result<time::OffsetDateTime, ExitCode> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|e| {
+        eprintln!("virtstream: --since `{s}` is not an RFC 3339 time: {e}");
+        ExitCode::from(EX_USAGE)
+    })
+}
+
+/// Exit status of a replay: 1 when any message could not be decoded.
+fn replay_exit(result: anyhow::Result<replay::ReplayStats>) -> ExitCode {
+    match result {
+        Ok(stats) if stats.undecodable == 0 => ExitCode::SUCCESS,
+        Ok(stats) => {
+            eprintln!(
+                "virtstream: {} message(s) could not be decoded",
+                stats.undecodable
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("virtstream: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -138,54 +178,66 @@ fn main() -> ExitCode {
         }
         Command::Replay {
             config,
-            bus: Bus::Nats,
+            bus,
             since,
             from_stream_seq,
+            from_offset,
             domain,
         } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let Some(ncfg) = cfg.nats.clone() else {
-                eprintln!(
-                    "virtstream: config key `nats`: replay --bus nats needs a [nats] section"
-                );
-                return ExitCode::from(EX_USAGE);
+            let since = match since.as_deref().map(parse_since).transpose() {
+                Ok(t) => t,
+                Err(code) => return code,
             };
-            let from = match (since, from_stream_seq) {
-                (Some(s), _) => match time::OffsetDateTime::parse(
-                    &s,
-                    &time::format_description::well_known::Rfc3339,
-                ) {
-                    Ok(t) => replay::From::Time(t),
-                    Err(e) => {
-                        eprintln!("virtstream: --since `{s}` is not an RFC 3339 time: {e}");
+            match bus {
+                Bus::Nats => {
+                    let Some(ncfg) = cfg.nats.clone() else {
+                        eprintln!("virtstream: config key `nats`: replay --bus nats needs a [nats] section");
+                        return ExitCode::from(EX_USAGE);
+                    };
+                    if from_offset.is_some() {
+                        eprintln!(
+                            "virtstream: --from-offset is for --bus kafka; use --from-stream-seq"
+                        );
                         return ExitCode::from(EX_USAGE);
                     }
-                },
-                (None, Some(n)) => replay::From::StreamSeq(n),
-                (None, None) => replay::From::Start,
-            };
-            let result = runtime().and_then(|rt| {
-                rt.block_on(async {
-                    let mut out = std::io::BufWriter::new(std::io::stdout());
-                    replay::replay_nats(&ncfg, from, domain.as_deref(), &mut out).await
-                })
-                .map_err(anyhow::Error::from)
-            });
-            match result {
-                Ok(stats) if stats.undecodable == 0 => ExitCode::SUCCESS,
-                Ok(stats) => {
-                    eprintln!(
-                        "virtstream: {} message(s) could not be decoded",
-                        stats.undecodable
-                    );
-                    ExitCode::FAILURE
+                    let from = match (since, from_stream_seq) {
+                        (Some(t), _) => replay::From::Time(t),
+                        (None, Some(n)) => replay::From::StreamSeq(n),
+                        (None, None) => replay::From::Start,
+                    };
+                    replay_exit(runtime().and_then(|rt| {
+                        rt.block_on(async {
+                            let mut out = std::io::BufWriter::new(std::io::stdout());
+                            replay::replay_nats(&ncfg, from, domain.as_deref(), &mut out).await
+                        })
+                        .map_err(anyhow::Error::from)
+                    }))
                 }
-                Err(e) => {
-                    eprintln!("virtstream: {e:#}");
-                    ExitCode::FAILURE
+                Bus::Kafka => {
+                    let Some(kcfg) = cfg.kafka.clone() else {
+                        eprintln!("virtstream: config key `kafka`: replay --bus kafka needs a [kafka] section");
+                        return ExitCode::from(EX_USAGE);
+                    };
+                    if from_stream_seq.is_some() {
+                        eprintln!("virtstream: --from-stream-seq is for --bus nats; use --from-offset PARTITION:OFFSET");
+                        return ExitCode::from(EX_USAGE);
+                    }
+                    let from = match (since, from_offset) {
+                        (Some(t), _) => replay::KafkaFrom::Time(t),
+                        (None, Some((partition, offset))) => {
+                            replay::KafkaFrom::Offset { partition, offset }
+                        }
+                        (None, None) => replay::KafkaFrom::Start,
+                    };
+                    let mut out = std::io::BufWriter::new(std::io::stdout());
+                    replay_exit(
+                        replay::replay_kafka(&kcfg, from, domain.as_deref(), &mut out)
+                            .map_err(anyhow::Error::from),
+                    )
                 }
             }
         }

@@ -9,9 +9,61 @@
 //! - a slow or dead sink never blocks the tracker or another sink (the
 //!   journal absorbs the difference, within `journal.max_bytes`).
 
+pub mod kafka;
 pub mod nats;
 
 use std::collections::BTreeSet;
+
+use bytes::Bytes;
+
+use crate::codec::{self, CodecError};
+use crate::config::Encoding;
+use crate::journal::{Entry, Kind};
+use crate::model::event_id;
+
+/// The bus-independent parts of a message: its id, CloudEvents binary-mode
+/// headers (plus schema name and fingerprint) and body. Both sinks build
+/// their messages from these, so NATS and Kafka carry the same bytes.
+pub struct MessageParts {
+    pub event_id: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Bytes,
+}
+
+/// Builds the [`MessageParts`] of a journal entry. Deterministic: the same
+/// entry always yields the same id, headers and body.
+pub fn message_parts(
+    host_id: &str,
+    epoch: &str,
+    encoding: Encoding,
+    entry: &Entry,
+) -> Result<MessageParts, CodecError> {
+    let id = event_id(host_id, epoch, entry.host_seq);
+    let (ce_type, schema) = match entry.kind {
+        Kind::DomainEvent => (codec::CE_TYPE_DOMAIN_EVENT, codec::latest("DomainEvent")),
+    };
+    let (content_type, body) = match encoding {
+        Encoding::Avro => (codec::CONTENT_TYPE_AVRO, Bytes::from(entry.payload.clone())),
+        Encoding::Json => {
+            let (_, json) = codec::decode_json(&entry.payload)?;
+            (codec::CONTENT_TYPE_JSON, Bytes::from(json.to_string()))
+        }
+    };
+    let headers = codec::cloudevents_headers(
+        ce_type,
+        &id,
+        host_id,
+        entry.observed_at,
+        &entry.key,
+        content_type,
+        schema,
+    );
+    Ok(MessageParts {
+        event_id: id,
+        headers,
+        body,
+    })
+}
 
 /// Tracks out-of-order acknowledgements and yields the contiguous cursor.
 #[derive(Debug, Clone)]

@@ -1,7 +1,8 @@
 //! Fixtures for tests against real servers: nats-server on a random port
-//! with a temporary store (killed on drop), the system libvirtd (started
-//! when missing and allowed), the agent binary as a child process, and
-//! `virsh event` as the independent oracle.
+//! with a temporary store, the tansu Kafka-protocol broker on a random
+//! port with in-memory storage (both killed on drop), the system libvirtd
+//! (started when missing and allowed), the agent binary as a child
+//! process, and `virsh event` as the independent oracle.
 //!
 //! A missing server is a failure with a message saying how to start it,
 //! never a silent skip.
@@ -207,6 +208,203 @@ pub fn fetch(url: &str, stream: &str, filter: &str) -> Vec<Stored> {
         }
         out
     })
+}
+
+// ---------------------------------------------------------------- Kafka
+
+/// The tansu binary: on PATH, else where `cargo install` puts it.
+fn tansu_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("tansu");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
+    let p = home.join("bin/tansu");
+    assert!(
+        p.is_file(),
+        "the tansu Kafka-protocol broker is not installed: run `sudo deploy/local-env.sh install` \
+         (it runs `cargo install tansu --version 0.6.0 --locked --features dynostore`)"
+    );
+    p
+}
+
+/// A tansu broker on 127.0.0.1 with in-memory storage.
+pub struct KafkaBroker {
+    pub port: u16,
+    log: tempfile::NamedTempFile,
+    child: Option<Child>,
+}
+
+impl KafkaBroker {
+    pub fn start() -> KafkaBroker {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> KafkaBroker {
+        let mut b = KafkaBroker {
+            port,
+            log: tempfile::NamedTempFile::new().unwrap(),
+            child: None,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env_remove("CLUSTER_ID")
+            .env_remove("LISTENER_URL")
+            .env_remove("ADVERTISED_LISTENER_URL")
+            .env_remove("STORAGE_ENGINE")
+            .stdout(Stdio::null())
+            .stderr(self.log.reopen().unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run tansu ({e}): sudo deploy/local-env.sh install"));
+        self.child = Some(child);
+        assert!(
+            wait_port(self.port, Duration::from_secs(30)),
+            "tansu did not listen on 127.0.0.1:{} within 30 s: {}",
+            self.port,
+            std::fs::read_to_string(self.log.path()).unwrap_or_default()
+        );
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        unsafe_kill(self.pid(), libc::SIGSTOP);
+    }
+
+    pub fn unpause(&self) {
+        unsafe_kill(self.pid(), libc::SIGCONT);
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe_kill(c.id(), libc::SIGCONT);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The `[kafka]` section for a test broker (one replica, few partitions,
+/// short read-back idle time).
+pub fn kafka_section(bootstrap: &str) -> String {
+    format!(
+        "[kafka]\nbrokers = [\"{bootstrap}\"]\npartitions = 4\nreplication = 1\nreadback_idle = \"1s\"\n"
+    )
+}
+
+/// Every record of `host_id` in `topic`, partition by partition in offset
+/// order. `subject` is `kafka:<partition>:<key>`, `stream_seq` the offset.
+pub fn fetch_kafka(bootstrap: &str, topic: &str, host_id: &str) -> Vec<Stored> {
+    use rdkafka::message::{Headers, Message};
+    use virtstream::sinks::kafka::reader::{read_to_end, ReadOptions, Start};
+    let mut base = rdkafka::ClientConfig::new();
+    base.set("bootstrap.servers", bootstrap);
+    let probe: rdkafka::consumer::BaseConsumer = base.create().unwrap();
+    let md =
+        rdkafka::consumer::Consumer::fetch_metadata(&probe, Some(topic), Duration::from_secs(10))
+            .expect("metadata from the test broker");
+    let partitions = md
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().len() as i32)
+        .unwrap_or(0);
+    let mut out = Vec::new();
+    read_to_end(
+        &base,
+        ReadOptions {
+            topic,
+            starts: (0..partitions).map(|p| (p, Start::Earliest)).collect(),
+            idle: Duration::from_millis(800),
+            stall: Duration::from_secs(20),
+            stop: None,
+            lookback: 0,
+        },
+        |m| {
+            let event = virtstream::codec::decode_event(m.payload().unwrap_or_default())
+                .expect("Kafka record decodes");
+            if event.host_id != host_id {
+                return;
+            }
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            out.push(Stored {
+                stream_seq: m.offset() as u64,
+                subject: format!("kafka:{}:{key}", m.partition()),
+                event,
+                headers,
+            });
+        },
+    )
+    .expect("reading the test topic");
+    out
+}
+
+/// Polls the Kafka events topic until `pred` holds on a hole-free
+/// snapshot of one host's records, or fails after `timeout`.
+pub fn wait_for_kafka(
+    bootstrap: &str,
+    host_id: &str,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&[Stored]) -> bool,
+) -> Vec<Stored> {
+    let end = Instant::now() + timeout;
+    loop {
+        let got = fetch_kafka(bootstrap, "virt.domain.events.v1", host_id);
+        if contiguous(&got) && pred(&got) {
+            return got;
+        }
+        if Instant::now() > end {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; have {} Kafka records",
+                got.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Is the host's `host_seq` set exactly 1..=n? Subjects are published in
@@ -857,7 +1055,12 @@ pub fn check_domain(
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        assert_eq!(h.get("Nats-Msg-Id"), Some(&e.event_id.as_str()));
+        if m.subject.starts_with("kafka:") {
+            // Kafka: keyed by the domain UUID.
+            assert!(!h.contains_key("Nats-Msg-Id"));
+        } else {
+            assert_eq!(h.get("Nats-Msg-Id"), Some(&e.event_id.as_str()));
+        }
         assert_eq!(h.get("ce_id"), Some(&e.event_id.as_str()));
         assert_eq!(h.get("ce_specversion"), Some(&"1.0"));
         assert_eq!(h.get("ce_type"), Some(&"io.virtstream.domain.event.v1"));

@@ -8,11 +8,10 @@
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use crate::codec::{self, CodecError};
+use crate::codec::CodecError;
 use crate::config::Encoding;
-use crate::journal::{Entry, Kind};
-use crate::model::event_id;
-use crate::sinks::subject_token;
+use crate::journal::Entry;
+use crate::sinks::{message_parts, subject_token};
 
 /// Subject of an entry: `<prefix>.<host token>.<domain uuid>`.
 pub fn subject(prefix: &str, host_token: &str, entry: &Entry) -> String {
@@ -48,35 +47,17 @@ impl EncodingContext {
     }
 
     pub fn encode(&self, entry: &Entry) -> Result<Encoded, CodecError> {
-        let msg_id = event_id(&self.host_id, &self.epoch, entry.host_seq);
-        let (ce_type, schema) = match entry.kind {
-            Kind::DomainEvent => (codec::CE_TYPE_DOMAIN_EVENT, codec::latest("DomainEvent")),
-        };
-        let (content_type, body) = match self.encoding {
-            Encoding::Avro => (codec::CONTENT_TYPE_AVRO, Bytes::from(entry.payload.clone())),
-            Encoding::Json => {
-                let (_, json) = codec::decode_json(&entry.payload)?;
-                (codec::CONTENT_TYPE_JSON, Bytes::from(json.to_string()))
-            }
-        };
+        let parts = message_parts(&self.host_id, &self.epoch, self.encoding, entry)?;
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", msg_id.as_str());
-        for (k, v) in codec::cloudevents_headers(
-            ce_type,
-            &msg_id,
-            &self.host_id,
-            entry.observed_at,
-            &entry.key,
-            content_type,
-            schema,
-        ) {
-            headers.insert(k, v.as_str());
+        headers.insert("Nats-Msg-Id", parts.event_id.as_str());
+        for (k, v) in &parts.headers {
+            headers.insert(*k, v.as_str());
         }
         Ok(Encoded {
             subject: subject(&self.prefix, &self.host_token, entry),
-            msg_id,
+            msg_id: parts.event_id,
             headers,
-            body,
+            body: parts.body,
         })
     }
 }
@@ -84,7 +65,8 @@ impl EncodingContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::tests::sample;
+    use crate::codec::{self, tests::sample};
+    use crate::journal::Kind;
 
     fn entry() -> Entry {
         let e = sample();

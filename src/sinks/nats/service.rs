@@ -199,7 +199,6 @@ impl NatsSink {
         let published = self.metrics.published.get_or_create(&labels).clone();
         let errors = self.metrics.publish_errors.get_or_create(&labels).clone();
         let latency = self.metrics.publish_latency.get_or_create(&labels).clone();
-        let backlog = self.metrics.sink_backlog.get_or_create(&labels).clone();
 
         let start = self
             .journal
@@ -289,7 +288,6 @@ impl NatsSink {
                 last_flush = Instant::now();
                 let _ = self.journal.ack(SINK_NAME, flushed_cursor);
             }
-            backlog.set(head.saturating_sub(window.cursor()) as i64);
             if let Some(deadline) = draining {
                 let done = window.cursor() >= head || Instant::now() >= deadline;
                 if done {

@@ -1,0 +1,561 @@
+//! The Kafka publish loop: journal cursor → idempotent producer,
+//! effectively once across agent crashes without Kafka transactions.
+//!
+//! A session is: connect and check topics → recover → publish. Any broker
+//! failure the producer cannot ride out ends the session; the next one
+//! starts over with recovery (backoff wrapped around it).
+//!
+//! How exactly-once holds:
+//! - entries are handed to librdkafka in `host_seq` order, each to the
+//!   partition of its key; the producer is idempotent with `acks=all` and
+//!   messages never time out locally, so within a session each partition
+//!   receives this host's entries in order, without gaps or duplicates;
+//! - the journal stores, with the sink's cursor and in the same
+//!   transaction, per partition the offset just past this host's last
+//!   record at or below the cursor (`next`). Records of this host above
+//!   the cursor can only be at or past `next` in their partition;
+//! - recovery reads, from `next` (or the start, for a partition never
+//!   written), every partition an unacknowledged entry maps to, until the
+//!   fetches come back empty (never trusting the high watermark), and
+//!   notes the entries whose event id (`ce_id` header, this host and
+//!   epoch) is already there; those are acknowledged, not sent again.
+//!
+//! Acks are handled before new work (`select! { biased; }`); the cursor
+//! and offsets are written back at most every 10 ms.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::encoding::{EncodingContext, EVENT_ID_HEADER};
+use super::reader::{self, ReadOptions, Start};
+use super::{
+    admin_client, client_config, ensure_topics, partition_for, KafkaContext, KafkaSinkError,
+};
+use crate::config::KafkaConfig;
+use crate::journal::{Entry, Journal};
+use crate::model::parse_event_id;
+use crate::sinks::AckWindow;
+use crate::telemetry::{Health, Metrics, SinkState};
+use crate::tracker::now_micros;
+
+/// The sink's name in the journal's cursor table and in metrics.
+pub const SINK_NAME: &str = "kafka";
+
+/// Entries read ahead of the in-flight window.
+const READ_AHEAD: usize = 8192;
+
+/// What the journal keeps for this sink besides its cursor.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offsets {
+    pub topic: String,
+    /// Partition count the offsets were recorded under.
+    pub partitions: i32,
+    /// Per partition: the offset past this host's last record at or below
+    /// the cursor (or past a stretch read back and found free of this
+    /// host's records above the cursor).
+    pub next: BTreeMap<i32, i64>,
+}
+
+impl Offsets {
+    fn load(journal: &Journal) -> Result<Offsets, KafkaSinkError> {
+        match journal
+            .sink_state(SINK_NAME)
+            .map_err(|e| KafkaSinkError::Journal(e.to_string()))?
+        {
+            None => Ok(Offsets::default()),
+            Some(b) => serde_json::from_slice(&b).map_err(|e| {
+                KafkaSinkError::Journal(format!("stored Kafka offsets are unreadable: {e}"))
+            }),
+        }
+    }
+}
+
+/// Called for every entry the broker stored (benchmarks measure latency).
+pub type AckObserver = Arc<dyn Fn(&Entry) + Send + Sync>;
+
+pub struct KafkaSink {
+    pub cfg: KafkaConfig,
+    /// Default client id (`kafka.client_id` wins).
+    pub client_id: String,
+    pub host_id: String,
+    pub epoch: String,
+    pub journal: Journal,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub observer: Option<AckObserver>,
+}
+
+/// How a session ended without an error.
+enum SessionEnd {
+    Shutdown,
+}
+
+type Delivery = (Entry, Result<(i32, i64), String>);
+
+impl KafkaSink {
+    fn set_state(&self, s: SinkState) {
+        self.health.set_sink(SINK_NAME, s);
+    }
+
+    fn journal_err(e: impl std::fmt::Display) -> KafkaSinkError {
+        KafkaSinkError::Journal(e.to_string())
+    }
+
+    /// Runs until shutdown; returns `Err` only for errors retrying cannot
+    /// fix (bad client configuration, an unsuitable or missing topic).
+    pub async fn run(
+        self,
+        mut shutdown: broadcast::Receiver<()>,
+        drain_deadline: Duration,
+    ) -> Result<(), KafkaSinkError> {
+        self.set_state(SinkState::Connecting);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            match self.session(&mut shutdown, drain_deadline).await {
+                Ok(SessionEnd::Shutdown) | Err(KafkaSinkError::Interrupted) => return Ok(()),
+                Err(e) if e.is_fatal() => {
+                    tracing::error!(error = %e, "Kafka sink cannot continue");
+                    self.set_state(SinkState::Failing(e.to_string()));
+                    return Err(e);
+                }
+                Err(e) => {
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = Duration::from_millis(200);
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "Kafka sink session ended; will recover and resume");
+                    self.set_state(SinkState::Failing(e.to_string()));
+                    tokio::select! {
+                        _ = shutdown.recv() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Which partitions the entries after `cursor` map to (under the
+    /// current and the recorded partition counts).
+    fn partitions_to_check(
+        &self,
+        cursor: u64,
+        partitions: i32,
+        recorded: i32,
+    ) -> Result<BTreeSet<i32>, KafkaSinkError> {
+        let mut out = BTreeSet::new();
+        let mut after = cursor;
+        let counts: Vec<i32> = if recorded > 0 && recorded != partitions {
+            // The topic grew: a record may sit where the old count put it.
+            vec![partitions, recorded]
+        } else {
+            vec![partitions]
+        };
+        loop {
+            let batch = self
+                .journal
+                .read_after(after, 4096)
+                .map_err(Self::journal_err)?;
+            let Some(last) = batch.last() else { break };
+            after = last.host_seq;
+            for e in &batch {
+                for n in &counts {
+                    let p = partition_for(&e.key, *n);
+                    if p < partitions {
+                        out.insert(p);
+                    }
+                }
+            }
+            if out.len() as i32 >= partitions {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads back this host's records above `cursor`; returns them by
+    /// `host_seq` with their (partition, offset), and advances `next` over
+    /// stretches found free of them.
+    async fn recover(
+        &self,
+        base: &rdkafka::config::ClientConfig,
+        cursor: u64,
+        offsets: &mut Offsets,
+        partitions: i32,
+        shutdown: &mut broadcast::Receiver<()>,
+    ) -> Result<HashMap<u64, (i32, i64)>, KafkaSinkError> {
+        let check = self.partitions_to_check(cursor, partitions, offsets.partitions)?;
+        if offsets.topic != self.cfg.events_topic {
+            // Offsets of another topic say nothing about this one.
+            offsets.next.clear();
+        }
+        offsets.topic = self.cfg.events_topic.clone();
+        offsets.partitions = partitions;
+        if check.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let starts: Vec<(i32, Start)> = check
+            .iter()
+            .map(|p| {
+                (
+                    *p,
+                    offsets
+                        .next
+                        .get(p)
+                        .map(|o| Start::At(*o))
+                        .unwrap_or(Start::Earliest),
+                )
+            })
+            .collect();
+        tracing::info!(cursor, partitions = ?check, "reading back this host's records before publishing");
+        let stop = Arc::new(AtomicBool::new(false));
+        let job = {
+            let base = base.clone();
+            let topic = self.cfg.events_topic.clone();
+            let idle = self.cfg.readback_idle.0;
+            let host = self.host_id.clone();
+            let epoch = self.epoch.clone();
+            let stop = stop.clone();
+            // The most records one of our produce batches can hold.
+            let lookback = self
+                .cfg
+                .properties
+                .get("batch.num.messages")
+                .and_then(|v| v.to_string().parse().ok())
+                .unwrap_or(reader::DEFAULT_LOOKBACK);
+            tokio::task::spawn_blocking(move || {
+                let mut found: HashMap<u64, (i32, i64)> = HashMap::new();
+                let mut seen_end: HashMap<i32, i64> = HashMap::new();
+                let r = reader::read_to_end(
+                    &base,
+                    ReadOptions {
+                        topic: &topic,
+                        starts,
+                        idle,
+                        stall: (idle * 10).max(Duration::from_secs(30)),
+                        stop: Some(&stop),
+                        lookback,
+                    },
+                    |m| {
+                        seen_end.insert(m.partition(), m.offset() + 1);
+                        let id = m.headers().and_then(|h| {
+                            h.iter()
+                                .find(|h| h.key == EVENT_ID_HEADER)
+                                .and_then(|h| h.value)
+                                .and_then(|v| std::str::from_utf8(v).ok())
+                                .and_then(|v| {
+                                    parse_event_id(v).map(|(h, e, s)| (h == host && e == epoch, s))
+                                })
+                        });
+                        if let Some((true, s)) = id {
+                            if s > cursor {
+                                found.insert(s, (m.partition(), m.offset()));
+                            }
+                        }
+                    },
+                );
+                r.map(|sum| (found, seen_end, sum.records))
+            })
+        };
+        tokio::pin!(job);
+        let (found, seen_end, records) = tokio::select! {
+            r = &mut job => r.map_err(|e| KafkaSinkError::Journal(e.to_string()))??,
+            _ = shutdown.recv() => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = job.await;
+                return Err(KafkaSinkError::Interrupted);
+            }
+        };
+        // A partition read to its end with none of this host's records
+        // above the cursor needs no re-read before that end next time.
+        for p in &check {
+            let ours_here = found.values().any(|(fp, _)| fp == p);
+            if !ours_here {
+                if let Some(end) = seen_end.get(p) {
+                    offsets.next.insert(*p, *end);
+                }
+            }
+        }
+        tracing::info!(
+            records_read = records,
+            already_stored = found.len(),
+            "read-back done"
+        );
+        Ok(found)
+    }
+
+    async fn session(
+        &self,
+        shutdown: &mut broadcast::Receiver<()>,
+        drain_deadline: Duration,
+    ) -> Result<SessionEnd, KafkaSinkError> {
+        let base = client_config(&self.cfg, &self.client_id)?;
+        // 1. Topics.
+        let admin = admin_client(&self.cfg, &self.client_id)?;
+        let partitions = tokio::select! {
+            r = ensure_topics(&admin, &self.cfg) => r?,
+            _ = shutdown.recv() => return Ok(SessionEnd::Shutdown),
+        };
+        drop(admin);
+
+        // 2. Recovery.
+        let start = self.journal.cursor(SINK_NAME).map_err(Self::journal_err)?;
+        let mut offsets = Offsets::load(&self.journal)?;
+        let mut found = self
+            .recover(&base, start, &mut offsets, partitions, shutdown)
+            .await?;
+        self.journal
+            .ack_with_state(
+                SINK_NAME,
+                start,
+                serde_json::to_vec(&offsets).expect("offsets serialize"),
+            )
+            .map_err(Self::journal_err)?;
+
+        // 3. Publish.
+        let ctx = KafkaContext::default();
+        let producer: FutureProducer<KafkaContext> = {
+            let mut c = base.clone();
+            c.set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("message.timeout.ms", "0");
+            if !self.cfg.properties.contains_key("linger.ms")
+                && !self.cfg.properties.contains_key("queue.buffering.max.ms")
+            {
+                c.set("linger.ms", "2");
+            }
+            c.create_with_context(ctx.clone())
+                .map_err(|e| KafkaSinkError::Config(e.to_string()))?
+        };
+        let result = self
+            .publish(
+                &producer,
+                &ctx,
+                partitions,
+                start,
+                &mut offsets,
+                &mut found,
+                shutdown,
+                drain_deadline,
+            )
+            .await;
+        // Dropping the producer purges what is queued and waits up to
+        // 500 ms; keep that off the async thread. Whatever it held stays
+        // in the journal and is found by the next read-back if stored.
+        let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
+        result
+    }
+
+    /// Writes the cursor and, in the same journal transaction, the offsets
+    /// of the partitions whose entries it now covers.
+    fn write_back(
+        &self,
+        cursor: u64,
+        acked_above: &mut BTreeMap<u64, (i32, i64)>,
+        offsets: &mut Offsets,
+    ) {
+        let rest = acked_above.split_off(&(cursor + 1));
+        for (_, (p, o)) in std::mem::replace(acked_above, rest) {
+            offsets.next.insert(p, o + 1);
+        }
+        let state = serde_json::to_vec(&*offsets).expect("offsets serialize");
+        if let Err(e) = self.journal.ack_with_state(SINK_NAME, cursor, state) {
+            tracing::warn!(error = %e, "cannot record the Kafka cursor");
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn publish(
+        &self,
+        producer: &FutureProducer<KafkaContext>,
+        ctx: &KafkaContext,
+        partitions: i32,
+        start: u64,
+        offsets: &mut Offsets,
+        found: &mut HashMap<u64, (i32, i64)>,
+        shutdown: &mut broadcast::Receiver<()>,
+        drain_deadline: Duration,
+    ) -> Result<SessionEnd, KafkaSinkError> {
+        let encoding = EncodingContext {
+            host_id: self.host_id.clone(),
+            epoch: self.epoch.clone(),
+            topic: self.cfg.events_topic.clone(),
+            partitions,
+            encoding: self.cfg.encoding,
+        };
+        self.set_state(SinkState::Ready);
+        tracing::info!(topic = %self.cfg.events_topic, partitions, cursor = start, "Kafka sink ready");
+        let labels = Metrics::sink(SINK_NAME);
+        let published = self.metrics.published.get_or_create(&labels).clone();
+        let errors = self.metrics.publish_errors.get_or_create(&labels).clone();
+        let latency = self.metrics.publish_latency.get_or_create(&labels).clone();
+
+        let mut window = AckWindow::new(start);
+        // (partition, offset) of acknowledged entries above the cursor.
+        let mut acked_above: BTreeMap<u64, (i32, i64)> = BTreeMap::new();
+        let mut read_upto = start;
+        let mut committed = self.journal.committed();
+        let mut pending: std::collections::VecDeque<Entry> = Default::default();
+        let mut inflight = FuturesUnordered::new();
+        let mut flushed_cursor = start;
+        let mut last_flush = Instant::now();
+        let mut last_delivery = Instant::now();
+        let mut errors_at_delivery = ctx.errors();
+        let mut ready_state = true;
+        let mut queue_full_until: Option<Instant> = None;
+        let mut draining: Option<Instant> = None;
+
+        loop {
+            // Read ahead from the journal.
+            let head = *committed.borrow_and_update();
+            if pending.len() < READ_AHEAD && read_upto < head {
+                let entries = self
+                    .journal
+                    .read_after(read_upto, READ_AHEAD - pending.len())
+                    .map_err(Self::journal_err)?;
+                for e in entries {
+                    read_upto = e.host_seq;
+                    pending.push_back(e);
+                }
+            }
+            // Dispatch in host_seq order.
+            if queue_full_until.is_some_and(|t| Instant::now() >= t) {
+                queue_full_until = None;
+            }
+            while queue_full_until.is_none() && inflight.len() < self.cfg.max_in_flight {
+                let Some(entry) = pending.pop_front() else {
+                    break;
+                };
+                if let Some((p, o)) = found.remove(&entry.host_seq) {
+                    // Stored before the crash: acknowledge, do not resend.
+                    acked_above.insert(entry.host_seq, (p, o));
+                    window.ack(entry.host_seq);
+                    continue;
+                }
+                let enc = match encoding.encode(&entry) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(host_seq = entry.host_seq, error = %e, "cannot encode journal entry; skipped");
+                        window.ack(entry.host_seq);
+                        continue;
+                    }
+                };
+                let record = FutureRecord::to(&self.cfg.events_topic)
+                    .partition(enc.partition)
+                    .key(enc.key.as_bytes())
+                    .payload(enc.value.as_ref())
+                    .headers(enc.headers)
+                    .timestamp(enc.timestamp_ms);
+                match producer.send_result(record) {
+                    Ok(fut) => inflight.push(async move {
+                        let r = match fut.await {
+                            Ok(Ok(d)) => Ok((d.partition, d.offset)),
+                            Ok(Err((e, _))) => Err(e.to_string()),
+                            Err(_) => Err("producer dropped the message".to_string()),
+                        };
+                        (entry, r)
+                    }),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        pending.push_front(entry);
+                        queue_full_until = Some(Instant::now() + Duration::from_millis(5));
+                    }
+                    Err((e, _)) => {
+                        errors.inc();
+                        return Err(KafkaSinkError::Broker {
+                            brokers: self.cfg.brokers.0.join(","),
+                            message: format!("produce failed: {e}"),
+                        });
+                    }
+                }
+            }
+            // Cursor and offsets write-back, coalesced.
+            if window.cursor() > flushed_cursor
+                && (last_flush.elapsed() >= Duration::from_millis(10) || inflight.is_empty())
+            {
+                flushed_cursor = window.cursor();
+                last_flush = Instant::now();
+                self.write_back(flushed_cursor, &mut acked_above, offsets);
+            }
+            // Health: deliveries stalled behind client errors.
+            if !inflight.is_empty()
+                && ready_state
+                && last_delivery.elapsed() > Duration::from_secs(2)
+                && ctx.errors() != errors_at_delivery
+            {
+                let why = ctx.last_error().unwrap_or_default();
+                tracing::warn!(in_flight = inflight.len(), error = %why, "Kafka deliveries stalled; librdkafka keeps retrying in order");
+                self.set_state(SinkState::Failing(why));
+                ready_state = false;
+            }
+            if let Some(deadline) = draining {
+                if window.cursor() >= head || Instant::now() >= deadline {
+                    if window.cursor() > flushed_cursor {
+                        self.write_back(window.cursor(), &mut acked_above, offsets);
+                    }
+                    tracing::info!(cursor = window.cursor(), head, "Kafka sink stopped");
+                    return Ok(SessionEnd::Shutdown);
+                }
+            }
+            let wake = queue_full_until.unwrap_or_else(|| {
+                Instant::now() + Duration::from_millis(if draining.is_some() { 20 } else { 500 })
+            });
+            tokio::select! {
+                biased;
+                Some((entry, result)) = inflight.next(), if !inflight.is_empty() => {
+                    let (entry, result): Delivery = (entry, result);
+                    match result {
+                        Ok((p, o)) => {
+                            published.inc();
+                            latency.observe((now_micros() - entry.observed_at).max(0) as f64 / 1e6);
+                            if let Some(obs) = &self.observer {
+                                obs(&entry);
+                            }
+                            acked_above.insert(entry.host_seq, (p, o));
+                            window.ack(entry.host_seq);
+                            last_delivery = Instant::now();
+                            errors_at_delivery = ctx.errors();
+                            if !ready_state {
+                                ready_state = true;
+                                self.set_state(SinkState::Ready);
+                            }
+                        }
+                        Err(msg) => {
+                            // A permanent delivery failure: later messages
+                            // of the partition may still land, so end the
+                            // session and let recovery sort out what is
+                            // stored.
+                            errors.inc();
+                            if window.cursor() > flushed_cursor {
+                                self.write_back(window.cursor(), &mut acked_above, offsets);
+                            }
+                            return Err(KafkaSinkError::Broker {
+                                brokers: self.cfg.brokers.0.join(","),
+                                message: format!("delivery of host_seq {} failed: {msg}", entry.host_seq),
+                            });
+                        }
+                    }
+                }
+                _ = shutdown.recv(), if draining.is_none() => {
+                    tracing::info!(deadline = ?drain_deadline, in_flight = inflight.len(), "Kafka sink draining");
+                    draining = Some(Instant::now() + drain_deadline);
+                }
+                r = committed.changed(), if draining.is_none() && pending.len() < READ_AHEAD => {
+                    if r.is_err() {
+                        draining.get_or_insert(Instant::now() + drain_deadline);
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+}
