@@ -1,16 +1,22 @@
 //! Pipeline benchmark: synthetic libvirt events through tracker → journal
-//! (fsync on) → NATS sink → a real nats-server on loopback.
+//! (fsync on) → sinks → real brokers on loopback (nats-server, and the
+//! tansu Kafka-protocol broker), in three configurations: NATS only,
+//! Kafka only, both sinks at once.
 //!
-//! Reports:
-//! 1. sustained throughput (events/s acknowledged by JetStream) for a
-//!    200,000-event flood over 1,000 domains;
-//! 2. hand-off → JetStream ack latency (p50/p99/max) at 1,000 events/s;
-//! 3. RSS of the real agent binary tracking 1,000 domains on the libvirtd
-//!    test driver (and of this process after the runs, for reference).
+//! Reports, per configuration:
+//! 1. sustained throughput (events/s acknowledged by every enabled sink)
+//!    for 150,000-event floods over 1,000 domains (median of 3 rounds);
+//! 2. hand-off → broker ack latency (p50/p99/max) at 1,000 events/s;
 //!
-//! Run: `cargo bench --bench pipeline` (needs nats-server and libvirtd:
-//! `sudo deploy/local-env.sh start`). Targets on a 2-core machine:
-//! ≥ 20,000 events/s; p99 ≤ 10 ms at 1,000 events/s; RSS ≤ 30 MiB.
+//! and then 3. RSS of the real agent binary tracking 1,000 domains on the
+//! libvirtd test driver (NATS sink; and with both sinks).
+//!
+//! Run: `cargo bench --bench pipeline` (needs nats-server, tansu and
+//! libvirtd: `sudo deploy/local-env.sh start`). Targets on a 2-core
+//! machine: ≥ 20,000 events/s; p99 ≤ 10 ms (NATS) and ≤ 15 ms (Kafka) at
+//! 1,000 events/s; RSS ≤ 30 MiB (NATS only).
+//!
+//! `BENCH_ONLY=nats|kafka|both` runs one configuration.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -22,9 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
-use virtstream::config::{NatsConfig, XmlMode};
+use virtstream::config::{KafkaConfig, NatsConfig, XmlMode};
 use virtstream::journal::{Journal, OpenOptions};
 use virtstream::model::{DomainState, StateReason};
+use virtstream::sinks::kafka::service::KafkaSink;
 use virtstream::sinks::nats::encoding::EncodingContext;
 use virtstream::sinks::nats::service::NatsSink;
 use virtstream::telemetry::{Health, Metrics};
@@ -50,17 +57,24 @@ fn uuid(i: usize) -> String {
     format!("00000000-0000-4000-8000-{i:012x}")
 }
 
+/// Acknowledgements and latencies of one sink.
+#[derive(Default)]
+struct Acks {
+    count: AtomicU64,
+    latencies: Mutex<Vec<i64>>,
+}
+
 struct Pipeline {
     items: std::sync::mpsc::SyncSender<Item>,
-    acked: Arc<AtomicU64>,
-    latencies: Arc<Mutex<Vec<i64>>>,
+    /// One per enabled sink, with its name.
+    acks: Vec<(&'static str, Arc<Acks>)>,
     recording: Arc<AtomicBool>,
     shutdown: broadcast::Sender<()>,
     stop: Arc<AtomicBool>,
     _dir: tempfile::TempDir,
 }
 
-fn pipeline(nats_url: &str) -> Pipeline {
+fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -68,7 +82,11 @@ fn pipeline(nats_url: &str) -> Pipeline {
         dir: dir.path(),
         host_id: Some("bench-host"),
         default_host_id: &|| unreachable!(),
-        sinks: vec!["nats".into()],
+        sinks: [nats_url.map(|_| "nats"), kafka.map(|_| "kafka")]
+            .into_iter()
+            .flatten()
+            .map(String::from)
+            .collect(),
         group_commit_max: 1024,
         queue: 2048,
     })
@@ -125,56 +143,97 @@ fn pipeline(nats_url: &str) -> Pipeline {
         .spawn(move || task.run())
         .unwrap();
 
-    let cfg: NatsConfig = toml::from_str(&format!("url = \"{nats_url}\"")).unwrap();
-    let acked = Arc::new(AtomicU64::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(20_000)));
     let recording = Arc::new(AtomicBool::new(false));
+    let observer = |acks: &Arc<Acks>| {
+        let acks = acks.clone();
+        let recording = recording.clone();
+        Arc::new(move |e: &virtstream::journal::Entry| {
+            acks.count.fetch_add(1, Ordering::Relaxed);
+            if recording.load(Ordering::Relaxed) {
+                acks.latencies
+                    .lock()
+                    .unwrap()
+                    .push(now_micros() - e.observed_at);
+            }
+        })
+    };
+    let mut acks = Vec::new();
+    let nats_sink = nats_url.map(|url| {
+        let a = Arc::new(Acks::default());
+        acks.push(("nats", a.clone()));
+        let cfg: NatsConfig = toml::from_str(&format!("url = \"{url}\"")).unwrap();
+        (cfg, observer(&a))
+    });
+    let kafka_sink = kafka.map(|bootstrap| {
+        let a = Arc::new(Acks::default());
+        acks.push(("kafka", a.clone()));
+        let cfg: KafkaConfig = toml::from_str(&format!(
+            "brokers = [\"{bootstrap}\"]\npartitions = 12\nreplication = 1\nreadback_idle = \"500ms\""
+        ))
+        .unwrap();
+        KafkaSink {
+            cfg,
+            client_id: "bench".into(),
+            host_id: rec.host_id.clone(),
+            epoch: rec.epoch.clone(),
+            journal: journal.clone(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+            observer: Some(observer(&a)),
+        }
+    });
     let (shutdown, _) = broadcast::channel(1);
     {
-        let acked = acked.clone();
-        let latencies = latencies.clone();
-        let recording = recording.clone();
-        let rx = shutdown.subscribe();
-        // Like the agent: a current-thread runtime, here on its own thread.
-        let sink_thread = std::thread::Builder::new().name("sink-runtime".into());
-        sink_thread
+        let rx_nats = shutdown.subscribe();
+        let rx_kafka = shutdown.subscribe();
+        // Like the agent: both sinks on one current-thread runtime, here
+        // on a thread of its own.
+        std::thread::Builder::new()
+            .name("sink-runtime".into())
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .unwrap();
                 rt.block_on(async move {
-                    let client = virtstream::sinks::nats::connect(&cfg, "bench")
-                        .await
-                        .unwrap();
-                    let sink = NatsSink {
-                        encoding: Arc::new(EncodingContext::new(
-                            &rec.host_id,
-                            &rec.epoch,
-                            &cfg.events_subject_prefix,
-                            cfg.encoding,
-                        )),
-                        cfg,
-                        client,
-                        journal,
-                        health,
-                        metrics,
-                        observer: Some(Arc::new(move |e| {
-                            acked.fetch_add(1, Ordering::Relaxed);
-                            if recording.load(Ordering::Relaxed) {
-                                latencies.lock().unwrap().push(now_micros() - e.observed_at);
-                            }
-                        })),
-                    };
-                    sink.run(rx, Duration::from_secs(5)).await
+                    let mut tasks = Vec::new();
+                    if let Some((cfg, obs)) = nats_sink {
+                        let client = virtstream::sinks::nats::connect(&cfg, "bench")
+                            .await
+                            .unwrap();
+                        let sink = NatsSink {
+                            encoding: Arc::new(EncodingContext::new(
+                                &rec.host_id,
+                                &rec.epoch,
+                                &cfg.events_subject_prefix,
+                                cfg.encoding,
+                            )),
+                            cfg,
+                            client,
+                            journal,
+                            health,
+                            metrics,
+                            observer: Some(obs),
+                        };
+                        tasks.push(tokio::spawn(async move {
+                            sink.run(rx_nats, Duration::from_secs(5)).await.unwrap()
+                        }));
+                    }
+                    if let Some(sink) = kafka_sink {
+                        tasks.push(tokio::spawn(async move {
+                            sink.run(rx_kafka, Duration::from_secs(5)).await.unwrap()
+                        }));
+                    }
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
                 })
             })
             .unwrap();
     }
     Pipeline {
         items: items_tx,
-        acked,
-        latencies,
+        acks,
         recording,
         shutdown,
         stop,
@@ -197,13 +256,24 @@ fn event(n: u64) -> Item {
     }))
 }
 
+impl Pipeline {
+    /// Entries every enabled sink has acknowledged.
+    fn acked(&self) -> u64 {
+        self.acks
+            .iter()
+            .map(|(_, a)| a.count.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
+}
+
 fn wait_acked(p: &Pipeline, n: u64, timeout: Duration) {
     let end = Instant::now() + timeout;
-    while p.acked.load(Ordering::Relaxed) < n {
+    while p.acked() < n {
         assert!(
             Instant::now() < end,
-            "only {} of {n} acknowledged",
-            p.acked.load(Ordering::Relaxed)
+            "only {} of {n} acknowledged by every sink",
+            p.acked()
         );
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -254,20 +324,45 @@ fn main() {
     // As the agent does at start.
     virtstream::source::ffi::limit_malloc_arenas();
     let nats = common::NatsServer::start();
-    let p = pipeline(&nats.url());
+    let kafka = common::KafkaBroker::start();
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let configs: [(&str, Option<String>, Option<String>); 3] = [
+        ("nats", Some(nats.url()), None),
+        ("kafka", None, Some(kafka.bootstrap())),
+        ("both", Some(nats.url()), Some(kafka.bootstrap())),
+    ];
+    for (name, n, k) in configs {
+        if !only.is_empty() && only != name {
+            continue;
+        }
+        println!("== {name}");
+        run_config(n.as_deref(), k.as_deref(), &nats, &kafka);
+    }
+    rss(&nats, &kafka);
+}
+
+/// Throughput and latency of one sink configuration.
+fn run_config(
+    nats_url: Option<&str>,
+    kafka: Option<&str>,
+    nats: &common::NatsServer,
+    broker: &common::KafkaBroker,
+) {
+    let p = pipeline(nats_url, kafka);
+    let cpu_before = thread_cpu("self");
 
     // Warm-up: every domain once (tracker records, subject positions).
     for n in 0..DOMAINS as u64 {
         p.items.send(event(n)).unwrap();
     }
-    wait_acked(&p, DOMAINS as u64, Duration::from_secs(60));
+    wait_acked(&p, DOMAINS as u64, Duration::from_secs(120));
 
     // 1. Sustained throughput: several rounds (this machine's CPU is
     // shared; the median is the figure, every round is printed).
     let mut rates = Vec::new();
     let mut sent = DOMAINS as u64;
     for round in 1..=FLOOD_ROUNDS {
-        let base = p.acked.load(Ordering::Relaxed);
+        let base = p.acked();
         let t0 = Instant::now();
         for n in 0..FLOOD {
             p.items.send(event(sent + n)).unwrap();
@@ -283,22 +378,34 @@ fn main() {
     }
     rates.sort_by(f64::total_cmp);
     println!(
-        "throughput (median of {FLOOD_ROUNDS}): {:.0} events/s sustained, hand-off → JetStream ack, fsync on",
+        "throughput (median of {FLOOD_ROUNDS}): {:.0} events/s sustained, hand-off → ack by every sink, fsync on",
         rates[FLOOD_ROUNDS / 2]
     );
-    println!("  CPU seconds by thread so far: {:?}", thread_cpu("self"));
-    println!(
-        "  nats-server CPU seconds so far: {:.2}",
-        thread_cpu(&nats.pid().to_string())
-            .iter()
-            .map(|t| t.1)
-            .sum::<f64>()
-    );
+    let before: HashMap<String, f64> = cpu_before.into_iter().collect();
+    let mut used: Vec<(String, f64)> = thread_cpu("self")
+        .into_iter()
+        .map(|(t, c)| {
+            let b = before.get(&t).copied().unwrap_or(0.0);
+            (t, c - b)
+        })
+        .filter(|(_, c)| *c >= 0.05)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("  CPU seconds by thread: {used:?}");
+    for (name, pid) in [("nats-server", nats.pid()), ("tansu", broker.pid())] {
+        println!(
+            "  {name} CPU seconds so far: {:.2}",
+            thread_cpu(&pid.to_string())
+                .iter()
+                .map(|t| t.1)
+                .sum::<f64>()
+        );
+    }
 
     // 2. Latency at a steady 1,000 events/s.
     std::thread::sleep(Duration::from_millis(500));
     p.recording.store(true, Ordering::Relaxed);
-    let base = p.acked.load(Ordering::Relaxed);
+    let base = p.acked();
     let total = PACED_RATE * PACED_SECS;
     let start = Instant::now();
     for i in 0..total {
@@ -311,22 +418,28 @@ fn main() {
     }
     wait_acked(&p, base + total, Duration::from_secs(60));
     p.recording.store(false, Ordering::Relaxed);
-    let mut lat = p.latencies.lock().unwrap().clone();
-    lat.sort_unstable();
-    let q = |f: f64| lat[((lat.len() as f64 * f) as usize).min(lat.len() - 1)] as f64 / 1000.0;
-    println!(
-        "latency at {PACED_RATE} events/s over {PACED_SECS} s ({} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        lat.len(),
-        q(0.50),
-        q(0.99),
-        *lat.last().unwrap() as f64 / 1000.0
-    );
+    for (sink, acks) in &p.acks {
+        let mut lat = acks.latencies.lock().unwrap().clone();
+        lat.sort_unstable();
+        let q = |f: f64| lat[((lat.len() as f64 * f) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+        println!(
+            "latency {sink} at {PACED_RATE} events/s over {PACED_SECS} s ({} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            lat.len(),
+            q(0.50),
+            q(0.99),
+            *lat.last().unwrap() as f64 / 1000.0
+        );
+    }
     println!("bench process RSS after the runs: {} KiB", rss_kib("self"));
     p.stop.store(true, Ordering::Relaxed);
     let _ = p.shutdown.send(());
     drop(p.items);
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_secs(1));
+}
 
+/// RSS of the real agent binary with 1,000 domains tracked: NATS sink
+/// (the target), then both sinks (for reference).
+fn rss(nats: &common::NatsServer, kafka: &common::KafkaBroker) {
     // 3. RSS of the real agent with 1,000 domains tracked.
     common::ensure_libvirtd();
     let _oracle_conn = virt::connect::Connect::open(Some(common::TEST_URI)).unwrap();
@@ -345,53 +458,61 @@ fn main() {
         }
         doms.push(d);
     }
-    let mut agent = common::Agent::new(
-        common::TEST_URI,
-        Some(&nats.url()),
-        "[log]\nlevel = \"warn\"\n",
-    );
-    agent.start();
-    agent.wait_ready(Duration::from_secs(60));
-    common::wait_for(
-        &nats.url(),
-        &agent.filter(),
-        Duration::from_secs(120),
-        "1,000 reconcile events",
-        |m| m.len() > DOMAINS,
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let (_, metrics) = agent.http("/metrics").unwrap();
-    let tracked = metrics
-        .lines()
-        .find(|l| l.starts_with("virtstream_domains_tracked "))
-        .unwrap_or("?")
-        .to_string();
-    let pid = agent.pid().unwrap().to_string();
-    let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Pss:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .map(String::from)
-        })
-        .unwrap_or_default();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |k: &str| {
-        status
+    for (label, extra) in [
+        ("NATS sink", String::new()),
+        (
+            "NATS + Kafka sinks",
+            common::kafka_section(&kafka.bootstrap()),
+        ),
+    ] {
+        let mut agent = common::Agent::new(
+            common::TEST_URI,
+            Some(&nats.url()),
+            &format!("[log]\nlevel = \"warn\"\n{extra}"),
+        );
+        agent.start();
+        agent.wait_ready(Duration::from_secs(60));
+        common::wait_for(
+            &nats.url(),
+            &agent.filter(),
+            Duration::from_secs(120),
+            "1,000 reconcile events",
+            |m| m.len() > DOMAINS,
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let (_, metrics) = agent.http("/metrics").unwrap();
+        let tracked = metrics
             .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
+            .find(|l| l.starts_with("virtstream_domains_tracked "))
             .unwrap_or("?")
-            .to_string()
-    };
-    println!(
-        "agent with {tracked}: RSS {} KiB (anon {} KiB, file {} KiB), PSS {pss} KiB",
-        rss_kib(&pid),
-        field("RssAnon:"),
-        field("RssFile:")
-    );
-    agent.terminate();
+            .to_string();
+        let pid = agent.pid().unwrap().to_string();
+        let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Pss:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .map(String::from)
+            })
+            .unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("?")
+                .to_string()
+        };
+        println!(
+            "agent ({label}) with {tracked}: RSS {} KiB (anon {} KiB, file {} KiB), PSS {pss} KiB",
+            rss_kib(&pid),
+            field("RssAnon:"),
+            field("RssFile:")
+        );
+        agent.terminate();
+    }
     for d in doms {
         let _ = d.destroy();
         let _ = d.undefine();

@@ -315,6 +315,14 @@ fn kafka_frozen_10s_mid_burst_delivers_once_and_nats_keeps_going() {
     let nats_at_pause = fetch(&nats.url(), "VIRT_EVENTS", &agent.filter()).len();
     std::thread::sleep(Duration::from_secs(8));
     let nats_later = fetch(&nats.url(), "VIRT_EVENTS", &agent.filter()).len();
+    // A broker that holds connections open but answers nothing is
+    // reported: not ready, the Kafka sink named, NATS still fine.
+    let (code, body) = agent.http("/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("sink kafka: failing") && body.contains("sink nats: ready"),
+        "{body}"
+    );
     std::thread::sleep(Duration::from_secs(1));
     kafka.unpause();
     assert!(
@@ -322,6 +330,7 @@ fn kafka_frozen_10s_mid_burst_delivers_once_and_nats_keeps_going() {
         "NATS kept publishing while Kafka was frozen ({nats_at_pause} → {nats_later})"
     );
     b.join().unwrap();
+    agent.wait_ready(Duration::from_secs(30));
     settle_kafka(&kafka.bootstrap(), &agent, &name);
     let on_kafka = assert_topic_is_journal(&kafka.bootstrap(), &mut agent);
     let on_nats = fetch(&nats.url(), "VIRT_EVENTS", &agent.filter());

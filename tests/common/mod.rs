@@ -382,8 +382,8 @@ pub fn fetch_kafka(bootstrap: &str, topic: &str, host_id: &str) -> Vec<Stored> {
     out
 }
 
-/// Polls the Kafka events topic until `pred` holds on a hole-free
-/// snapshot of one host's records, or fails after `timeout`.
+/// Polls the Kafka events topic until `pred` holds on a snapshot of one
+/// host's records without holes in host_seq, or fails after `timeout`.
 pub fn wait_for_kafka(
     bootstrap: &str,
     host_id: &str,
@@ -394,7 +394,11 @@ pub fn wait_for_kafka(
     let end = Instant::now() + timeout;
     loop {
         let got = fetch_kafka(bootstrap, "virt.domain.events.v1", host_id);
-        if contiguous(&got) && pred(&got) {
+        // Hole-free as a set: duplicates are left for the caller's exact
+        // check to report.
+        let seqs: std::collections::BTreeSet<u64> = got.iter().map(|m| m.event.host_seq).collect();
+        let hole_free = seqs.iter().enumerate().all(|(i, h)| *h == i as u64 + 1);
+        if hole_free && pred(&got) {
             return got;
         }
         if Instant::now() > end {

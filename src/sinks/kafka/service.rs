@@ -54,6 +54,12 @@ pub const SINK_NAME: &str = "kafka";
 /// Entries read ahead of the in-flight window.
 const READ_AHEAD: usize = 8192;
 
+/// No acknowledgement for this long while client errors are reported:
+/// the sink reports itself failing.
+const STALL_WITH_ERRORS: Duration = Duration::from_secs(2);
+/// No acknowledgement for this long, errors or not: failing.
+const STALL_SILENT: Duration = Duration::from_secs(5);
+
 /// What the journal keeps for this sink besides its cursor.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Offsets {
@@ -409,7 +415,8 @@ impl KafkaSink {
         let mut inflight = FuturesUnordered::new();
         let mut flushed_cursor = start;
         let mut last_flush = Instant::now();
-        let mut last_delivery = Instant::now();
+        // Since when acknowledgements are awaited without one arriving.
+        let mut waiting_since: Option<Instant> = None;
         let mut errors_at_delivery = ctx.errors();
         let mut ready_state = true;
         let mut queue_full_until: Option<Instant> = None;
@@ -486,13 +493,26 @@ impl KafkaSink {
                 last_flush = Instant::now();
                 self.write_back(flushed_cursor, &mut acked_above, offsets);
             }
-            // Health: deliveries stalled behind client errors.
+            // Health: deliveries stalled, behind client errors (2 s) or
+            // behind a broker that accepts connections but does not answer
+            // (5 s).
+            if inflight.is_empty() {
+                waiting_since = None;
+            } else if waiting_since.is_none() {
+                waiting_since = Some(Instant::now());
+            }
+            let stalled = waiting_since.map(|t| t.elapsed()).unwrap_or_default();
             if !inflight.is_empty()
                 && ready_state
-                && last_delivery.elapsed() > Duration::from_secs(2)
-                && ctx.errors() != errors_at_delivery
+                && (stalled > STALL_SILENT
+                    || (stalled > STALL_WITH_ERRORS && ctx.errors() != errors_at_delivery))
             {
-                let why = ctx.last_error().unwrap_or_default();
+                let why = ctx.last_error().unwrap_or_else(|| {
+                    format!(
+                        "no acknowledgement from {} for {stalled:.0?}",
+                        self.cfg.brokers.0.join(",")
+                    )
+                });
                 tracing::warn!(in_flight = inflight.len(), error = %why, "Kafka deliveries stalled; librdkafka keeps retrying in order");
                 self.set_state(SinkState::Failing(why));
                 ready_state = false;
@@ -522,7 +542,7 @@ impl KafkaSink {
                             }
                             acked_above.insert(entry.host_seq, (p, o));
                             window.ack(entry.host_seq);
-                            last_delivery = Instant::now();
+                            waiting_since = Some(Instant::now());
                             errors_at_delivery = ctx.errors();
                             if !ready_state {
                                 ready_state = true;
