@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command to see virtstream work: installs and starts the local
-# environment (libvirtd with the test driver, nats-server), builds the
-# agent, runs it against test+unix:///default, drives a domain through its
-# lifecycle with virsh, and prints the messages as they land in JetStream.
+# environment (libvirtd with the test driver, nats-server, the tansu
+# Kafka-protocol broker), builds the agent, runs it against
+# test+unix:///default with both sinks, drives a domain through its
+# lifecycle with virsh, and prints the messages as they land in JetStream
+# and in Kafka.
 # Needs root (apt-get, libvirtd) and a Rust toolchain (rustup).
 #
 # Interactive: keeps the agent running and toggles the demo domain every
@@ -17,11 +19,13 @@ BIN=target/release/virtstream
 
 WORK=$(mktemp -d /tmp/virtstream-demo.XXXXXX)
 NATS_PORT=${NATS_PORT:-4222}
+KAFKA_PORT=${KAFKA_PORT:-9092}
 METRICS=${METRICS:-127.0.0.1:9477}
 URI=test+unix:///default
 cleanup() {
   [ -n "${AGENT:-}" ] && kill "$AGENT" 2>/dev/null && wait "$AGENT" 2>/dev/null || true
   [ -n "${NATS:-}" ] && kill "$NATS" 2>/dev/null || true
+  [ -n "${KAFKA:-}" ] && kill "$KAFKA" 2>/dev/null || true
   [ -n "${HOLD:-}" ] && kill "$HOLD" 2>/dev/null || true
   virsh -q -c "$URI" destroy demo-vm >/dev/null 2>&1 || true
   virsh -q -c "$URI" undefine demo-vm >/dev/null 2>&1 || true
@@ -31,6 +35,11 @@ trap cleanup EXIT
 
 nats-server -js -sd "$WORK/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 &
 NATS=$!
+TANSU=$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")
+"$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --storage-engine memory://tansu/ >"$WORK/kafka.log" 2>&1 &
+KAFKA=$!
 # The test driver keeps its domains only while a connection is open.
 virsh -q -c "$URI" event --all --loop >/dev/null 2>&1 &
 HOLD=$!
@@ -44,6 +53,11 @@ uri = "$URI"
 path = "$WORK/journal"
 [nats]
 url = "nats://127.0.0.1:$NATS_PORT"
+[kafka]
+brokers = ["127.0.0.1:$KAFKA_PORT"]
+partitions = 3
+replication = 1
+readback_idle = "1s"
 [metrics]
 listen = "$METRICS"
 TOML
@@ -52,7 +66,7 @@ $BIN check-config --config "$WORK/agent.toml"
 
 $BIN run --config "$WORK/agent.toml" >"$WORK/agent.log" 2>&1 &
 AGENT=$!
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do
   curl -fs "http://$METRICS/readyz" >/dev/null 2>&1 && break
   sleep 0.1
 done
@@ -87,6 +101,15 @@ echo "== messages in JetStream stream VIRT_EVENTS (decoded from Avro):"
 show 1
 echo "== one message in full:"
 $BIN replay --config "$WORK/agent.toml" --bus nats --from-stream-seq 2 | head -1
+echo "== the same messages in Kafka topic virt.domain.events.v1 (keyed by domain UUID):"
+$BIN replay --config "$WORK/agent.toml" --bus kafka |
+  python3 -c 'import sys, json
+for line in sys.stdin:
+    m = json.loads(line)
+    print("partition=%s offset=%-3s host_seq=%-4s seq=%-3s %-10s %-9s %-14s %-9s -> %s" % (
+        m["partition"], m["offset"], m["host_seq"], m["seq"], m["origin"], m["event"], m["detail"],
+        m["domain"]["name"] or "(host)", m["state_after"]["state"]))
+'
 
 if [ -t 0 ] && [ -z "${CI:-}" ]; then
   echo "== agent running; toggling demo-vm every 3 s (Ctrl-C to stop)"

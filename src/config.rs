@@ -263,6 +263,10 @@ pub const KAFKA_RESERVED_PROPERTIES: &[(&str, &str)] = &[
         "messages never time out locally (order and exactly-once depend on it)",
     ),
     ("transactional.id", "transactions are not used"),
+    (
+        "enable.gapless.guarantee",
+        "a failed batch must stop the producer, not leave a gap",
+    ),
     ("client.id", "use kafka.client_id"),
     (
         "security.protocol",
@@ -302,6 +306,11 @@ pub struct KafkaConfig {
     /// the broker's high watermark).
     #[serde(default = "d_readback_idle")]
     pub readback_idle: Dur,
+    /// Largest expected clock difference between hosts: a partition that
+    /// other hosts keep busy is read back until a record stamped later
+    /// than the read-back start plus this.
+    #[serde(default = "d_clock_skew")]
+    pub readback_max_clock_skew: Dur,
     /// Value encoding: avro (single-object) or json.
     #[serde(default = "d_encoding")]
     pub encoding: Encoding,
@@ -477,6 +486,9 @@ fn d_kafka_inflight() -> usize {
 }
 fn d_readback_idle() -> Dur {
     Dur(Duration::from_secs(2))
+}
+fn d_clock_skew() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 fn d_encoding() -> Encoding {
     Encoding::Avro

@@ -424,13 +424,27 @@ impl Journal {
 
     /// A sink's acknowledged position. A sink never seen before starts at
     /// the oldest retained entry.
+    /// A cursor behind the trimmed point (a sink disabled for a while)
+    /// reads as the trimmed point: what was trimmed cannot be sent.
     pub fn cursor(&self, sink: &str) -> Result<u64, JournalError> {
+        Ok(self.cursor_and_state(sink)?.0)
+    }
+
+    /// [`Journal::cursor`] and [`Journal::sink_state`] from one snapshot.
+    pub fn cursor_and_state(&self, sink: &str) -> Result<(u64, Option<Vec<u8>>), JournalError> {
         let read = self.db.begin_read().map_err(storage)?;
         let cursors = read.open_table(CURSORS).map_err(storage)?;
-        match cursors.get(sink).map_err(storage)? {
-            Some(v) => Ok(v.value()),
-            None => Ok(self.shared.trimmed.load(Ordering::Relaxed)),
-        }
+        let states = read.open_table(SINK_STATE).map_err(storage)?;
+        let trimmed = self.shared.trimmed.load(Ordering::Relaxed);
+        let cursor = cursors
+            .get(sink)
+            .map_err(storage)?
+            .map_or(trimmed, |v| v.value().max(trimmed));
+        let state = states
+            .get(sink)
+            .map_err(storage)?
+            .map(|v| v.value().to_vec());
+        Ok((cursor, state))
     }
 
     /// Up to `max` committed entries with `host_seq > after`, in order.
@@ -717,6 +731,33 @@ mod tests {
             Some(&b"offsets-b"[..])
         );
         assert_eq!(j.sink_state("nats").unwrap(), None);
+        drop(j);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_cursor_behind_the_trimmed_point_reads_as_that_point() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, t, _) = open(dir.path(), &["a", "b"]);
+            for n in 1..=10 {
+                j.append(entry(n), None).unwrap();
+            }
+            j.ack("b", 3).unwrap();
+            j.sync().unwrap();
+            drop(j);
+            t.join().unwrap();
+        }
+        // "b" is not configured for a while: the journal trims behind "a".
+        let (j, t, _) = open(dir.path(), &["a"]);
+        j.ack("a", 8).unwrap();
+        j.sync().unwrap();
+        assert_eq!(j.read_after(0, 100).unwrap().len(), 2);
+        assert_eq!(
+            j.cursor("b").unwrap(),
+            8,
+            "b resumes at the oldest retained entry, not at a trimmed one"
+        );
         drop(j);
         t.join().unwrap();
     }

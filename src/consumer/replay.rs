@@ -18,7 +18,7 @@ use futures::StreamExt;
 
 use crate::codec;
 use crate::config::{KafkaConfig, NatsConfig};
-use crate::sinks::kafka::reader::{self, ReadOptions, Start};
+use crate::sinks::kafka::reader::{self, Flow, ReadOptions, Start};
 use crate::sinks::kafka::{self, KafkaContext};
 
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +231,7 @@ pub fn replay_kafka(
             topic: &cfg.events_topic,
             starts,
             idle: cfg.readback_idle.0,
+            max_clock_skew: cfg.readback_max_clock_skew.0,
             stall: std::time::Duration::from_secs(30),
             stop: None,
             lookback: reader::DEFAULT_LOOKBACK,
@@ -238,16 +239,16 @@ pub fn replay_kafka(
         |m| {
             use rdkafka::Message;
             if io_err.is_some() {
-                return;
+                return Flow::PartitionDone;
             }
             if let Some(uuid) = domain {
                 if m.key() != Some(uuid.as_bytes()) {
-                    return;
+                    return Flow::Continue;
                 }
             }
             if let (Some(since), Some(ts)) = (since_ms, m.timestamp().to_millis()) {
                 if ts < since {
-                    return;
+                    return Flow::Continue;
                 }
             }
             let (p, o) = (m.partition(), m.offset());
@@ -268,6 +269,7 @@ pub fn replay_kafka(
                     stats.undecodable += 1;
                 }
             }
+            Flow::Continue
         },
     )
     .map_err(kerr)?;

@@ -346,6 +346,7 @@ pub fn fetch_kafka(bootstrap: &str, topic: &str, host_id: &str) -> Vec<Stored> {
             topic,
             starts: (0..partitions).map(|p| (p, Start::Earliest)).collect(),
             idle: Duration::from_millis(800),
+            max_clock_skew: Duration::from_secs(10),
             stall: Duration::from_secs(20),
             stop: None,
             lookback: 0,
@@ -354,7 +355,7 @@ pub fn fetch_kafka(bootstrap: &str, topic: &str, host_id: &str) -> Vec<Stored> {
             let event = virtstream::codec::decode_event(m.payload().unwrap_or_default())
                 .expect("Kafka record decodes");
             if event.host_id != host_id {
-                return;
+                return virtstream::sinks::kafka::reader::Flow::Continue;
             }
             let headers = m
                 .headers()
@@ -376,6 +377,7 @@ pub fn fetch_kafka(bootstrap: &str, topic: &str, host_id: &str) -> Vec<Stored> {
                 event,
                 headers,
             });
+            virtstream::sinks::kafka::reader::Flow::Continue
         },
     )
     .expect("reading the test topic");

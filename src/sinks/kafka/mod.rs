@@ -66,11 +66,25 @@ impl KafkaSinkError {
     }
 }
 
-/// What the partition statistics say about fetching, per partition:
-/// (fetch state, Fetch requests sent by the broker connection serving it).
+/// What one statistics report says about fetching a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionFetch {
+    /// librdkafka's fetch state (`active` while fetching).
+    pub state: String,
+    /// The broker serving the partition.
+    pub broker: i32,
+    /// Fetch requests that broker connection has sent so far.
+    pub fetches: i64,
+}
+
+/// The latest statistics report, numbered. Reports are served from the
+/// consumer queue (the main queue is redirected there when a group id is
+/// set), so every record fetched before a report was made has been
+/// returned by `poll` before that report is seen.
 #[derive(Debug, Default, Clone)]
 pub struct FetchStats {
-    pub partitions: HashMap<i32, (String, i64)>,
+    pub seq: u64,
+    pub partitions: HashMap<i32, PartitionFetch>,
 }
 
 /// The context of every client: routes librdkafka's logs and errors to
@@ -178,16 +192,24 @@ impl ClientContext for KafkaContext {
             .values()
             .map(|b| (b.nodeid, b.req.get("Fetch").copied().unwrap_or(0)))
             .collect();
-        let mut stats = FetchStats::default();
+        let mut guard = self.inner.fetch.lock().expect("kafka context");
+        let mut stats = FetchStats {
+            seq: guard.seq + 1,
+            partitions: HashMap::new(),
+        };
         if let Some(t) = raw.topics.get(topic) {
             for p in t.partitions.values().filter(|p| p.partition >= 0) {
-                let n = fetches.get(&p.broker).copied().unwrap_or(0);
-                stats
-                    .partitions
-                    .insert(p.partition, (p.fetch_state.clone(), n));
+                stats.partitions.insert(
+                    p.partition,
+                    PartitionFetch {
+                        state: p.fetch_state.clone(),
+                        broker: p.broker,
+                        fetches: fetches.get(&p.broker).copied().unwrap_or(0),
+                    },
+                );
             }
         }
-        *self.inner.fetch.lock().expect("kafka context") = stats;
+        *guard = stats;
     }
 }
 

@@ -4,22 +4,28 @@
 //! Some Kafka-protocol brokers report the high watermark wrong (under it,
 //! even 0 for a partition holding thousands of records), so neither
 //! `enable.partition.eof` nor ListOffsets can say where a partition ends.
-//! The end is reached when, for every assigned partition, no record has
-//! arrived for `idle` and at least two Fetch requests were sent after the
-//! last record with no client error in between: librdkafka sends the next
-//! Fetch to a broker only after the previous one was answered, so at least
-//! one complete Fetch answered with nothing new.
+//! Each partition is done, independently, when the first of these holds:
+//! - the caller says so (it found what it was looking for);
+//! - a record stamped later than the read's start plus `max_clock_skew`
+//!   arrives: it was appended after the read began, so everything appended
+//!   before is behind it (this ends a partition other producers keep busy);
+//! - no record has arrived for `idle`, and two Fetch requests were sent
+//!   after a statistics report that came after the last record, with no
+//!   client error in between. librdkafka sends the next Fetch to a broker
+//!   only after the previous one was answered, and serves statistics from
+//!   the same queue as records, so one complete Fetch came back with
+//!   nothing new for the partition.
 //!
 //! A start offset inside a record batch is honoured even by brokers whose
 //! Fetch skips a batch that begins before the requested offset (tansu
 //! 0.6 returns only batches whose base offset is at or past it): fetching
 //! starts `lookback` records earlier and records before the requested
-//! offset are dropped here.
+//! offset are dropped here, unless the log turns out to start after the
+//! fetch position (topic recreated or truncated: then all of it is read).
 //!
 //! Invariants: no group membership and no offset commits (partitions are
 //! assigned); a run that sees no Fetch progress for `stall` fails rather
-//! than claiming an end it did not see; `on_record` never sees a record
-//! before its partition's requested start.
+//! than claiming an end it did not see.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,12 +59,37 @@ pub struct ReadOptions<'a> {
     pub starts: Vec<(i32, Start)>,
     /// Quiet time after the last record before a partition counts as read.
     pub idle: Duration,
+    /// Largest clock difference between this host and record timestamps.
+    pub max_clock_skew: Duration,
     /// No Fetch progress for this long is an error.
     pub stall: Duration,
     /// Set to stop early (the read then returns `Interrupted`).
     pub stop: Option<&'a AtomicBool>,
     /// Records to fetch before a `Start::At` offset (see the module doc).
     pub lookback: i64,
+}
+
+/// What the caller wants after a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop reading this record's partition.
+    PartitionDone,
+}
+
+/// Per-partition progress.
+struct Progress {
+    /// Where fetching started (an earlier record means the log was reset).
+    fetch_start: i64,
+    /// Records below this offset are look-back, not shown to the caller.
+    skip_below: Option<i64>,
+    done: bool,
+    last_record: Instant,
+    /// Statistics number seen when the last record arrived; the baseline
+    /// is taken from a later report.
+    record_report: Option<u64>,
+    /// (broker, Fetch requests) of the baseline report.
+    base: Option<(i32, i64)>,
 }
 
 /// Totals of one read.
@@ -73,7 +104,7 @@ pub struct ReadSummary {
 pub fn read_to_end(
     base: &ClientConfig,
     opts: ReadOptions<'_>,
-    mut on_record: impl FnMut(&BorrowedMessage<'_>),
+    mut on_record: impl FnMut(&BorrowedMessage<'_>) -> Flow,
 ) -> Result<ReadSummary, KafkaSinkError> {
     let brokers = base.get("bootstrap.servers").unwrap_or("?").to_string();
     let broker_err = |message: String| KafkaSinkError::Broker {
@@ -84,10 +115,16 @@ pub fn read_to_end(
     if opts.starts.is_empty() {
         return Ok(summary);
     }
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let late_ms = started_ms + opts.max_clock_skew.as_millis() as i64;
     let consumer: BaseConsumer<KafkaContext> = base
         .clone()
         // librdkafka wants a group id even for assigned partitions; with
-        // assign() the group is never joined and nothing is committed.
+        // assign() the group is never joined and nothing is committed. It
+        // also routes statistics through the consumer queue (see above).
         .set("group.id", "virtstream-reader")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -98,31 +135,39 @@ pub fn read_to_end(
         .create_with_context(KafkaContext::for_topic(opts.topic))
         .map_err(|e| KafkaSinkError::Config(e.to_string()))?;
     let mut tpl = TopicPartitionList::new();
-    let mut skip_below: HashMap<i32, i64> = HashMap::new();
+    let mut parts: HashMap<i32, Progress> = HashMap::new();
     for (p, start) in &opts.starts {
-        let offset = match start {
+        let (fetch_start, skip_below) = match start {
             // Offset 0, not Offset::Beginning: a start below the log start
             // is reset to the earliest record (auto.offset.reset) without a
             // ListOffsets request, whose answers are unreliable on some
             // brokers.
-            Start::Earliest => Offset::Offset(0),
-            Start::At(o) => {
-                skip_below.insert(*p, *o);
-                Offset::Offset((*o - opts.lookback.max(0)).max(0))
-            }
+            Start::Earliest => (0, None),
+            Start::At(o) => ((*o - opts.lookback.max(0)).max(0), Some(*o)),
         };
-        tpl.add_partition_offset(opts.topic, *p, offset)
+        tpl.add_partition_offset(opts.topic, *p, Offset::Offset(fetch_start))
             .map_err(|e| KafkaSinkError::Config(e.to_string()))?;
+        parts.insert(
+            *p,
+            Progress {
+                fetch_start,
+                skip_below,
+                done: false,
+                last_record: Instant::now(),
+                record_report: None,
+                base: None,
+            },
+        );
     }
     consumer
         .assign(&tpl)
         .map_err(|e| broker_err(format!("assigning partitions: {e}")))?;
 
-    let parts: Vec<i32> = opts.starts.iter().map(|(p, _)| *p).collect();
-    // Per partition: Fetch requests counted when its last record (or the
-    // last client error) was seen; None until fetching is active.
-    let mut base_fetches: HashMap<i32, Option<i64>> = parts.iter().map(|p| (*p, None)).collect();
-    let mut last_record = Instant::now();
+    let finish = |consumer: &BaseConsumer<KafkaContext>, p: i32| {
+        let mut t = TopicPartitionList::new();
+        t.add_partition(opts.topic, p);
+        let _ = consumer.pause(&t);
+    };
     let mut errors_seen = consumer.context().errors();
     let mut last_progress = Instant::now();
     let mut last_total: i64 = -1;
@@ -130,61 +175,75 @@ pub fn read_to_end(
         if opts.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
             return Err(KafkaSinkError::Interrupted);
         }
+        let mut errored = false;
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
-                if skip_below
-                    .get(&m.partition())
-                    .is_none_or(|start| m.offset() >= *start)
-                {
-                    on_record(&m);
+                let Some(st) = parts.get_mut(&m.partition()) else {
+                    continue;
+                };
+                if st.done {
+                    continue;
+                }
+                if m.offset() < st.fetch_start {
+                    // The log starts after where fetching began: the
+                    // partition was recreated or truncated. Read all of it.
+                    st.skip_below = None;
+                }
+                st.last_record = Instant::now();
+                st.record_report = Some(consumer.context().fetch_stats().seq);
+                st.base = None;
+                let mut flow = Flow::Continue;
+                if st.skip_below.is_none_or(|s| m.offset() >= s) {
+                    flow = on_record(&m);
                     summary.records += 1;
                 }
-                last_record = Instant::now();
-                let stats = consumer.context().fetch_stats();
-                for p in &parts {
-                    if let Some((_, n)) = stats.partitions.get(p) {
-                        base_fetches.insert(*p, Some(*n));
-                    }
+                let late = m.timestamp().to_millis().is_some_and(|t| t > late_ms);
+                if flow == Flow::PartitionDone || late {
+                    st.done = true;
+                    finish(&consumer, m.partition());
                 }
                 continue;
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => {
-                tracing::debug!(error = %e, "Kafka fetch error while reading back");
+                tracing::debug!(error = %e, "Kafka fetch error while reading");
+                errored = true;
             }
             None => {}
         }
         let stats = consumer.context().fetch_stats();
         let errors = consumer.context().errors();
-        let errored = errors != errors_seen;
+        errored |= errors != errors_seen;
         errors_seen = errors;
         let mut total = 0i64;
-        let mut done = last_record.elapsed() >= opts.idle;
-        for p in &parts {
-            let Some((state, n)) = stats.partitions.get(p) else {
-                done = false;
+        let mut all_done = true;
+        for (p, st) in parts.iter_mut().filter(|(_, st)| !st.done) {
+            all_done = false;
+            let Some(f) = stats.partitions.get(p) else {
                 continue;
             };
-            total += n;
-            let base = base_fetches.get_mut(p).expect("assigned partition");
-            if state != "active" {
-                done = false;
-                *base = None;
+            total += f.fetches;
+            if f.state != "active" || errored {
+                st.base = None;
                 continue;
             }
-            match base {
-                Some(b) if !errored => {
-                    if *n < *b + 2 {
-                        done = false;
+            if let Some(seen) = st.record_report {
+                if stats.seq <= seen {
+                    continue; // no report made after the last record yet
+                }
+                st.record_report = None;
+            }
+            match st.base {
+                Some((broker, n)) if broker == f.broker => {
+                    if f.fetches >= n + 2 && st.last_record.elapsed() >= opts.idle {
+                        st.done = true;
+                        finish(&consumer, *p);
                     }
                 }
-                _ => {
-                    *base = Some(*n);
-                    done = false;
-                }
+                _ => st.base = Some((f.broker, f.fetches)),
             }
         }
-        if done {
+        if all_done {
             return Ok(summary);
         }
         if total != last_total {

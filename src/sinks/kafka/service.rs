@@ -23,7 +23,7 @@
 //! Acks are handled before new work (`select! { biased; }`); the cursor
 //! and offsets are written back at most every 10 ms.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::encoding::{EncodingContext, EVENT_ID_HEADER};
-use super::reader::{self, ReadOptions, Start};
+use super::reader::{self, Flow, ReadOptions, Start};
 use super::{
     admin_client, client_config, ensure_topics, partition_for, KafkaContext, KafkaSinkError,
 };
@@ -70,19 +70,26 @@ pub struct Offsets {
     /// the cursor (or past a stretch read back and found free of this
     /// host's records above the cursor).
     pub next: BTreeMap<i32, i64>,
+    /// After a partition count change: the previous count, and the
+    /// `host_seq` up to which entries may have been placed under it.
+    #[serde(default)]
+    pub prior: Option<(i32, u64)>,
 }
 
 impl Offsets {
-    fn load(journal: &Journal) -> Result<Offsets, KafkaSinkError> {
-        match journal
-            .sink_state(SINK_NAME)
-            .map_err(|e| KafkaSinkError::Journal(e.to_string()))?
-        {
-            None => Ok(Offsets::default()),
+    /// The cursor and the offsets recorded with it (one read, after
+    /// everything queued for the journal is committed).
+    fn load(journal: &Journal) -> Result<(u64, Offsets), KafkaSinkError> {
+        let err = |e: crate::journal::JournalError| KafkaSinkError::Journal(e.to_string());
+        journal.sync().map_err(err)?;
+        let (cursor, state) = journal.cursor_and_state(SINK_NAME).map_err(err)?;
+        let offsets = match state {
+            None => Offsets::default(),
             Some(b) => serde_json::from_slice(&b).map_err(|e| {
                 KafkaSinkError::Journal(format!("stored Kafka offsets are unreadable: {e}"))
-            }),
-        }
+            })?,
+        };
+        Ok((cursor, offsets))
     }
 }
 
@@ -151,39 +158,28 @@ impl KafkaSink {
         }
     }
 
-    /// Which partitions the entries after `cursor` map to (under the
-    /// current and the recorded partition counts).
+    /// For every partition the entries after `cursor` map to (under each
+    /// of `counts`), the highest `host_seq` mapping there. Reads the whole
+    /// backlog: run it on the blocking pool.
     fn partitions_to_check(
-        &self,
+        journal: &Journal,
         cursor: u64,
+        counts: &[i32],
         partitions: i32,
-        recorded: i32,
-    ) -> Result<BTreeSet<i32>, KafkaSinkError> {
-        let mut out = BTreeSet::new();
+    ) -> Result<BTreeMap<i32, u64>, KafkaSinkError> {
+        let mut out = BTreeMap::new();
         let mut after = cursor;
-        let counts: Vec<i32> = if recorded > 0 && recorded != partitions {
-            // The topic grew: a record may sit where the old count put it.
-            vec![partitions, recorded]
-        } else {
-            vec![partitions]
-        };
         loop {
-            let batch = self
-                .journal
-                .read_after(after, 4096)
-                .map_err(Self::journal_err)?;
+            let batch = journal.read_after(after, 4096).map_err(Self::journal_err)?;
             let Some(last) = batch.last() else { break };
             after = last.host_seq;
             for e in &batch {
-                for n in &counts {
+                for n in counts {
                     let p = partition_for(&e.key, *n);
                     if p < partitions {
-                        out.insert(p);
+                        out.insert(p, e.host_seq);
                     }
                 }
-            }
-            if out.len() as i32 >= partitions {
-                break;
             }
         }
         Ok(out)
@@ -200,18 +196,38 @@ impl KafkaSink {
         partitions: i32,
         shutdown: &mut broadcast::Receiver<()>,
     ) -> Result<HashMap<u64, (i32, i64)>, KafkaSinkError> {
-        let check = self.partitions_to_check(cursor, partitions, offsets.partitions)?;
         if offsets.topic != self.cfg.events_topic {
             // Offsets of another topic say nothing about this one.
             offsets.next.clear();
+            offsets.prior = None;
         }
         offsets.topic = self.cfg.events_topic.clone();
+        if offsets.partitions > 0 && offsets.partitions != partitions {
+            // The topic's partition count changed: until the cursor passes
+            // what is journaled now, a record may sit where the old count
+            // put it.
+            let head = *self.journal.committed().borrow();
+            offsets.prior = Some((offsets.partitions, head));
+        }
         offsets.partitions = partitions;
+        if offsets.prior.is_some_and(|(_, until)| cursor >= until) {
+            offsets.prior = None;
+        }
+        let mut counts = vec![partitions];
+        counts.extend(offsets.prior.map(|(n, _)| n));
+        let check = {
+            let journal = self.journal.clone();
+            tokio::task::spawn_blocking(move || {
+                Self::partitions_to_check(&journal, cursor, &counts, partitions)
+            })
+            .await
+            .map_err(Self::journal_err)??
+        };
         if check.is_empty() {
             return Ok(HashMap::new());
         }
         let starts: Vec<(i32, Start)> = check
-            .iter()
+            .keys()
             .map(|p| {
                 (
                     *p,
@@ -223,22 +239,27 @@ impl KafkaSink {
                 )
             })
             .collect();
-        tracing::info!(cursor, partitions = ?check, "reading back this host's records before publishing");
+        tracing::info!(cursor, partitions = ?check.keys().collect::<Vec<_>>(), "reading back this host's records before publishing");
         let stop = Arc::new(AtomicBool::new(false));
         let job = {
             let base = base.clone();
             let topic = self.cfg.events_topic.clone();
             let idle = self.cfg.readback_idle.0;
+            let skew = self.cfg.readback_max_clock_skew.0;
+            let last_of = check.clone();
             let host = self.host_id.clone();
             let epoch = self.epoch.clone();
             let stop = stop.clone();
-            // The most records one of our produce batches can hold.
+            // The most records one of our produce batches can hold (this
+            // run's setting or librdkafka's default, whichever is larger:
+            // the records may come from an earlier run).
             let lookback = self
                 .cfg
                 .properties
                 .get("batch.num.messages")
                 .and_then(|v| v.to_string().parse().ok())
-                .unwrap_or(reader::DEFAULT_LOOKBACK);
+                .unwrap_or(0)
+                .max(reader::DEFAULT_LOOKBACK);
             tokio::task::spawn_blocking(move || {
                 let mut found: HashMap<u64, (i32, i64)> = HashMap::new();
                 let mut seen_end: HashMap<i32, i64> = HashMap::new();
@@ -248,6 +269,7 @@ impl KafkaSink {
                         topic: &topic,
                         starts,
                         idle,
+                        max_clock_skew: skew,
                         stall: (idle * 10).max(Duration::from_secs(30)),
                         stop: Some(&stop),
                         lookback,
@@ -266,8 +288,14 @@ impl KafkaSink {
                         if let Some((true, s)) = id {
                             if s > cursor {
                                 found.insert(s, (m.partition(), m.offset()));
+                                if last_of.get(&m.partition()) == Some(&s) {
+                                    // The partition's last unacknowledged
+                                    // entry is there, so are the earlier.
+                                    return Flow::PartitionDone;
+                                }
                             }
                         }
+                        Flow::Continue
                     },
                 );
                 r.map(|sum| (found, seen_end, sum.records))
@@ -284,7 +312,7 @@ impl KafkaSink {
         };
         // A partition read to its end with none of this host's records
         // above the cursor needs no re-read before that end next time.
-        for p in &check {
+        for p in check.keys() {
             let ours_here = found.values().any(|(fp, _)| fp == p);
             if !ours_here {
                 if let Some(end) = seen_end.get(p) {
@@ -309,14 +337,20 @@ impl KafkaSink {
         // 1. Topics.
         let admin = admin_client(&self.cfg, &self.client_id)?;
         let partitions = tokio::select! {
-            r = ensure_topics(&admin, &self.cfg) => r?,
-            _ = shutdown.recv() => return Ok(SessionEnd::Shutdown),
+            r = ensure_topics(&admin, &self.cfg) => r,
+            _ = shutdown.recv() => Err(KafkaSinkError::Interrupted),
         };
-        drop(admin);
+        // Destroying a client joins its threads: not on the async thread.
+        let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
+        let partitions = partitions?;
 
         // 2. Recovery.
-        let start = self.journal.cursor(SINK_NAME).map_err(Self::journal_err)?;
-        let mut offsets = Offsets::load(&self.journal)?;
+        let (start, mut offsets) = {
+            let journal = self.journal.clone();
+            tokio::task::spawn_blocking(move || Offsets::load(&journal))
+                .await
+                .map_err(Self::journal_err)??
+        };
         let mut found = self
             .recover(&base, start, &mut offsets, partitions, shutdown)
             .await?;
@@ -332,9 +366,14 @@ impl KafkaSink {
         let ctx = KafkaContext::default();
         let producer: FutureProducer<KafkaContext> = {
             let mut c = base.clone();
+            // Idempotent, acks from all in-sync replicas, no local
+            // timeouts, and a fatal error rather than a gap if a batch
+            // fails permanently: within a session each partition gets this
+            // host's entries in order, without gaps or duplicates.
             c.set("enable.idempotence", "true")
                 .set("acks", "all")
-                .set("message.timeout.ms", "0");
+                .set("message.timeout.ms", "0")
+                .set("enable.gapless.guarantee", "true");
             if !self.cfg.properties.contains_key("linger.ms")
                 && !self.cfg.properties.contains_key("queue.buffering.max.ms")
             {
