@@ -16,7 +16,7 @@
 //! machine: ≥ 20,000 events/s; p99 ≤ 10 ms (NATS) and ≤ 15 ms (Kafka) at
 //! 1,000 events/s; RSS ≤ 30 MiB (NATS only).
 //!
-//! `BENCH_ONLY=nats|kafka|both` runs one configuration.
+//! `BENCH_ONLY=nats|kafka|both|rss` runs one part.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -338,7 +338,9 @@ fn main() {
         println!("== {name}");
         run_config(n.as_deref(), k.as_deref(), &nats, &kafka);
     }
-    rss(&nats, &kafka);
+    if only.is_empty() || only == "rss" {
+        rss(&nats, &kafka);
+    }
 }
 
 /// Throughput and latency of one sink configuration.
