@@ -17,14 +17,29 @@ use std::sync::OnceLock;
 use apache_avro::types::Value;
 use apache_avro::Schema;
 
-use crate::model::{Detail, DomainEvent, DomainRef, DomainState, EventType, Origin, StateReason};
+use crate::model::{
+    Detail, DomainEvent, DomainRef, DomainSnapshot, DomainState, EventType, HostSnapshot, Origin,
+    StateReason, AGENT_VERSION,
+};
 
 /// The schema files shipped with this build: (record name, version, text).
-pub const SCHEMA_FILES: &[(&str, u32, &str)] = &[(
-    "DomainEvent",
-    1,
-    include_str!("../schemas/DomainEvent.v1.avsc"),
-)];
+pub const SCHEMA_FILES: &[(&str, u32, &str)] = &[
+    (
+        "DomainEvent",
+        1,
+        include_str!("../schemas/DomainEvent.v1.avsc"),
+    ),
+    (
+        "DomainSnapshot",
+        1,
+        include_str!("../schemas/DomainSnapshot.v1.avsc"),
+    ),
+    (
+        "HostSnapshot",
+        1,
+        include_str!("../schemas/HostSnapshot.v1.avsc"),
+    ),
+];
 
 /// Content type of Avro single-object encoded bodies.
 pub const CONTENT_TYPE_AVRO: &str = "application/avro";
@@ -32,6 +47,10 @@ pub const CONTENT_TYPE_AVRO: &str = "application/avro";
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// CloudEvents type of a `DomainEvent` v1.
 pub const CE_TYPE_DOMAIN_EVENT: &str = "io.virtstream.domain.event.v1";
+/// CloudEvents type of a `DomainSnapshot` v1 (and of its tombstone).
+pub const CE_TYPE_DOMAIN_SNAPSHOT: &str = "io.virtstream.domain.snapshot.v1";
+/// CloudEvents type of a `HostSnapshot` v1.
+pub const CE_TYPE_HOST_SNAPSHOT: &str = "io.virtstream.host.snapshot.v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -200,6 +219,71 @@ pub fn encode_event(e: &DomainEvent) -> Vec<u8> {
     w.opt(&e.config_hash, |w, v| w.str(v));
     w.long(e.observed_at);
     w.opt(&e.xml, |w, v| w.str(v));
+    w.0
+}
+
+/// Encodes a `DomainSnapshot` as an Avro single-object message.
+pub fn encode_domain_snapshot(d: &DomainSnapshot) -> Vec<u8> {
+    let fp = latest("DomainSnapshot").fingerprint;
+    let mut w = Writer(Vec::with_capacity(
+        256 + d.xml.as_ref().map_or(0, |x| x.len()),
+    ));
+    w.0.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+    w.0.extend_from_slice(&fp.to_le_bytes());
+    w.str(&d.event_id);
+    w.str(&d.host_id);
+    w.str(&d.epoch);
+    w.long(d.host_seq as i64);
+    w.str(&d.snapshot_id);
+    w.long(d.seq as i64);
+    w.str(&d.domain.uuid);
+    w.str(&d.domain.name);
+    w.opt(&d.domain.id, |w, v| w.int(*v));
+    w.enum_index(d.state.state.index());
+    w.int(d.state.state_code);
+    w.str(&d.state.reason);
+    w.int(d.state.reason_code);
+    w.bool(d.persistent);
+    w.opt(&d.autostart, |w, v| w.bool(*v));
+    w.opt(&d.vcpus, |w, v| w.int(*v));
+    w.opt(&d.memory_kib, |w, v| w.long(*v));
+    w.opt(&d.config_hash, |w, v| w.str(v));
+    w.long(d.observed_at);
+    w.opt(&d.xml, |w, v| w.str(v));
+    w.0
+}
+
+/// Encodes a `HostSnapshot` as an Avro single-object message.
+pub fn encode_host_snapshot(h: &HostSnapshot) -> Vec<u8> {
+    let fp = latest("HostSnapshot").fingerprint;
+    let mut w = Writer(Vec::with_capacity(256));
+    w.0.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+    w.0.extend_from_slice(&fp.to_le_bytes());
+    w.str(&h.event_id);
+    w.str(&h.host_id);
+    w.str(&h.epoch);
+    w.long(h.host_seq as i64);
+    w.enum_index(h.kind.index());
+    w.opt(&h.snapshot_id, |w, v| w.str(v));
+    w.int(h.domain_count);
+    w.long(h.host_seq_watermark as i64);
+    w.str(&h.info.libvirt_uri);
+    w.str(&h.info.libvirt_driver);
+    w.str(&h.info.libvirt_version);
+    // An Avro array: one block with the count, then the end marker.
+    if !h.info.accepted_event_ids.is_empty() {
+        w.long(h.info.accepted_event_ids.len() as i64);
+        for id in &h.info.accepted_event_ids {
+            w.str(id);
+        }
+    }
+    w.long(0);
+    w.str(if h.agent_version.is_empty() {
+        AGENT_VERSION
+    } else {
+        &h.agent_version
+    });
+    w.long(h.observed_at);
     w.0
 }
 
@@ -418,6 +502,88 @@ fn event_from_value(v: Value) -> Result<DomainEvent, CodecError> {
     })
 }
 
+/// Decodes a `DomainSnapshot` message.
+pub fn decode_domain_snapshot(bytes: &[u8]) -> Result<DomainSnapshot, CodecError> {
+    let (name, value) = decode_value(bytes)?;
+    if name != "DomainSnapshot" {
+        return Err(shape(format!("expected DomainSnapshot, found {name}")));
+    }
+    let mut f = Fields::of(value)?;
+    let mut d = Fields::of(f.take("domain")?)?;
+    let mut s = Fields::of(f.take("state")?)?;
+    let state = DomainState::parse(&s.symbol("state")?).unwrap_or(DomainState::UNKNOWN);
+    Ok(DomainSnapshot {
+        event_id: f.string("event_id")?,
+        host_id: f.string("host_id")?,
+        epoch: f.string("epoch")?,
+        host_seq: f.long("host_seq")? as u64,
+        snapshot_id: f.string("snapshot_id")?,
+        seq: f.long("seq")? as u64,
+        domain: DomainRef {
+            uuid: d.string("uuid")?,
+            name: d.string("name")?,
+            id: d.opt_int("id")?,
+        },
+        state: StateReason {
+            state,
+            state_code: s.int("state_code")?,
+            reason: s.string("reason")?,
+            reason_code: s.int("reason_code")?,
+        },
+        persistent: f.boolean("persistent")?,
+        autostart: f.opt_bool("autostart")?,
+        vcpus: f.opt_int("vcpus")?,
+        memory_kib: f.opt_long("memory_kib")?,
+        config_hash: f.opt_string("config_hash")?,
+        observed_at: f.long("observed_at")?,
+        xml: f.opt_string("xml")?,
+    })
+}
+
+/// Decodes a `HostSnapshot` message.
+pub fn decode_host_snapshot(bytes: &[u8]) -> Result<HostSnapshot, CodecError> {
+    let (name, value) = decode_value(bytes)?;
+    if name != "HostSnapshot" {
+        return Err(shape(format!("expected HostSnapshot, found {name}")));
+    }
+    let mut f = Fields::of(value)?;
+    let ids = match f.take("accepted_event_ids")? {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(shape(format!(
+                    "accepted_event_ids: expected strings, found {other:?}"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        other => {
+            return Err(shape(format!(
+                "accepted_event_ids: expected an array, found {other:?}"
+            )))
+        }
+    };
+    Ok(HostSnapshot {
+        event_id: f.string("event_id")?,
+        host_id: f.string("host_id")?,
+        epoch: f.string("epoch")?,
+        host_seq: f.long("host_seq")? as u64,
+        kind: crate::model::HostSnapshotKind::parse(&f.symbol("kind")?)
+            .unwrap_or(crate::model::HostSnapshotKind::UNKNOWN),
+        snapshot_id: f.opt_string("snapshot_id")?,
+        domain_count: f.int("domain_count")?,
+        host_seq_watermark: f.long("host_seq_watermark")? as u64,
+        info: crate::model::HostInfo {
+            libvirt_uri: f.string("libvirt_uri")?,
+            libvirt_driver: f.string("libvirt_driver")?,
+            libvirt_version: f.string("libvirt_version")?,
+            accepted_event_ids: ids,
+        },
+        agent_version: f.string("agent_version")?,
+        observed_at: f.long("observed_at")?,
+    })
+}
+
 /// RFC 3339 time (UTC, microseconds) of a µs timestamp.
 pub fn rfc3339_micros(us: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(us as i128 * 1000)
@@ -521,6 +687,73 @@ pub(crate) mod tests {
             observed_at: 1_795_312_588_856_123,
             xml: None,
         }
+    }
+
+    pub fn sample_snapshot() -> DomainSnapshot {
+        let e = sample();
+        DomainSnapshot {
+            event_id: event_id("host-a", "7f3c", 1050),
+            host_id: e.host_id,
+            epoch: e.epoch,
+            host_seq: 1050,
+            snapshot_id: event_id("host-a", "7f3c", 1049),
+            seq: e.seq,
+            domain: e.domain,
+            state: e.state_after,
+            persistent: true,
+            autostart: None,
+            vcpus: Some(4),
+            memory_kib: None,
+            config_hash: Some("sha256:00".into()),
+            observed_at: e.observed_at,
+            xml: Some("<domain/>".into()),
+        }
+    }
+
+    pub fn sample_host(kind: crate::model::HostSnapshotKind) -> HostSnapshot {
+        HostSnapshot {
+            event_id: event_id("host-a", "7f3c", 1049),
+            host_id: "host-a".into(),
+            epoch: "7f3c".into(),
+            host_seq: 1049,
+            kind,
+            snapshot_id: Some(event_id("host-a", "7f3c", 1049)),
+            domain_count: 3,
+            host_seq_watermark: 1048,
+            info: crate::model::HostInfo {
+                libvirt_uri: "qemu:///system".into(),
+                libvirt_driver: "QEMU".into(),
+                libvirt_version: "9.0.0".into(),
+                accepted_event_ids: vec!["LIFECYCLE".into(), "REBOOT".into()],
+            },
+            agent_version: AGENT_VERSION.into(),
+            observed_at: 1_795_312_588_856_123,
+        }
+    }
+
+    #[test]
+    fn snapshot_records_round_trip_through_the_schema_files() {
+        let d = sample_snapshot();
+        let bytes = encode_domain_snapshot(&d);
+        assert_eq!(decode_domain_snapshot(&bytes).unwrap(), d);
+        assert_eq!(decode_json(&bytes).unwrap().0, "DomainSnapshot");
+        for kind in [
+            crate::model::HostSnapshotKind::ROUND_BEGIN,
+            crate::model::HostSnapshotKind::ROUND_END,
+            crate::model::HostSnapshotKind::HEARTBEAT,
+        ] {
+            let mut h = sample_host(kind);
+            let bytes = encode_host_snapshot(&h);
+            assert_eq!(decode_host_snapshot(&bytes).unwrap(), h);
+            h.snapshot_id = None;
+            h.info.accepted_event_ids.clear();
+            let bytes = encode_host_snapshot(&h);
+            assert_eq!(decode_host_snapshot(&bytes).unwrap(), h);
+        }
+        // Each decoder refuses the other records.
+        assert!(decode_host_snapshot(&encode_domain_snapshot(&d)).is_err());
+        assert!(decode_event(&encode_domain_snapshot(&d)).is_err());
+        assert!(decode_domain_snapshot(&encode_event(&sample())).is_err());
     }
 
     #[test]

@@ -331,6 +331,61 @@ pub struct DomainEvent {
     pub xml: Option<String>,
 }
 
+symbols! {
+    /// What a `HostSnapshot` record is.
+    HostSnapshotKind { ROUND_BEGIN, ROUND_END, HEARTBEAT, UNKNOWN }
+}
+
+/// One `DomainSnapshot` record (schemas/DomainSnapshot.v1.avsc).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainSnapshot {
+    pub event_id: String,
+    pub host_id: String,
+    pub epoch: String,
+    pub host_seq: u64,
+    /// The round: event_id of its ROUND_BEGIN record.
+    pub snapshot_id: String,
+    /// The domain's current seq (not bumped by the snapshot).
+    pub seq: u64,
+    pub domain: DomainRef,
+    pub state: StateReason,
+    pub persistent: bool,
+    pub autostart: Option<bool>,
+    pub vcpus: Option<i32>,
+    pub memory_kib: Option<i64>,
+    pub config_hash: Option<String>,
+    pub observed_at: i64,
+    pub xml: Option<String>,
+}
+
+/// What the host's libvirt is and can report (carried by `HostSnapshot`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostInfo {
+    pub libvirt_uri: String,
+    pub libvirt_driver: String,
+    pub libvirt_version: String,
+    pub accepted_event_ids: Vec<String>,
+}
+
+/// One `HostSnapshot` record (schemas/HostSnapshot.v1.avsc).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostSnapshot {
+    pub event_id: String,
+    pub host_id: String,
+    pub epoch: String,
+    pub host_seq: u64,
+    pub kind: HostSnapshotKind,
+    pub snapshot_id: Option<String>,
+    pub domain_count: i32,
+    pub host_seq_watermark: u64,
+    pub info: HostInfo,
+    pub agent_version: String,
+    pub observed_at: i64,
+}
+
+/// The agent's version, as carried by `HostSnapshot`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// `event_id` from its parts (DESIGN §3): deterministic per journal entry.
 pub fn event_id(host_id: &str, epoch: &str, host_seq: u64) -> String {
     format!("{host_id}:{epoch}:{host_seq}")
