@@ -137,6 +137,11 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
         metrics: metrics.clone(),
         restarted: false,
         stop: stop.clone(),
+        // No libvirt here, so no listings: rounds are benchmarked separately.
+        snapshot: virtstream::tracker::SnapshotOptions {
+            interval: Duration::from_secs(3600),
+            heartbeat: Duration::from_secs(3600),
+        },
     };
     std::thread::Builder::new()
         .name("tracker".into())
@@ -202,12 +207,7 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
                             .await
                             .unwrap();
                         let sink = NatsSink {
-                            encoding: Arc::new(EncodingContext::new(
-                                &rec.host_id,
-                                &rec.epoch,
-                                &cfg.events_subject_prefix,
-                                cfg.encoding,
-                            )),
+                            encoding: Arc::new(EncodingContext::new(&rec.host_id, &rec.epoch, &cfg)),
                             cfg,
                             client,
                             journal,

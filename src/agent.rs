@@ -21,7 +21,7 @@ use crate::sinks::nats::service::NatsSink;
 use crate::sinks::nats::{self, NatsError};
 use crate::source::{self, ffi, LibvirtInspector, Source, SourceOptions};
 use crate::telemetry::{self, Health, Metrics, TelemetryError};
-use crate::tracker::{decode_records, Tracker, TrackerOptions, TrackerTask};
+use crate::tracker::{decode_records, SnapshotOptions, Tracker, TrackerOptions, TrackerTask};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -159,6 +159,10 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         metrics: metrics.clone(),
         restarted: !recovered.fresh,
         stop: stop.clone(),
+        snapshot: SnapshotOptions {
+            interval: cfg.snapshot.interval.0,
+            heartbeat: cfg.snapshot.heartbeat.0,
+        },
     };
     let tracker_thread = std::thread::Builder::new()
         .name("tracker".into())
@@ -173,12 +177,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             cfg: ncfg.clone(),
             client,
             journal: journal.clone(),
-            encoding: Arc::new(EncodingContext::new(
-                &recovered.host_id,
-                &recovered.epoch,
-                &ncfg.events_subject_prefix,
-                ncfg.encoding,
-            )),
+            encoding: Arc::new(EncodingContext::new(&recovered.host_id, &recovered.epoch, &ncfg)),
             health: health.clone(),
             metrics: metrics.clone(),
             observer: None,

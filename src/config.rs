@@ -70,6 +70,8 @@ pub struct Config {
     pub nats: Option<NatsConfig>,
     pub kafka: Option<KafkaConfig>,
     #[serde(default)]
+    pub snapshot: SnapshotConfig,
+    #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -153,6 +155,13 @@ pub struct NatsConfig {
     pub events_stream: String,
     #[serde(default = "d_events_prefix")]
     pub events_subject_prefix: String,
+    /// Stream of DomainSnapshot and HostSnapshot records (one per subject).
+    #[serde(default = "d_snapshots_stream")]
+    pub snapshots_stream: String,
+    #[serde(default = "d_snapshots_prefix")]
+    pub snapshots_subject_prefix: String,
+    #[serde(default = "d_hosts_prefix")]
+    pub hosts_subject_prefix: String,
     /// Create the stream when missing.
     #[serde(default = "d_true")]
     pub create_streams: bool,
@@ -342,6 +351,28 @@ pub enum Encoding {
     Json,
 }
 
+/// Snapshot rounds and heartbeats.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// A complete round at least this often (besides the rounds at start,
+    /// after reconnects and after gaps).
+    #[serde(default = "d_snapshot_interval")]
+    pub interval: Dur,
+    /// A HostSnapshot heartbeat this often.
+    #[serde(default = "d_heartbeat")]
+    pub heartbeat: Dur,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            interval: d_snapshot_interval(),
+            heartbeat: d_heartbeat(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -454,6 +485,15 @@ fn d_events_stream() -> String {
 fn d_events_prefix() -> String {
     "virt.events.v1".into()
 }
+fn d_snapshots_stream() -> String {
+    "VIRT_SNAPSHOTS".into()
+}
+fn d_snapshots_prefix() -> String {
+    "virt.snapshots.v1".into()
+}
+fn d_hosts_prefix() -> String {
+    "virt.hosts.v1".into()
+}
 fn d_max_age() -> Dur {
     Dur(Duration::from_secs(7 * 24 * 3600))
 }
@@ -486,6 +526,12 @@ fn d_kafka_inflight() -> usize {
 }
 fn d_readback_idle() -> Dur {
     Dur(Duration::from_secs(2))
+}
+fn d_snapshot_interval() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn d_heartbeat() -> Dur {
+    Dur(Duration::from_secs(30))
 }
 fn d_clock_skew() -> Dur {
     Dur(Duration::from_secs(10))
@@ -578,6 +624,14 @@ impl Config {
                 "is larger than libvirt.reconnect_backoff_max",
             ));
         }
+        for (key, d) in [
+            ("snapshot.interval", self.snapshot.interval),
+            ("snapshot.heartbeat", self.snapshot.heartbeat),
+        ] {
+            if d.0 < Duration::from_secs(1) {
+                return Err(key_err(key, "must be at least 1s"));
+            }
+        }
         if self.journal.group_commit_max == 0 {
             return Err(key_err("journal.group_commit_max", "must be at least 1"));
         }
@@ -602,7 +656,16 @@ impl Config {
                     "must be > 0: JetStream de-duplication by Nats-Msg-Id needs it",
                 ));
             }
-            for (k, v) in [("nats.events_stream", &n.events_stream)] {
+            if n.events_stream == n.snapshots_stream {
+                return Err(key_err(
+                    "nats.snapshots_stream",
+                    "must differ from nats.events_stream",
+                ));
+            }
+            for (k, v) in [
+                ("nats.events_stream", &n.events_stream),
+                ("nats.snapshots_stream", &n.snapshots_stream),
+            ] {
                 if v.is_empty() || v.contains(['.', '*', '>', ' ']) {
                     return Err(key_err(
                         k,
@@ -610,7 +673,18 @@ impl Config {
                     ));
                 }
             }
-            for (k, v) in [("nats.events_subject_prefix", &n.events_subject_prefix)] {
+            let prefixes = [
+                ("nats.events_subject_prefix", &n.events_subject_prefix),
+                ("nats.snapshots_subject_prefix", &n.snapshots_subject_prefix),
+                ("nats.hosts_subject_prefix", &n.hosts_subject_prefix),
+            ];
+            for (i, (k, v)) in prefixes.iter().enumerate() {
+                let overlaps = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}.")) || b.starts_with(&format!("{a}."));
+                if prefixes[..i].iter().any(|(_, o)| overlaps(o, v)) {
+                    return Err(key_err(k, format!("`{v}` overlaps another subject prefix")));
+                }
+            }
+            for (k, v) in prefixes {
                 if v.is_empty() || v.contains(['*', '>', ' ']) || v.ends_with('.') {
                     return Err(key_err(k, format!("`{v}` is not a valid subject prefix")));
                 }

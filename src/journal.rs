@@ -72,12 +72,19 @@ fn storage(e: impl std::fmt::Display) -> JournalError {
 #[repr(u8)]
 pub enum Kind {
     DomainEvent = 1,
+    DomainSnapshot = 2,
+    HostSnapshot = 3,
+    /// A domain left the host: its snapshot is deleted. Empty payload.
+    DomainTombstone = 4,
 }
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
         match v {
             1 => Some(Kind::DomainEvent),
+            2 => Some(Kind::DomainSnapshot),
+            3 => Some(Kind::HostSnapshot),
+            4 => Some(Kind::DomainTombstone),
             _ => None,
         }
     }

@@ -85,6 +85,15 @@ pub mod event_id {
     pub const REBOOT: i32 = 1;
     /// Not from libvirt (reconcile events, gap markers).
     pub const NONE: i32 = -1;
+
+    /// libvirt's name of an event id (`VIR_DOMAIN_EVENT_ID_<name>`).
+    pub fn name(id: i32) -> String {
+        match id {
+            LIFECYCLE => "LIFECYCLE".into(),
+            REBOOT => "REBOOT".into(),
+            other => format!("ID_{other}"),
+        }
+    }
 }
 
 impl EventType {

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub events_dropped: Counter,
     pub gaps: Family<Labels, Counter>,
     pub reconcile_events: Counter,
+    pub snapshot_rounds: Counter,
     pub journal_full_drops: Counter,
     pub published: Family<Labels, Counter>,
     pub publish_errors: Family<Labels, Counter>,
@@ -83,6 +84,12 @@ impl Metrics {
             "reconcile_events",
             "RECONCILE events emitted after comparing a libvirt listing with the tracker",
             reconcile_events.clone(),
+        );
+        let snapshot_rounds = Counter::default();
+        registry.register(
+            "snapshot_rounds",
+            "complete snapshot rounds journaled (at start, after reconnects and gaps, and every snapshot.interval)",
+            snapshot_rounds.clone(),
         );
         let journal_full_drops = Counter::default();
         registry.register(
@@ -158,6 +165,7 @@ impl Metrics {
             events_dropped,
             gaps,
             reconcile_events,
+            snapshot_rounds,
             journal_full_drops,
             published,
             publish_errors,

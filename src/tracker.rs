@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -29,8 +29,8 @@ use crate::codec;
 use crate::config::XmlMode;
 use crate::journal::{Entry, Journal, Kind};
 use crate::model::{
-    event_id, Detail, DomainEvent, DomainRef, DomainState, EventType, Origin, StateReason,
-    HOST_UUID,
+    event_id, Detail, DomainEvent, DomainRef, DomainSnapshot, DomainState, EventType, HostInfo,
+    HostSnapshot, HostSnapshotKind, Origin, StateReason, AGENT_VERSION, HOST_UUID,
 };
 use crate::telemetry::Metrics;
 
@@ -118,6 +118,8 @@ pub enum Item {
     Resync {
         listing: Vec<(String, Facts)>,
         observed_at: i64,
+        /// What the connection's libvirt is (carried by HostSnapshot).
+        info: HostInfo,
     },
     /// The libvirt connection was lost: events may be missing from here on.
     Disconnected { observed_at: i64 },
@@ -136,6 +138,10 @@ pub struct DomainRecord {
     pub memory_kib: Option<i64>,
     pub config_hash: Option<String>,
     pub seq: u64,
+    /// In the last complete snapshot round and not tombstoned since: a
+    /// round that no longer finds the domain publishes its tombstone.
+    #[serde(default)]
+    pub in_round: bool,
 }
 
 impl DomainRecord {
@@ -304,6 +310,33 @@ pub struct Tracker<I: Inspector> {
     /// UUID → agent time at which a lookup found no such domain. Events
     /// observed before that time skip the lookup: it cannot tell more.
     missing_since: HashMap<String, i64>,
+    /// snapshot_id of the last complete round (carried by heartbeats).
+    last_round: Option<String>,
+}
+
+/// A snapshot-round or heartbeat record, with the domain record it updates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Snap {
+    Host(HostSnapshot),
+    Domain(DomainSnapshot, Option<(String, DomainRecord)>),
+    /// The domain left the host (seen by a complete round): its snapshot is
+    /// deleted (null value on Kafka, tombstone header on NATS).
+    Tombstone {
+        uuid: String,
+        host_seq: u64,
+        observed_at: i64,
+        record: (String, DomainRecord),
+    },
+}
+
+impl Snap {
+    pub fn host_seq(&self) -> u64 {
+        match self {
+            Snap::Host(h) => h.host_seq,
+            Snap::Domain(d, _) => d.host_seq,
+            Snap::Tombstone { host_seq, .. } => *host_seq,
+        }
+    }
 }
 
 impl<I: Inspector> Tracker<I> {
@@ -323,7 +356,138 @@ impl<I: Inspector> Tracker<I> {
             inspector,
             opts,
             missing_since: HashMap::new(),
+            last_round: None,
         }
+    }
+
+    fn host_snapshot(
+        &mut self,
+        kind: HostSnapshotKind,
+        snapshot_id: Option<String>,
+        domain_count: usize,
+        info: &HostInfo,
+        observed_at: i64,
+    ) -> HostSnapshot {
+        let host_seq = self.next_host_seq();
+        HostSnapshot {
+            event_id: event_id(&self.host_id, &self.epoch, host_seq),
+            host_id: self.host_id.clone(),
+            epoch: self.epoch.clone(),
+            host_seq,
+            kind,
+            snapshot_id,
+            domain_count: i32::try_from(domain_count).unwrap_or(i32::MAX),
+            host_seq_watermark: host_seq - 1,
+            info: info.clone(),
+            agent_version: AGENT_VERSION.to_string(),
+            observed_at,
+        }
+    }
+
+    /// A heartbeat: the host_seq high-water mark and the last complete
+    /// round, so consumers notice silence and gaps on quiet hosts.
+    pub fn heartbeat(&mut self, info: &HostInfo, observed_at: i64) -> HostSnapshot {
+        let last = self.last_round.clone();
+        let n = self.domain_count();
+        self.host_snapshot(HostSnapshotKind::HEARTBEAT, last, n, info, observed_at)
+    }
+
+    /// A complete snapshot round: ROUND_BEGIN, one DomainSnapshot per
+    /// domain of `listing`, ROUND_END, then a tombstone for every domain of
+    /// the previous complete round that this one no longer has. Call it
+    /// right after [`Tracker::on_resync`] with the same listing, so the
+    /// records it reads are libvirt's truth.
+    pub fn round(
+        &mut self,
+        listing: &[(String, Facts)],
+        info: &HostInfo,
+        observed_at: i64,
+    ) -> Vec<Snap> {
+        let mut out = Vec::with_capacity(listing.len() + 2);
+        let domains: Vec<&(String, Facts)> = listing
+            .iter()
+            .filter(|(u, _)| self.domains.get(u).is_some_and(|r| !r.gone()))
+            .collect();
+        let begin = self.host_snapshot(
+            HostSnapshotKind::ROUND_BEGIN,
+            None,
+            domains.len(),
+            info,
+            observed_at,
+        );
+        let snapshot_id = begin.event_id.clone();
+        let mut begin = begin;
+        begin.snapshot_id = Some(snapshot_id.clone());
+        out.push(Snap::Host(begin));
+        let mut present = HashSet::with_capacity(domains.len());
+        for (uuid, facts) in domains {
+            present.insert(uuid.as_str());
+            let host_seq = self.next_host_seq();
+            let rec = self.domains.get_mut(uuid).expect("filtered above");
+            let update = if rec.in_round {
+                None
+            } else {
+                rec.in_round = true;
+                Some((uuid.clone(), rec.clone()))
+            };
+            let snap = DomainSnapshot {
+                event_id: event_id(&self.host_id, &self.epoch, host_seq),
+                host_id: self.host_id.clone(),
+                epoch: self.epoch.clone(),
+                host_seq,
+                snapshot_id: snapshot_id.clone(),
+                seq: rec.seq,
+                domain: DomainRef {
+                    uuid: uuid.clone(),
+                    name: facts.name.clone(),
+                    id: facts.id,
+                },
+                state: facts.state.clone(),
+                persistent: facts.persistent,
+                autostart: facts.autostart,
+                vcpus: facts.vcpus,
+                memory_kib: facts.memory_kib,
+                config_hash: facts.config_hash.clone(),
+                observed_at,
+                xml: if self.opts.xml == XmlMode::Off {
+                    None
+                } else {
+                    facts.xml.clone()
+                },
+            };
+            out.push(Snap::Domain(snap, update));
+        }
+        let n = present.len();
+        let end = self.host_snapshot(
+            HostSnapshotKind::ROUND_END,
+            Some(snapshot_id.clone()),
+            n,
+            info,
+            observed_at,
+        );
+        out.push(Snap::Host(end));
+        // The round is complete: what it no longer has has left the host.
+        let mut left: Vec<String> = self
+            .domains
+            .iter()
+            .filter(|(u, r)| r.in_round && !present.contains(u.as_str()))
+            .map(|(u, _)| u.clone())
+            .collect();
+        left.sort();
+        for uuid in left {
+            let host_seq = self.next_host_seq();
+            let rec = self.domains.get_mut(&uuid).expect("listed above");
+            rec.in_round = false;
+            let record = (uuid.clone(), rec.clone());
+            out.push(Snap::Tombstone {
+                uuid,
+                host_seq,
+                observed_at,
+                record,
+            });
+        }
+        self.last_round = Some(snapshot_id);
+        out
     }
 
     pub fn host_seq(&self) -> u64 {
@@ -527,6 +691,7 @@ impl<I: Inspector> Tracker<I> {
             memory_kib,
             config_hash: config_hash.clone(),
             seq,
+            in_round: prev.as_ref().is_some_and(|p| p.in_round),
         };
         let host_seq = self.next_host_seq();
         let out = DomainEvent {
@@ -604,6 +769,7 @@ impl<I: Inspector> Tracker<I> {
                 memory_kib: facts.memory_kib,
                 config_hash: facts.config_hash.clone(),
                 seq: prev.as_ref().map_or(0, |p| p.seq) + 1,
+                in_round: prev.as_ref().is_some_and(|p| p.in_round),
             };
             out.push(self.reconcile_output(uuid, record, event, detail, observed_at, xml));
         }
@@ -715,6 +881,16 @@ pub struct TrackerTask<I: Inspector> {
     pub restarted: bool,
     /// Set at shutdown: drain what is queued, then return.
     pub stop: Arc<AtomicBool>,
+    /// Round and heartbeat periods.
+    pub snapshot: SnapshotOptions,
+}
+
+/// When snapshot rounds and heartbeats happen (besides the rounds after
+/// every libvirt listing: at start, after reconnects and after gaps).
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotOptions {
+    pub interval: Duration,
+    pub heartbeat: Duration,
 }
 
 impl<I: Inspector> TrackerTask<I> {
@@ -725,7 +901,25 @@ impl<I: Inspector> TrackerTask<I> {
             let o = self.tracker.gap(GapCause::AgentRestart, now_micros());
             self.emit_gap(o, GapCause::AgentRestart);
         }
+        // Known after the first listing; rounds and heartbeats wait for it.
+        let mut info: Option<HostInfo> = None;
+        let mut next_round = Instant::now() + self.snapshot.interval;
+        let mut next_heartbeat = Instant::now() + self.snapshot.heartbeat;
         loop {
+            let now = Instant::now();
+            if now >= next_round {
+                // The listing it asks for comes back as a Resync: reconcile,
+                // then the round.
+                self.request_resync();
+                next_round = now + self.snapshot.interval;
+            }
+            if now >= next_heartbeat {
+                next_heartbeat = now + self.snapshot.heartbeat;
+                if let Some(info) = &info {
+                    let h = self.tracker.heartbeat(info, now_micros());
+                    self.append_snap(Snap::Host(h));
+                }
+            }
             if self.overflow.swap(false, Ordering::AcqRel) {
                 let o = self.tracker.gap(GapCause::QueueOverflow, now_micros());
                 self.emit_gap(o, GapCause::QueueOverflow);
@@ -772,13 +966,11 @@ impl<I: Inspector> TrackerTask<I> {
                 Item::Resync {
                     listing,
                     observed_at,
+                    info: host,
                 } => {
+                    let started = Instant::now();
                     let outs = self.tracker.on_resync(&listing, observed_at);
-                    tracing::info!(
-                        domains = listing.len(),
-                        changes = outs.len(),
-                        "reconciled with libvirt listing"
-                    );
+                    let changes = outs.len();
                     self.metrics.reconcile_events.inc_by(outs.len() as u64);
                     for o in outs {
                         self.append(o);
@@ -786,6 +978,23 @@ impl<I: Inspector> TrackerTask<I> {
                     self.metrics
                         .domains_tracked
                         .set(self.tracker.domain_count() as i64);
+                    // Every listing is followed by a complete round.
+                    let snaps = self.tracker.round(&listing, &host, observed_at);
+                    let records = snaps.len();
+                    for s in snaps {
+                        self.append_snap(s);
+                    }
+                    self.metrics.snapshot_rounds.inc();
+                    tracing::info!(
+                        domains = listing.len(),
+                        changes,
+                        snapshot_records = records,
+                        took = ?started.elapsed(),
+                        "reconciled with libvirt listing; snapshot round journaled"
+                    );
+                    info = Some(host);
+                    next_round = Instant::now() + self.snapshot.interval;
+                    next_heartbeat = Instant::now() + self.snapshot.heartbeat;
                 }
                 Item::Disconnected { observed_at } => {
                     let o = self.tracker.gap(GapCause::Disconnected, observed_at);
@@ -815,6 +1024,52 @@ impl<I: Inspector> TrackerTask<I> {
         );
         self.metrics.count_gap(cause.label());
         self.append(o);
+    }
+
+    fn append_snap(&mut self, s: Snap) {
+        let (entry, record) = match s {
+            Snap::Host(h) => (
+                Entry {
+                    host_seq: h.host_seq,
+                    kind: Kind::HostSnapshot,
+                    key: HOST_UUID.to_string(),
+                    observed_at: h.observed_at,
+                    payload: codec::encode_host_snapshot(&h),
+                },
+                None,
+            ),
+            Snap::Domain(d, record) => (
+                Entry {
+                    host_seq: d.host_seq,
+                    kind: Kind::DomainSnapshot,
+                    key: d.domain.uuid.clone(),
+                    observed_at: d.observed_at,
+                    payload: codec::encode_domain_snapshot(&d),
+                },
+                record,
+            ),
+            Snap::Tombstone {
+                uuid,
+                host_seq,
+                observed_at,
+                record,
+            } => (
+                Entry {
+                    host_seq,
+                    kind: Kind::DomainTombstone,
+                    key: uuid,
+                    observed_at,
+                    payload: Vec::new(),
+                },
+                Some(record),
+            ),
+        };
+        let host_seq = entry.host_seq;
+        let record =
+            record.map(|(uuid, r)| (uuid, serde_json::to_vec(&r).expect("record serializes")));
+        if let Err(e) = self.journal.append(entry, record) {
+            tracing::error!(error = %e, host_seq, "journal closed; entry not appended");
+        }
     }
 
     fn append(&mut self, o: Output) {

@@ -28,7 +28,14 @@ pub struct MessageParts {
     pub event_id: String,
     pub headers: Vec<(&'static str, String)>,
     pub body: Bytes,
+    /// A deleted domain snapshot: Kafka sends a null value, NATS an empty
+    /// body with [`TOMBSTONE_HEADER`].
+    pub tombstone: bool,
 }
+
+/// Header marking a deletion (tombstone) on NATS, and on Kafka too (where
+/// the value is null).
+pub const TOMBSTONE_HEADER: &str = "virtstream-tombstone";
 
 /// Builds the [`MessageParts`] of a journal entry. Deterministic: the same
 /// entry always yields the same id, headers and body.
@@ -41,27 +48,43 @@ pub fn message_parts(
     let id = event_id(host_id, epoch, entry.host_seq);
     let (ce_type, schema) = match entry.kind {
         Kind::DomainEvent => (codec::CE_TYPE_DOMAIN_EVENT, codec::latest("DomainEvent")),
+        Kind::DomainSnapshot | Kind::DomainTombstone => (
+            codec::CE_TYPE_DOMAIN_SNAPSHOT,
+            codec::latest("DomainSnapshot"),
+        ),
+        Kind::HostSnapshot => (codec::CE_TYPE_HOST_SNAPSHOT, codec::latest("HostSnapshot")),
     };
+    let tombstone = entry.kind == Kind::DomainTombstone;
     let (content_type, body) = match encoding {
+        _ if tombstone => (codec::CONTENT_TYPE_AVRO, Bytes::new()),
         Encoding::Avro => (codec::CONTENT_TYPE_AVRO, Bytes::from(entry.payload.clone())),
         Encoding::Json => {
             let (_, json) = codec::decode_json(&entry.payload)?;
             (codec::CONTENT_TYPE_JSON, Bytes::from(json.to_string()))
         }
     };
-    let headers = codec::cloudevents_headers(
+    let subject = if entry.kind == Kind::HostSnapshot {
+        host_id
+    } else {
+        entry.key.as_str()
+    };
+    let mut headers = codec::cloudevents_headers(
         ce_type,
         &id,
         host_id,
         entry.observed_at,
-        &entry.key,
+        subject,
         content_type,
         schema,
     );
+    if tombstone {
+        headers.push((TOMBSTONE_HEADER, "true".to_string()));
+    }
     Ok(MessageParts {
         event_id: id,
         headers,
         body,
+        tombstone,
     })
 }
 

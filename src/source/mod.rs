@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use virt::connect::Connect;
 use virt::domain::Domain;
 
-use crate::model::StateReason;
+use crate::model::{HostInfo, StateReason};
 use crate::telemetry::{Health, Metrics};
 use crate::tracker::{now_micros, Facts, Inspector, Item, LookupError};
 
@@ -242,6 +242,26 @@ impl Source {
         })
     }
 
+    /// What this connection's libvirt is and can report.
+    fn host_info(&self, session: &Session) -> HostInfo {
+        let version = session
+            .conn
+            .lib_version()
+            .map(|v| format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000))
+            .unwrap_or_default();
+        HostInfo {
+            libvirt_uri: self.opts.uri.clone(),
+            libvirt_driver: session.conn.driver_type().unwrap_or_default(),
+            libvirt_version: version,
+            accepted_event_ids: session
+                .registration
+                .accepted
+                .iter()
+                .map(|id| crate::model::event_id::name(*id))
+                .collect(),
+        }
+    }
+
     fn send_listing(&self, session: &Session) -> Result<(), SourceError> {
         let observed_at = now_micros();
         let started = Instant::now();
@@ -254,6 +274,7 @@ impl Source {
         let _ = self.items.send(Item::Resync {
             listing,
             observed_at,
+            info: self.host_info(session),
         });
         Ok(())
     }

@@ -322,11 +322,24 @@ pub fn kafka_section(bootstrap: &str) -> String {
     )
 }
 
-/// Every record of `host_id` in `topic`, partition by partition in offset
-/// order. `subject` is `kafka:<partition>:<key>`, `stream_seq` the offset.
-pub fn fetch_kafka(bootstrap: &str, topic: &str, host_id: &str) -> Vec<Stored> {
+/// One record as read from a test topic.
+#[derive(Debug, Clone)]
+pub struct KafkaRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub headers: Vec<(String, String)>,
+    /// None for a tombstone.
+    pub value: Option<Vec<u8>>,
+    /// From the `ce_id` header.
+    pub host_id: String,
+    pub host_seq: u64,
+}
+
+/// Every record of `topic`, partition by partition in offset order.
+pub fn read_topic(bootstrap: &str, topic: &str) -> Vec<KafkaRecord> {
     use rdkafka::message::{Headers, Message};
-    use virtstream::sinks::kafka::reader::{read_to_end, ReadOptions, Start};
+    use virtstream::sinks::kafka::reader::{read_to_end, Flow, ReadOptions, Start};
     let mut base = rdkafka::ClientConfig::new();
     base.set("bootstrap.servers", bootstrap);
     let probe: rdkafka::consumer::BaseConsumer = base.create().unwrap();
@@ -352,12 +365,7 @@ pub fn fetch_kafka(bootstrap: &str, topic: &str, host_id: &str) -> Vec<Stored> {
             lookback: 0,
         },
         |m| {
-            let event = virtstream::codec::decode_event(m.payload().unwrap_or_default())
-                .expect("Kafka record decodes");
-            if event.host_id != host_id {
-                return virtstream::sinks::kafka::reader::Flow::Continue;
-            }
-            let headers = m
+            let headers: Vec<(String, String)> = m
                 .headers()
                 .map(|h| {
                     h.iter()
@@ -370,18 +378,42 @@ pub fn fetch_kafka(bootstrap: &str, topic: &str, host_id: &str) -> Vec<Stored> {
                         .collect()
                 })
                 .unwrap_or_default();
-            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-            out.push(Stored {
-                stream_seq: m.offset() as u64,
-                subject: format!("kafka:{}:{key}", m.partition()),
-                event,
+            let (host_id, host_seq) = headers
+                .iter()
+                .find(|(k, _)| k == "ce_id")
+                .and_then(|(_, v)| virtstream::model::parse_event_id(v))
+                .map(|(h, _, s)| (h.to_string(), s))
+                .expect("every record carries ce_id");
+            out.push(KafkaRecord {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
                 headers,
+                value: m.payload().map(|p| p.to_vec()),
+                host_id,
+                host_seq,
             });
-            virtstream::sinks::kafka::reader::Flow::Continue
+            Flow::Continue
         },
     )
     .expect("reading the test topic");
     out
+}
+
+/// Every event of `host_id` in `topic`, partition by partition in offset
+/// order. `subject` is `kafka:<partition>:<key>`, `stream_seq` the offset.
+pub fn fetch_kafka(bootstrap: &str, topic: &str, host_id: &str) -> Vec<Stored> {
+    read_topic(bootstrap, topic)
+        .into_iter()
+        .filter(|r| r.host_id == host_id)
+        .map(|r| Stored {
+            stream_seq: r.offset as u64,
+            subject: format!("kafka:{}:{}", r.partition, r.key),
+            event: virtstream::codec::decode_event(r.value.as_deref().unwrap_or_default())
+                .expect("Kafka record decodes"),
+            headers: r.headers,
+        })
+        .collect()
 }
 
 /// Polls the Kafka events topic until `pred` holds on a snapshot of one
@@ -398,7 +430,8 @@ pub fn wait_for_kafka(
         let got = fetch_kafka(bootstrap, "virt.domain.events.v1", host_id);
         // Hole-free as a set: duplicates are left for the caller's exact
         // check to report.
-        let seqs: std::collections::BTreeSet<u64> = got.iter().map(|m| m.event.host_seq).collect();
+        let mut seqs = snapshot_seqs(host_id);
+        seqs.extend(got.iter().map(|m| m.event.host_seq));
         let hole_free = seqs.iter().enumerate().all(|(i, h)| *h == i as u64 + 1);
         if hole_free && pred(&got) {
             return got;
@@ -413,11 +446,113 @@ pub fn wait_for_kafka(
     }
 }
 
-/// Is the host's `host_seq` set exactly 1..=n? Subjects are published in
-/// parallel, so a snapshot of a live stream can have holes that later fill.
+// ------------------------------------------------ snapshot-record ledger
+//
+// host_seq counts every record a host emits, snapshot records included,
+// and those live on compacted streams/topics that keep only the latest
+// per key. To check that events + snapshot records cover 1..=N exactly,
+// the tests collect the host_seqs of snapshot records as they are
+// published: on NATS with a core subscription started before the agent,
+// on Kafka by reading the snapshot topics (the test broker does not
+// compact).
+
+type Seqs = Arc<Mutex<std::collections::BTreeSet<u64>>>;
+
+fn ledger() -> &'static Mutex<HashMap<String, (Option<Seqs>, Option<String>)>> {
+    static L: std::sync::OnceLock<Mutex<HashMap<String, (Option<Seqs>, Option<String>)>>> =
+        std::sync::OnceLock::new();
+    L.get_or_init(Default::default)
+}
+
+/// Starts collecting the snapshot records `host_id` publishes to NATS.
+pub fn tap_nats(url: &str, host_id: &str) {
+    let seqs: Seqs = Default::default();
+    let token = virtstream::sinks::subject_token(host_id);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let url = url.to_string();
+    let out = seqs.clone();
+    std::thread::spawn(move || {
+        rt().block_on(async move {
+            let client = async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .reconnect_delay_callback(|_| Duration::from_millis(10))
+                .connect(url.as_str())
+                .await
+                .unwrap();
+            let mut a = client
+                .subscribe(format!("virt.snapshots.v1.{token}.>"))
+                .await
+                .unwrap();
+            let mut b = client
+                .subscribe(format!("virt.hosts.v1.{token}"))
+                .await
+                .unwrap();
+            let _ = client.flush().await;
+            let _ = ready_tx.send(());
+            loop {
+                let m = tokio::select! {
+                    Some(m) = a.next() => m,
+                    Some(m) = b.next() => m,
+                    else => return,
+                };
+                let id = m.headers.as_ref().and_then(|h| h.get("ce_id").map(|v| v.to_string()));
+                if let Some((_, _, seq)) = id.as_deref().and_then(virtstream::model::parse_event_id) {
+                    out.lock().unwrap().insert(seq);
+                }
+            }
+        })
+    });
+    // Up when the server is; a server started later is joined within ms.
+    let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+    ledger()
+        .lock()
+        .unwrap()
+        .entry(host_id.to_string())
+        .or_default()
+        .0 = Some(seqs);
+}
+
+/// Snapshot records of `host_id` are to be read from this Kafka broker.
+pub fn tap_kafka(bootstrap: &str, host_id: &str) {
+    ledger()
+        .lock()
+        .unwrap()
+        .entry(host_id.to_string())
+        .or_default()
+        .1 = Some(bootstrap.to_string());
+}
+
+/// host_seqs of the snapshot records (round markers, domain snapshots,
+/// tombstones, heartbeats) `host_id` has published so far.
+pub fn snapshot_seqs(host_id: &str) -> std::collections::BTreeSet<u64> {
+    let (nats, kafka) = ledger()
+        .lock()
+        .unwrap()
+        .get(host_id)
+        .cloned()
+        .unwrap_or_default();
+    let mut out = nats.map(|s| s.lock().unwrap().clone()).unwrap_or_default();
+    if let Some(b) = kafka {
+        for topic in ["virt.domain.snapshots.v1", "virt.host.snapshots.v1"] {
+            for r in read_topic(&b, topic) {
+                if r.host_id == host_id {
+                    out.insert(r.host_seq);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Is the host's `host_seq` set, with its snapshot records, exactly
+/// 1..=n? Subjects are published in parallel, so a snapshot of a live
+/// stream can have holes that later fill.
 pub fn contiguous(msgs: &[Stored]) -> bool {
-    let mut hs: Vec<u64> = msgs.iter().map(|m| m.event.host_seq).collect();
-    hs.sort_unstable();
+    let Some(first) = msgs.first() else {
+        return true;
+    };
+    let mut hs: std::collections::BTreeSet<u64> = snapshot_seqs(&first.event.host_id);
+    hs.extend(msgs.iter().map(|m| m.event.host_seq));
     hs.iter().enumerate().all(|(i, h)| *h == i as u64 + 1)
 }
 
@@ -513,10 +648,11 @@ pub fn assert_stream_is_journal(nats_url: &str, agent: &mut Agent) -> Vec<Stored
     assert_eq!(agent.terminate(), Some(0), "SIGTERM is a clean exit");
     let n = journal_host_seq(agent);
     let all = fetch(nats_url, "VIRT_EVENTS", &agent.filter());
+    let snaps = snapshot_seqs(&agent.host_id).len() as u64;
     assert_eq!(
-        all.len() as u64,
+        all.len() as u64 + snaps,
         n,
-        "stream holds exactly the journal's {n} entries"
+        "the streams hold exactly the journal's {n} entries ({snaps} of them snapshot records)"
     );
     assert_contiguous(&all);
     all
@@ -786,6 +922,15 @@ impl Agent {
         );
         if let Some(u) = nats_url {
             toml.push_str(&format!("[nats]\nurl = \"{u}\"\n"));
+            tap_nats(u, &host_id);
+        }
+        if let Some(b) = extra
+            .split_once("[kafka]")
+            .and_then(|(_, k)| k.split_once("brokers = [\""))
+            .and_then(|(_, b)| b.split_once('"'))
+            .map(|(b, _)| b)
+        {
+            tap_kafka(b, &host_id);
         }
         toml.push_str(extra);
         let config = dir.path().join("agent.toml");
@@ -924,11 +1069,24 @@ impl Drop for Agent {
 pub fn assert_contiguous(msgs: &[Stored]) {
     let mut hs: Vec<u64> = msgs.iter().map(|m| m.event.host_seq).collect();
     hs.sort_unstable();
+    let before = hs.len();
+    hs.dedup();
+    assert_eq!(hs.len(), before, "an event host_seq appears twice");
+    let snaps = msgs
+        .first()
+        .map(|m| snapshot_seqs(&m.event.host_id))
+        .unwrap_or_default();
+    assert!(
+        hs.iter().all(|h| !snaps.contains(h)),
+        "a host_seq is both an event and a snapshot record"
+    );
+    hs.extend(snaps.iter().copied());
+    hs.sort_unstable();
     let n = hs.len() as u64;
     assert_eq!(
         hs,
         (1..=n).collect::<Vec<_>>(),
-        "host_seq must be exactly 1..={n}, each once"
+        "events and snapshot records must cover host_seq 1..={n}, each once"
     );
     let mut per_domain: std::collections::HashMap<&str, u64> = Default::default();
     let mut per_subject: std::collections::HashMap<&str, u64> = Default::default();

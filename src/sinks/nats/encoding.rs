@@ -10,12 +10,22 @@ use bytes::Bytes;
 
 use crate::codec::CodecError;
 use crate::config::Encoding;
-use crate::journal::Entry;
+use crate::journal::{Entry, Kind};
 use crate::sinks::{message_parts, subject_token};
 
-/// Subject of an entry: `<prefix>.<host token>.<domain uuid>`.
-pub fn subject(prefix: &str, host_token: &str, entry: &Entry) -> String {
-    format!("{prefix}.{host_token}.{}", entry.key)
+/// Subject of an entry: `<events prefix>.<host token>.<domain uuid>` for
+/// events, `<snapshots prefix>.<host token>.<domain uuid>` for domain
+/// snapshots and their tombstones, `<hosts prefix>.<host token>` for round
+/// markers and heartbeats.
+pub fn subject(ctx: &EncodingContext, entry: &Entry) -> String {
+    let host = &ctx.host_token;
+    match entry.kind {
+        Kind::DomainEvent => format!("{}.{host}.{}", ctx.prefix, entry.key),
+        Kind::DomainSnapshot | Kind::DomainTombstone => {
+            format!("{}.{host}.{}", ctx.snapshots_prefix, entry.key)
+        }
+        Kind::HostSnapshot => format!("{}.{host}", ctx.hosts_prefix),
+    }
 }
 
 /// Everything a publish needs, computed once per entry.
@@ -31,18 +41,23 @@ pub struct EncodingContext {
     pub host_id: String,
     pub host_token: String,
     pub epoch: String,
+    /// Events subject prefix.
     pub prefix: String,
+    pub snapshots_prefix: String,
+    pub hosts_prefix: String,
     pub encoding: Encoding,
 }
 
 impl EncodingContext {
-    pub fn new(host_id: &str, epoch: &str, prefix: &str, encoding: Encoding) -> Self {
+    pub fn new(host_id: &str, epoch: &str, cfg: &crate::config::NatsConfig) -> Self {
         EncodingContext {
             host_id: host_id.to_string(),
             host_token: subject_token(host_id),
             epoch: epoch.to_string(),
-            prefix: prefix.to_string(),
-            encoding,
+            prefix: cfg.events_subject_prefix.clone(),
+            snapshots_prefix: cfg.snapshots_subject_prefix.clone(),
+            hosts_prefix: cfg.hosts_subject_prefix.clone(),
+            encoding: cfg.encoding,
         }
     }
 
@@ -54,7 +69,7 @@ impl EncodingContext {
             headers.insert(*k, v.as_str());
         }
         Ok(Encoded {
-            subject: subject(&self.prefix, &self.host_token, entry),
+            subject: subject(self, entry),
             msg_id: parts.event_id,
             headers,
             body: parts.body,
@@ -81,7 +96,8 @@ mod tests {
 
     #[test]
     fn avro_body_is_the_journal_bytes_with_cloudevents_headers() {
-        let ctx = EncodingContext::new("host.a", "7f3c", "virt.events.v1", Encoding::Avro);
+        let cfg: crate::config::NatsConfig = toml::from_str("url = \"nats://x:1\"").unwrap();
+        let ctx = EncodingContext::new("host.a", "7f3c", &cfg);
         let enc = ctx.encode(&entry()).unwrap();
         assert_eq!(
             enc.subject,
@@ -105,7 +121,9 @@ mod tests {
 
     #[test]
     fn json_body_carries_the_same_record() {
-        let ctx = EncodingContext::new("host-a", "7f3c", "virt.events.v1", Encoding::Json);
+        let cfg: crate::config::NatsConfig =
+            toml::from_str("url = \"nats://x:1\"\nencoding = \"json\"").unwrap();
+        let ctx = EncodingContext::new("host-a", "7f3c", &cfg);
         let enc = ctx.encode(&entry()).unwrap();
         let j: serde_json::Value = serde_json::from_slice(&enc.body).unwrap();
         assert_eq!(j["event_id"], sample().event_id.as_str());

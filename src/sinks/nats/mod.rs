@@ -5,8 +5,11 @@
 //! Invariants:
 //! - the events stream is file-backed, de-duplicates by `Nats-Msg-Id`
 //!   (duplicate window > 0), keeps history (limits retention, not one
-//!   message per subject) and covers `<prefix>.>`; an existing stream that
-//!   is not is refused with a message naming the setting;
+//!   message per subject) and covers `<prefix>.>`; the snapshots stream is
+//!   file-backed, de-duplicates, keeps exactly one message per subject (the
+//!   NATS form of compaction) and covers the snapshot and host prefixes; an
+//!   existing stream that is not is refused with a message naming the
+//!   setting;
 //! - the client reconnects forever; an unreachable server at start only
 //!   delays publishing (the journal holds everything meanwhile).
 
@@ -105,6 +108,67 @@ pub fn events_stream_config(cfg: &NatsConfig) -> stream::Config {
     }
 }
 
+/// The snapshots stream configuration virtstream creates: one message per
+/// subject (the latest snapshot of each domain, the latest round marker or
+/// heartbeat of each host).
+pub fn snapshots_stream_config(cfg: &NatsConfig) -> stream::Config {
+    stream::Config {
+        name: cfg.snapshots_stream.clone(),
+        description: Some(
+            "virtstream DomainSnapshot and HostSnapshot records, latest per subject (schemas/*Snapshot.v*.avsc)"
+                .into(),
+        ),
+        subjects: vec![
+            format!("{}.>", cfg.snapshots_subject_prefix),
+            format!("{}.>", cfg.hosts_subject_prefix),
+        ],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_messages_per_subject: 1,
+        duplicate_window: cfg.duplicate_window.0,
+        num_replicas: cfg.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Checks an existing snapshots stream; `Err` names the unsuitable setting.
+pub fn check_snapshots_suitable(c: &stream::Config, cfg: &NatsConfig) -> Result<(), String> {
+    for prefix in [&cfg.snapshots_subject_prefix, &cfg.hosts_subject_prefix] {
+        if !c.subjects.iter().any(|p| covers(p, prefix)) {
+            return Err(format!(
+                "its subjects {:?} do not cover `{prefix}.>`",
+                c.subjects
+            ));
+        }
+    }
+    if c.storage != stream::StorageType::File {
+        return Err("storage is memory; snapshots must survive server restarts".into());
+    }
+    if c.duplicate_window.is_zero() {
+        return Err("duplicate_window is 0; Nats-Msg-Id de-duplication is required".into());
+    }
+    if c.max_messages_per_subject != 1 {
+        return Err(format!(
+            "max_messages_per_subject is {}; a snapshots stream keeps exactly 1 message per subject",
+            c.max_messages_per_subject
+        ));
+    }
+    if c.retention != stream::RetentionPolicy::Limits {
+        return Err(format!(
+            "retention is {:?}; snapshots must stay readable (use limits)",
+            c.retention
+        ));
+    }
+    if !c.max_age.is_zero() {
+        return Err(format!(
+            "max_age is {:?}; the latest snapshot of a quiet domain must not expire",
+            c.max_age
+        ));
+    }
+    Ok(())
+}
+
 /// Does NATS subject pattern `pattern` match every subject under `prefix.>`?
 pub fn covers(pattern: &str, prefix: &str) -> bool {
     let p: Vec<&str> = pattern.split('.').collect();
@@ -155,16 +219,19 @@ pub fn check_suitable(c: &stream::Config, cfg: &NatsConfig) -> Result<(), String
     Ok(())
 }
 
-/// Finds the events stream, creating it when missing and allowed.
-pub async fn ensure_stream(
+/// Finds a stream, creating it when missing and allowed, and checks it.
+async fn ensure_one(
     js: &jetstream::Context,
     cfg: &NatsConfig,
+    want: stream::Config,
+    check: fn(&stream::Config, &NatsConfig) -> Result<(), String>,
 ) -> Result<stream::Stream, NatsError> {
-    match js.get_stream(&cfg.events_stream).await {
+    let name = want.name.clone();
+    match js.get_stream(&name).await {
         Ok(mut s) => {
             let info = s.info().await.map_err(|e| NatsError::Api(e.to_string()))?;
-            check_suitable(&info.config, cfg).map_err(|reason| NatsError::Unsuitable {
-                stream: cfg.events_stream.clone(),
+            check(&info.config, cfg).map_err(|reason| NatsError::Unsuitable {
+                stream: name.clone(),
                 reason,
             })?;
             Ok(s)
@@ -179,16 +246,30 @@ pub async fn ensure_stream(
                 return Err(NatsError::Api(e.to_string()));
             }
             if !cfg.create_streams {
-                return Err(NatsError::Missing {
-                    stream: cfg.events_stream.clone(),
-                });
+                return Err(NatsError::Missing { stream: name });
             }
-            tracing::info!(stream = %cfg.events_stream, "creating JetStream stream");
-            js.create_stream(events_stream_config(cfg))
+            tracing::info!(stream = %name, "creating JetStream stream");
+            js.create_stream(want)
                 .await
                 .map_err(|e| NatsError::Api(e.to_string()))
         }
     }
+}
+
+/// The events and snapshots streams, created when missing and allowed.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+) -> Result<(stream::Stream, stream::Stream), NatsError> {
+    let events = ensure_one(js, cfg, events_stream_config(cfg), check_suitable).await?;
+    let snapshots = ensure_one(
+        js,
+        cfg,
+        snapshots_stream_config(cfg),
+        check_snapshots_suitable,
+    )
+    .await?;
+    Ok((events, snapshots))
 }
 
 #[cfg(test)]
@@ -204,6 +285,28 @@ mod tests {
         assert!(!covers("virt.events.v1.*", "virt.events.v1"));
         assert!(!covers("virt.events.v2.>", "virt.events.v1"));
         assert!(!covers("virt.events.v1", "virt.events.v1"));
+    }
+
+    #[test]
+    fn snapshots_stream_suitability_names_the_setting() {
+        let cfg: NatsConfig = toml::from_str("url = \"nats://x:1\"").unwrap();
+        let good = snapshots_stream_config(&cfg);
+        assert!(check_snapshots_suitable(&good, &cfg).is_ok());
+        let mut c = good.clone();
+        c.max_messages_per_subject = 0;
+        assert!(check_snapshots_suitable(&c, &cfg)
+            .unwrap_err()
+            .contains("max_messages_per_subject"));
+        let mut c = good.clone();
+        c.subjects = vec!["virt.snapshots.v1.>".into()];
+        assert!(check_snapshots_suitable(&c, &cfg)
+            .unwrap_err()
+            .contains("virt.hosts.v1"));
+        let mut c = good;
+        c.max_age = Duration::from_secs(60);
+        assert!(check_snapshots_suitable(&c, &cfg)
+            .unwrap_err()
+            .contains("max_age"));
     }
 
     #[test]

@@ -28,9 +28,9 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use super::encoding::{Encoded, EncodingContext};
-use super::{ensure_stream, NatsError};
+use super::{ensure_streams, NatsError};
 use crate::config::NatsConfig;
-use crate::journal::{Entry, Journal};
+use crate::journal::{Entry, Journal, Kind};
 use crate::model::parse_event_id;
 use crate::sinks::AckWindow;
 use crate::telemetry::{Health, Metrics, SinkState};
@@ -175,7 +175,7 @@ impl NatsSink {
         let stream = loop {
             tokio::select! {
                 _ = shutdown.recv() => return Ok(()),
-                r = ensure_stream(&js, &self.cfg) => match r {
+                r = ensure_streams(&js, &self.cfg) => match r {
                     Ok(s) => break s,
                     Err(e) if e.is_fatal() => {
                         self.set_state(SinkState::Failing(e.to_string()));
@@ -190,7 +190,7 @@ impl NatsSink {
                 }
             }
         };
-        let stream = Arc::new(stream);
+        let (events_stream, snapshots_stream) = (Arc::new(stream.0), Arc::new(stream.1));
         self.set_state(SinkState::Ready);
         let mut ready_state = true;
         tracing::info!(stream = %self.cfg.events_stream, "NATS sink ready");
@@ -231,11 +231,7 @@ impl NatsSink {
                     .map_err(|e| NatsError::Api(e.to_string()))?;
                 for entry in entries {
                     read_upto = entry.host_seq;
-                    let subject = super::encoding::subject(
-                        &self.encoding.prefix,
-                        &self.encoding.host_token,
-                        &entry,
-                    );
+                    let subject = super::encoding::subject(&self.encoding, &entry);
                     if scheduled.insert(subject.clone()) {
                         ready.push_back(subject.clone());
                     }
@@ -272,7 +268,11 @@ impl NatsSink {
                     };
                     inflight.push(publish_one(
                         js.clone(),
-                        stream.clone(),
+                        if entry.kind == Kind::DomainEvent {
+                            events_stream.clone()
+                        } else {
+                            snapshots_stream.clone()
+                        },
                         self.encoding.clone(),
                         positions.get(&subject).copied(),
                         entry,
