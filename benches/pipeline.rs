@@ -207,7 +207,11 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
                             .await
                             .unwrap();
                         let sink = NatsSink {
-                            encoding: Arc::new(EncodingContext::new(&rec.host_id, &rec.epoch, &cfg)),
+                            encoding: Arc::new(EncodingContext::new(
+                                &rec.host_id,
+                                &rec.epoch,
+                                &cfg,
+                            )),
                             cfg,
                             client,
                             journal,

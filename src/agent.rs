@@ -177,7 +177,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             cfg: ncfg.clone(),
             client,
             journal: journal.clone(),
-            encoding: Arc::new(EncodingContext::new(&recovered.host_id, &recovered.epoch, &ncfg)),
+            encoding: Arc::new(EncodingContext::new(
+                &recovered.host_id,
+                &recovered.epoch,
+                &ncfg,
+            )),
             health: health.clone(),
             metrics: metrics.clone(),
             observer: None,

@@ -679,7 +679,9 @@ impl Config {
                 ("nats.hosts_subject_prefix", &n.hosts_subject_prefix),
             ];
             for (i, (k, v)) in prefixes.iter().enumerate() {
-                let overlaps = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}.")) || b.starts_with(&format!("{a}."));
+                let overlaps = |a: &str, b: &str| {
+                    a == b || a.starts_with(&format!("{b}.")) || b.starts_with(&format!("{a}."))
+                };
                 if prefixes[..i].iter().any(|(_, o)| overlaps(o, v)) {
                     return Err(key_err(k, format!("`{v}` overlaps another subject prefix")));
                 }

@@ -495,8 +495,12 @@ pub fn tap_nats(url: &str, host_id: &str) {
                     Some(m) = b.next() => m,
                     else => return,
                 };
-                let id = m.headers.as_ref().and_then(|h| h.get("ce_id").map(|v| v.to_string()));
-                if let Some((_, _, seq)) = id.as_deref().and_then(virtstream::model::parse_event_id) {
+                let id = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("ce_id").map(|v| v.to_string()));
+                if let Some((_, _, seq)) = id.as_deref().and_then(virtstream::model::parse_event_id)
+                {
                     out.lock().unwrap().insert(seq);
                 }
             }

@@ -369,11 +369,12 @@ async fn existing_topics(
 }
 
 /// Creates missing topics (when allowed) and checks existing ones;
-/// returns the partition count of the events topic.
+/// returns the partition counts of the events, domain snapshots and host
+/// snapshots topics, in that order.
 pub async fn ensure_topics(
     admin: &Arc<AdminClient<KafkaContext>>,
     cfg: &KafkaConfig,
-) -> Result<i32, KafkaSinkError> {
+) -> Result<[i32; 3], KafkaSinkError> {
     let mut existing = existing_topics(admin, cfg).await?;
     let opts = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
     let missing: Vec<(&str, TopicRole)> = topics(cfg)
@@ -451,12 +452,17 @@ pub async fn ensure_topics(
             reason,
         })?;
     }
-    existing.get(&cfg.events_topic).copied().ok_or_else(|| {
-        broker_err(
-            cfg,
-            format!("topic {} does not show in metadata", cfg.events_topic),
-        )
-    })
+    let count = |t: &str| {
+        existing
+            .get(t)
+            .copied()
+            .ok_or_else(|| broker_err(cfg, format!("topic {t} does not show in metadata")))
+    };
+    Ok([
+        count(&cfg.events_topic)?,
+        count(&cfg.domain_snapshots_topic)?,
+        count(&cfg.host_snapshots_topic)?,
+    ])
 }
 
 /// Creates the admin client.

@@ -60,10 +60,9 @@ const STALL_WITH_ERRORS: Duration = Duration::from_secs(2);
 /// No acknowledgement for this long, errors or not: failing.
 const STALL_SILENT: Duration = Duration::from_secs(5);
 
-/// What the journal keeps for this sink besides its cursor.
+/// What the journal keeps, per topic, besides the sink's cursor.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Offsets {
-    pub topic: String,
+pub struct TopicOffsets {
     /// Partition count the offsets were recorded under.
     pub partitions: i32,
     /// Per partition: the offset past this host's last record at or below
@@ -76,18 +75,27 @@ pub struct Offsets {
     pub prior: Option<(i32, u64)>,
 }
 
+/// [`TopicOffsets`] by topic name.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offsets {
+    pub topics: BTreeMap<String, TopicOffsets>,
+}
+
 impl Offsets {
     /// The cursor and the offsets recorded with it (one read, after
-    /// everything queued for the journal is committed).
+    /// everything queued for the journal is committed). Unreadable offsets
+    /// (another format) are dropped: partitions are then read back from
+    /// their start, which is slower but equally correct.
     fn load(journal: &Journal) -> Result<(u64, Offsets), KafkaSinkError> {
         let err = |e: crate::journal::JournalError| KafkaSinkError::Journal(e.to_string());
         journal.sync().map_err(err)?;
         let (cursor, state) = journal.cursor_and_state(SINK_NAME).map_err(err)?;
         let offsets = match state {
             None => Offsets::default(),
-            Some(b) => serde_json::from_slice(&b).map_err(|e| {
-                KafkaSinkError::Journal(format!("stored Kafka offsets are unreadable: {e}"))
-            })?,
+            Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "stored Kafka offsets are unreadable; reading back from the start of each partition");
+                Offsets::default()
+            }),
         };
         Ok((cursor, offsets))
     }
@@ -113,7 +121,10 @@ enum SessionEnd {
     Shutdown,
 }
 
-type Delivery = (Entry, Result<(i32, i64), String>);
+type Delivery = (Entry, usize, Result<(i32, i64), String>);
+
+/// Where an entry was found or acknowledged: (topic index, partition, offset).
+type Placed = (usize, i32, i64);
 
 impl KafkaSink {
     fn set_state(&self, s: SinkState) {
@@ -158,26 +169,29 @@ impl KafkaSink {
         }
     }
 
-    /// For every partition the entries after `cursor` map to (under each
-    /// of `counts`), the highest `host_seq` mapping there. Reads the whole
-    /// backlog: run it on the blocking pool.
+    /// Per topic, for every partition the entries after `cursor` map to
+    /// (under the current count and, after a change, the prior one), the
+    /// highest `host_seq` mapping there. Reads the whole backlog: run it on
+    /// the blocking pool.
     fn partitions_to_check(
         journal: &Journal,
         cursor: u64,
-        counts: &[i32],
-        partitions: i32,
-    ) -> Result<BTreeMap<i32, u64>, KafkaSinkError> {
-        let mut out = BTreeMap::new();
+        enc: &EncodingContext,
+        priors: [Option<i32>; 3],
+    ) -> Result<[BTreeMap<i32, u64>; 3], KafkaSinkError> {
+        let mut out: [BTreeMap<i32, u64>; 3] = Default::default();
         let mut after = cursor;
         loop {
             let batch = journal.read_after(after, 4096).map_err(Self::journal_err)?;
             let Some(last) = batch.last() else { break };
             after = last.host_seq;
             for e in &batch {
-                for n in counts {
-                    let p = partition_for(&e.key, *n);
-                    if p < partitions {
-                        out.insert(p, e.host_seq);
+                let (t, key, p) = enc.route(e);
+                out[t].insert(p, e.host_seq);
+                if let Some(n) = priors[t] {
+                    let q = partition_for(&key, n);
+                    if q < enc.topics[t].1 {
+                        out[t].insert(q, e.host_seq);
                     }
                 }
             }
@@ -185,47 +199,71 @@ impl KafkaSink {
         Ok(out)
     }
 
-    /// Reads back this host's records above `cursor`; returns them by
-    /// `host_seq` with their (partition, offset), and advances `next` over
-    /// stretches found free of them.
+    /// Reads back this host's records above `cursor` in every topic;
+    /// returns them by `host_seq` with where they are, and advances `next`
+    /// over stretches found free of them.
     async fn recover(
         &self,
         base: &rdkafka::config::ClientConfig,
         cursor: u64,
         offsets: &mut Offsets,
-        partitions: i32,
+        enc: &Arc<EncodingContext>,
         shutdown: &mut broadcast::Receiver<()>,
-    ) -> Result<HashMap<u64, (i32, i64)>, KafkaSinkError> {
-        if offsets.topic != self.cfg.events_topic {
-            // Offsets of another topic say nothing about this one.
-            offsets.next.clear();
-            offsets.prior = None;
+    ) -> Result<HashMap<u64, Placed>, KafkaSinkError> {
+        // Forget topics no longer configured; note partition count changes.
+        offsets
+            .topics
+            .retain(|name, _| enc.topics.iter().any(|(t, _)| t == name));
+        let head = *self.journal.committed().borrow();
+        let mut priors = [None; 3];
+        for (t, (name, partitions)) in enc.topics.iter().enumerate() {
+            let o = offsets.topics.entry(name.clone()).or_default();
+            if o.partitions > 0 && o.partitions != *partitions {
+                // Until the cursor passes what is journaled now, a record
+                // may sit where the old count put it.
+                o.prior = Some((o.partitions, head));
+            }
+            o.partitions = *partitions;
+            if o.prior.is_some_and(|(_, until)| cursor >= until) {
+                o.prior = None;
+            }
+            priors[t] = o.prior.map(|(n, _)| n);
         }
-        offsets.topic = self.cfg.events_topic.clone();
-        if offsets.partitions > 0 && offsets.partitions != partitions {
-            // The topic's partition count changed: until the cursor passes
-            // what is journaled now, a record may sit where the old count
-            // put it.
-            let head = *self.journal.committed().borrow();
-            offsets.prior = Some((offsets.partitions, head));
-        }
-        offsets.partitions = partitions;
-        if offsets.prior.is_some_and(|(_, until)| cursor >= until) {
-            offsets.prior = None;
-        }
-        let mut counts = vec![partitions];
-        counts.extend(offsets.prior.map(|(n, _)| n));
-        let check = {
+        let checks = {
             let journal = self.journal.clone();
+            let enc = enc.clone();
             tokio::task::spawn_blocking(move || {
-                Self::partitions_to_check(&journal, cursor, &counts, partitions)
+                Self::partitions_to_check(&journal, cursor, &enc, priors)
             })
             .await
             .map_err(Self::journal_err)??
         };
-        if check.is_empty() {
-            return Ok(HashMap::new());
+        let mut found = HashMap::new();
+        for (t, check) in checks.into_iter().enumerate() {
+            if check.is_empty() {
+                continue;
+            }
+            let name = enc.topics[t].0.clone();
+            let o = offsets.topics.get_mut(&name).expect("entry made above");
+            let (in_topic, records) = self
+                .recover_topic(base, &name, cursor, o, check, shutdown)
+                .await?;
+            tracing::info!(topic = %name, records_read = records, already_stored = in_topic.len(), "read-back done");
+            found.extend(in_topic.into_iter().map(|(s, (p, off))| (s, (t, p, off))));
         }
+        Ok(found)
+    }
+
+    /// [`Self::recover`] for one topic.
+    async fn recover_topic(
+        &self,
+        base: &rdkafka::config::ClientConfig,
+        topic: &str,
+        cursor: u64,
+        offsets: &mut TopicOffsets,
+        check: BTreeMap<i32, u64>,
+        shutdown: &mut broadcast::Receiver<()>,
+    ) -> Result<(HashMap<u64, (i32, i64)>, u64), KafkaSinkError> {
         let starts: Vec<(i32, Start)> = check
             .keys()
             .map(|p| {
@@ -239,11 +277,11 @@ impl KafkaSink {
                 )
             })
             .collect();
-        tracing::info!(cursor, partitions = ?check.keys().collect::<Vec<_>>(), "reading back this host's records before publishing");
+        tracing::info!(topic, cursor, partitions = ?check.keys().collect::<Vec<_>>(), "reading back this host's records before publishing");
         let stop = Arc::new(AtomicBool::new(false));
         let job = {
             let base = base.clone();
-            let topic = self.cfg.events_topic.clone();
+            let topic = topic.to_string();
             let idle = self.cfg.readback_idle.0;
             let skew = self.cfg.readback_max_clock_skew.0;
             let last_of = check.clone();
@@ -320,12 +358,7 @@ impl KafkaSink {
                 }
             }
         }
-        tracing::info!(
-            records_read = records,
-            already_stored = found.len(),
-            "read-back done"
-        );
-        Ok(found)
+        Ok((found, records))
     }
 
     async fn session(
@@ -343,6 +376,16 @@ impl KafkaSink {
         // Destroying a client joins its threads: not on the async thread.
         let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
         let partitions = partitions?;
+        let enc = Arc::new(EncodingContext {
+            host_id: self.host_id.clone(),
+            epoch: self.epoch.clone(),
+            topics: [
+                (self.cfg.events_topic.clone(), partitions[0]),
+                (self.cfg.domain_snapshots_topic.clone(), partitions[1]),
+                (self.cfg.host_snapshots_topic.clone(), partitions[2]),
+            ],
+            encoding: self.cfg.encoding,
+        });
 
         // 2. Recovery.
         let (start, mut offsets) = {
@@ -352,7 +395,7 @@ impl KafkaSink {
                 .map_err(Self::journal_err)??
         };
         let mut found = self
-            .recover(&base, start, &mut offsets, partitions, shutdown)
+            .recover(&base, start, &mut offsets, &enc, shutdown)
             .await?;
         self.journal
             .ack_with_state(
@@ -386,7 +429,7 @@ impl KafkaSink {
             .publish(
                 &producer,
                 &ctx,
-                partitions,
+                &enc,
                 start,
                 &mut offsets,
                 &mut found,
@@ -405,13 +448,19 @@ impl KafkaSink {
     /// of the partitions whose entries it now covers.
     fn write_back(
         &self,
+        enc: &EncodingContext,
         cursor: u64,
-        acked_above: &mut BTreeMap<u64, (i32, i64)>,
+        acked_above: &mut BTreeMap<u64, Placed>,
         offsets: &mut Offsets,
     ) {
         let rest = acked_above.split_off(&(cursor + 1));
-        for (_, (p, o)) in std::mem::replace(acked_above, rest) {
-            offsets.next.insert(p, o + 1);
+        for (_, (t, p, o)) in std::mem::replace(acked_above, rest) {
+            offsets
+                .topics
+                .entry(enc.topics[t].0.clone())
+                .or_default()
+                .next
+                .insert(p, o + 1);
         }
         let state = serde_json::to_vec(&*offsets).expect("offsets serialize");
         if let Err(e) = self.journal.ack_with_state(SINK_NAME, cursor, state) {
@@ -424,22 +473,15 @@ impl KafkaSink {
         &self,
         producer: &FutureProducer<KafkaContext>,
         ctx: &KafkaContext,
-        partitions: i32,
+        encoding: &EncodingContext,
         start: u64,
         offsets: &mut Offsets,
-        found: &mut HashMap<u64, (i32, i64)>,
+        found: &mut HashMap<u64, Placed>,
         shutdown: &mut broadcast::Receiver<()>,
         drain_deadline: Duration,
     ) -> Result<SessionEnd, KafkaSinkError> {
-        let encoding = EncodingContext {
-            host_id: self.host_id.clone(),
-            epoch: self.epoch.clone(),
-            topic: self.cfg.events_topic.clone(),
-            partitions,
-            encoding: self.cfg.encoding,
-        };
         self.set_state(SinkState::Ready);
-        tracing::info!(topic = %self.cfg.events_topic, partitions, cursor = start, "Kafka sink ready");
+        tracing::info!(topics = ?encoding.topics, cursor = start, "Kafka sink ready");
         let labels = Metrics::sink(SINK_NAME);
         let published = self.metrics.published.get_or_create(&labels).clone();
         let errors = self.metrics.publish_errors.get_or_create(&labels).clone();
@@ -447,7 +489,7 @@ impl KafkaSink {
 
         let mut window = AckWindow::new(start);
         // (partition, offset) of acknowledged entries above the cursor.
-        let mut acked_above: BTreeMap<u64, (i32, i64)> = BTreeMap::new();
+        let mut acked_above: BTreeMap<u64, Placed> = BTreeMap::new();
         let mut read_upto = start;
         let mut committed = self.journal.committed();
         let mut pending: std::collections::VecDeque<Entry> = Default::default();
@@ -482,9 +524,9 @@ impl KafkaSink {
                 let Some(entry) = pending.pop_front() else {
                     break;
                 };
-                if let Some((p, o)) = found.remove(&entry.host_seq) {
+                if let Some(placed) = found.remove(&entry.host_seq) {
                     // Stored before the crash: acknowledge, do not resend.
-                    acked_above.insert(entry.host_seq, (p, o));
+                    acked_above.insert(entry.host_seq, placed);
                     window.ack(entry.host_seq);
                     continue;
                 }
@@ -496,12 +538,15 @@ impl KafkaSink {
                         continue;
                     }
                 };
-                let record = FutureRecord::to(&self.cfg.events_topic)
+                let topic = enc.topic;
+                let mut record = FutureRecord::to(&encoding.topics[topic].0)
                     .partition(enc.partition)
                     .key(enc.key.as_bytes())
-                    .payload(enc.value.as_ref())
                     .headers(enc.headers)
                     .timestamp(enc.timestamp_ms);
+                if let Some(v) = &enc.value {
+                    record = record.payload(v.as_ref());
+                }
                 match producer.send_result(record) {
                     Ok(fut) => inflight.push(async move {
                         let r = match fut.await {
@@ -509,7 +554,7 @@ impl KafkaSink {
                             Ok(Err((e, _))) => Err(e.to_string()),
                             Err(_) => Err("producer dropped the message".to_string()),
                         };
-                        (entry, r)
+                        (entry, topic, r)
                     }),
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                         pending.push_front(entry);
@@ -530,7 +575,7 @@ impl KafkaSink {
             {
                 flushed_cursor = window.cursor();
                 last_flush = Instant::now();
-                self.write_back(flushed_cursor, &mut acked_above, offsets);
+                self.write_back(encoding, flushed_cursor, &mut acked_above, offsets);
             }
             // Health: deliveries stalled, behind client errors (2 s) or
             // behind a broker that accepts connections but does not answer
@@ -559,7 +604,7 @@ impl KafkaSink {
             if let Some(deadline) = draining {
                 if window.cursor() >= head || Instant::now() >= deadline {
                     if window.cursor() > flushed_cursor {
-                        self.write_back(window.cursor(), &mut acked_above, offsets);
+                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
                     }
                     tracing::info!(cursor = window.cursor(), head, "Kafka sink stopped");
                     return Ok(SessionEnd::Shutdown);
@@ -570,8 +615,8 @@ impl KafkaSink {
             });
             tokio::select! {
                 biased;
-                Some((entry, result)) = inflight.next(), if !inflight.is_empty() => {
-                    let (entry, result): Delivery = (entry, result);
+                Some((entry, topic, result)) = inflight.next(), if !inflight.is_empty() => {
+                    let (entry, topic, result): Delivery = (entry, topic, result);
                     match result {
                         Ok((p, o)) => {
                             published.inc();
@@ -579,7 +624,7 @@ impl KafkaSink {
                             if let Some(obs) = &self.observer {
                                 obs(&entry);
                             }
-                            acked_above.insert(entry.host_seq, (p, o));
+                            acked_above.insert(entry.host_seq, (topic, p, o));
                             window.ack(entry.host_seq);
                             waiting_since = Some(Instant::now());
                             errors_at_delivery = ctx.errors();
@@ -595,7 +640,7 @@ impl KafkaSink {
                             // stored.
                             errors.inc();
                             if window.cursor() > flushed_cursor {
-                                self.write_back(window.cursor(), &mut acked_above, offsets);
+                                self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
                             }
                             return Err(KafkaSinkError::Broker {
                                 brokers: self.cfg.brokers.0.join(","),
