@@ -180,7 +180,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             encoding: Arc::new(EncodingContext::new(
                 &recovered.host_id,
                 &recovered.epoch,
-                &ncfg,
+                ncfg,
             )),
             health: health.clone(),
             metrics: metrics.clone(),
