@@ -1,7 +1,8 @@
 //! Gaps the agent knows about are announced, then repaired: a hand-off
 //! queue overflow (tiny queue) and a full journal (tiny bound while NATS is
 //! down) each give a gap marker followed by a reconcile that brings the
-//! stream back to libvirt's state.
+//! stream back to libvirt's state; after the overflow, a complete snapshot
+//! round follows the marker.
 
 mod common;
 
@@ -67,6 +68,8 @@ fn queue_overflow_gives_gap_marker_then_reconcile() {
         .find(|s| s.event.detail.as_str() == "QUEUE_OVERFLOW")
         .unwrap();
     assert_eq!(gap.event.origin, Origin::AGENT);
+    // A complete snapshot round follows the gap marker.
+    wait_round_after(&agent.host_id, gap.event.host_seq, Duration::from_secs(30));
     // Dropped events are not published, so the domain has fewer messages
     // than libvirt emitted; the stream still ends in libvirt's state.
     let count = msgs.iter().filter(|s| s.event.domain.name == name).count();

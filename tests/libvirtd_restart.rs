@@ -1,6 +1,7 @@
 //! libvirtd restarted while domains change: the agent keeps its stream,
 //! announces the gap, reconnects, and the changes it could not see arrive
-//! as RECONCILE events after the gap marker. (Own test binary: it restarts
+//! as RECONCILE events after the gap marker, followed by a complete
+//! snapshot round. (Own test binary: it restarts
 //! the system libvirtd, so nothing else may run beside it.)
 
 mod common;
@@ -73,6 +74,8 @@ fn libvirtd_restart_gives_gap_then_reconcile() {
         .find(|s| s.event.detail.as_str() == "DISCONNECTED")
         .unwrap();
     assert_eq!(gap.event.origin, Origin::AGENT);
+    // A complete snapshot round follows the gap marker.
+    wait_round_after(&agent.host_id, gap.event.host_seq, Duration::from_secs(30));
     for name in [&running, &defined] {
         let after: Vec<&Stored> = msgs
             .iter()

@@ -456,21 +456,70 @@ pub fn wait_for_kafka(
 // on Kafka by reading the snapshot topics (the test broker does not
 // compact).
 
-type Seqs = Arc<Mutex<std::collections::BTreeSet<u64>>>;
+/// One snapshot-stream record as published (NATS) or stored (Kafka).
+#[derive(Debug, Clone)]
+pub struct SnapRecord {
+    pub host_seq: u64,
+    /// A deleted domain snapshot (empty/null value, tombstone header).
+    pub tombstone: bool,
+    /// The domain UUID of a domain snapshot or tombstone.
+    pub uuid: Option<String>,
+    pub host: Option<virtstream::model::HostSnapshot>,
+    pub domain: Option<virtstream::model::DomainSnapshot>,
+}
 
-fn ledger() -> &'static Mutex<HashMap<String, (Option<Seqs>, Option<String>)>> {
-    static L: std::sync::OnceLock<Mutex<HashMap<String, (Option<Seqs>, Option<String>)>>> =
-        std::sync::OnceLock::new();
+impl SnapRecord {
+    fn decode(headers: &[(String, String)], value: &[u8], uuid: Option<String>) -> SnapRecord {
+        let host_seq = headers
+            .iter()
+            .find(|(k, _)| k == "ce_id")
+            .and_then(|(_, v)| virtstream::model::parse_event_id(v))
+            .map(|(_, _, s)| s)
+            .expect("snapshot records carry ce_id");
+        let tombstone = headers
+            .iter()
+            .any(|(k, v)| k == virtstream::sinks::TOMBSTONE_HEADER && v == "true");
+        let (mut host, mut domain) = (None, None);
+        if !tombstone {
+            match virtstream::codec::decode_json(value)
+                .expect("snapshot record decodes")
+                .0
+            {
+                "HostSnapshot" => host = virtstream::codec::decode_host_snapshot(value).ok(),
+                "DomainSnapshot" => domain = virtstream::codec::decode_domain_snapshot(value).ok(),
+                other => panic!("unexpected {other} on a snapshot stream"),
+            }
+        }
+        SnapRecord {
+            host_seq,
+            tombstone,
+            uuid,
+            host,
+            domain,
+        }
+    }
+}
+
+type Records = Arc<Mutex<Vec<SnapRecord>>>;
+
+#[derive(Default, Clone)]
+struct HostTaps {
+    nats: Option<Records>,
+    kafka: Option<String>,
+}
+
+fn ledger() -> &'static Mutex<HashMap<String, HostTaps>> {
+    static L: std::sync::OnceLock<Mutex<HashMap<String, HostTaps>>> = std::sync::OnceLock::new();
     L.get_or_init(Default::default)
 }
 
 /// Starts collecting the snapshot records `host_id` publishes to NATS.
 pub fn tap_nats(url: &str, host_id: &str) {
-    let seqs: Seqs = Default::default();
+    let records: Records = Default::default();
     let token = virtstream::sinks::subject_token(host_id);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let url = url.to_string();
-    let out = seqs.clone();
+    let out = records.clone();
     std::thread::spawn(move || {
         rt().block_on(async move {
             let client = async_nats::ConnectOptions::new()
@@ -495,14 +544,25 @@ pub fn tap_nats(url: &str, host_id: &str) {
                     Some(m) = b.next() => m,
                     else => return,
                 };
-                let id = m
+                let headers: Vec<(String, String)> = m
                     .headers
                     .as_ref()
-                    .and_then(|h| h.get("ce_id").map(|v| v.to_string()));
-                if let Some((_, _, seq)) = id.as_deref().and_then(virtstream::model::parse_event_id)
-                {
-                    out.lock().unwrap().insert(seq);
-                }
+                    .map(|h| {
+                        h.iter()
+                            .flat_map(|(k, vs)| {
+                                vs.iter().map(move |v| (k.to_string(), v.to_string()))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let uuid = m
+                    .subject
+                    .strip_prefix("virt.snapshots.v1.")
+                    .and_then(|r| r.rsplit_once('.'))
+                    .map(|(_, u)| u.to_string());
+                out.lock()
+                    .unwrap()
+                    .push(SnapRecord::decode(&headers, &m.payload, uuid));
             }
         })
     });
@@ -513,7 +573,7 @@ pub fn tap_nats(url: &str, host_id: &str) {
         .unwrap()
         .entry(host_id.to_string())
         .or_default()
-        .0 = Some(seqs);
+        .nats = Some(records);
 }
 
 /// Snapshot records of `host_id` are to be read from this Kafka broker.
@@ -523,27 +583,114 @@ pub fn tap_kafka(bootstrap: &str, host_id: &str) {
         .unwrap()
         .entry(host_id.to_string())
         .or_default()
-        .1 = Some(bootstrap.to_string());
+        .kafka = Some(bootstrap.to_string());
 }
 
-/// host_seqs of the snapshot records (round markers, domain snapshots,
-/// tombstones, heartbeats) `host_id` has published so far.
-pub fn snapshot_seqs(host_id: &str) -> std::collections::BTreeSet<u64> {
-    let (nats, kafka) = ledger()
+/// Every snapshot record (round markers, domain snapshots, tombstones,
+/// heartbeats) `host_id` has published so far, in host_seq order: from
+/// the NATS tap when there is one, else from the Kafka snapshot topics.
+pub fn snapshot_records(host_id: &str) -> Vec<SnapRecord> {
+    let taps = ledger()
         .lock()
         .unwrap()
         .get(host_id)
         .cloned()
         .unwrap_or_default();
-    let mut out = nats.map(|s| s.lock().unwrap().clone()).unwrap_or_default();
-    if let Some(b) = kafka {
-        for topic in ["virt.domain.snapshots.v1", "virt.host.snapshots.v1"] {
-            for r in read_topic(&b, topic) {
-                if r.host_id == host_id {
-                    out.insert(r.host_seq);
-                }
+    let mut out = match (&taps.nats, &taps.kafka) {
+        (Some(r), _) => r.lock().unwrap().clone(),
+        (None, Some(b)) => kafka_snapshot_records(b, host_id),
+        (None, None) => Vec::new(),
+    };
+    out.sort_by_key(|r| r.host_seq);
+    out
+}
+
+/// The snapshot records of `host_id` on the Kafka snapshot topics.
+pub fn kafka_snapshot_records(bootstrap: &str, host_id: &str) -> Vec<SnapRecord> {
+    let mut out = Vec::new();
+    for topic in ["virt.domain.snapshots.v1", "virt.host.snapshots.v1"] {
+        for r in read_topic(bootstrap, topic) {
+            if r.host_id == host_id {
+                let uuid = r.key.rsplit_once('/').map(|(_, u)| u.to_string());
+                out.push(SnapRecord::decode(
+                    &r.headers,
+                    r.value.as_deref().unwrap_or_default(),
+                    uuid,
+                ));
             }
         }
+    }
+    out.sort_by_key(|r| r.host_seq);
+    out
+}
+
+/// Waits until a complete snapshot round (ROUND_BEGIN … ROUND_END) of
+/// `host_id` began after `host_seq`; returns (begin, end) host_seqs and
+/// checks that the round holds `domain_count` DomainSnapshot records.
+pub fn wait_round_after(host_id: &str, host_seq: u64, timeout: Duration) -> (u64, u64) {
+    use virtstream::model::HostSnapshotKind;
+    let end = Instant::now() + timeout;
+    loop {
+        let recs = snapshot_records(host_id);
+        for r in &recs {
+            let Some(h) = &r.host else { continue };
+            if h.kind != HostSnapshotKind::ROUND_END {
+                continue;
+            }
+            let sid = h.snapshot_id.as_deref().expect("ROUND_END names its round");
+            let (_, _, begin) = virtstream::model::parse_event_id(sid).unwrap();
+            if begin > host_seq {
+                let b = recs
+                    .iter()
+                    .find(|x| x.host_seq == begin)
+                    .and_then(|x| x.host.as_ref())
+                    .expect("the round's ROUND_BEGIN was published");
+                assert_eq!(b.kind, HostSnapshotKind::ROUND_BEGIN);
+                let inside: Vec<&SnapRecord> = recs
+                    .iter()
+                    .filter(|x| x.host_seq > begin && x.host_seq < h.host_seq)
+                    .collect();
+                assert!(
+                    inside
+                        .iter()
+                        .all(|x| x.domain.as_ref().is_some_and(|d| d.snapshot_id == sid)),
+                    "a round holds only its own DomainSnapshot records"
+                );
+                assert_eq!(
+                    inside.len() as i32,
+                    h.domain_count,
+                    "ROUND_END counts its records"
+                );
+                assert_eq!(b.domain_count, h.domain_count);
+                return (begin, h.host_seq);
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "no complete snapshot round began after host_seq {host_seq} within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// host_seqs of the snapshot records `host_id` has published so far.
+pub fn snapshot_seqs(host_id: &str) -> std::collections::BTreeSet<u64> {
+    let taps = ledger()
+        .lock()
+        .unwrap()
+        .get(host_id)
+        .cloned()
+        .unwrap_or_default();
+    let mut out: std::collections::BTreeSet<u64> = taps
+        .nats
+        .map(|r| r.lock().unwrap().iter().map(|r| r.host_seq).collect())
+        .unwrap_or_default();
+    if let Some(b) = taps.kafka {
+        out.extend(
+            kafka_snapshot_records(&b, host_id)
+                .iter()
+                .map(|r| r.host_seq),
+        );
     }
     out
 }
