@@ -345,6 +345,90 @@ fn main() {
     if only.is_empty() || only == "rss" {
         rss(&nats, &kafka);
     }
+    if only.is_empty() || only == "round" {
+        round(&nats);
+    }
+}
+
+/// A snapshot round over 10,000 domains on the libvirtd test driver:
+/// from the listing's start (the round's observed_at) to its ROUND_END
+/// arriving on NATS, for the round at start and a periodic one; and the
+/// agent's RSS after them.
+fn round(nats: &common::NatsServer) {
+    const N: usize = 10_000;
+    common::ensure_libvirtd();
+    let conn = virt::connect::Connect::open(Some(common::TEST_URI)).unwrap();
+    let prefix = common::unique("round");
+    let t0 = Instant::now();
+    for i in 0..N {
+        let d = conn
+            .define_domain_xml(&common::test_domain_xml(
+                &format!("{prefix}-{i}"),
+                &common::new_uuid(),
+            ))
+            .unwrap();
+        if i % 2 == 0 {
+            d.create().unwrap();
+        }
+    }
+    println!(
+        "defined {N} domains (half running) in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut agent = common::Agent::new(
+        common::TEST_URI,
+        Some(&nats.url()),
+        "[snapshot]\ninterval = \"20s\"\nheartbeat = \"1h\"\n",
+    );
+    agent.start();
+    let mut seen_rounds = 0;
+    let mut last_end = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while seen_rounds < 2 {
+        assert!(Instant::now() < deadline, "rounds did not complete");
+        let recs = common::snapshot_records(&agent.host_id);
+        let arrived = now_micros();
+        if let Some(end) = recs.iter().rev().find_map(|r| {
+            r.host.as_ref().filter(|h| {
+                h.kind == virtstream::model::HostSnapshotKind::ROUND_END && h.host_seq > last_end
+            })
+        }) {
+            let begin = recs
+                .iter()
+                .find_map(|r| {
+                    r.host
+                        .as_ref()
+                        .filter(|h| Some(&h.event_id) == end.snapshot_id.as_ref())
+                })
+                .expect("ROUND_BEGIN published");
+            seen_rounds += 1;
+            last_end = end.host_seq;
+            println!(
+                "round {seen_rounds} ({}): {} domains, listing start → ROUND_END on NATS {:.2} s",
+                if seen_rounds == 1 {
+                    "at start"
+                } else {
+                    "periodic"
+                },
+                end.domain_count,
+                (arrived - begin.observed_at) as f64 / 1e6,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = agent.log();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("listed domains") || l.contains("snapshot round journaled"))
+    {
+        println!("  agent: {}", l.trim());
+    }
+    let pid = agent.pid().unwrap().to_string();
+    println!(
+        "agent RSS with {N} domains after the rounds: {} KiB",
+        rss_kib(&pid)
+    );
+    agent.terminate();
 }
 
 /// Throughput and latency of one sink configuration.

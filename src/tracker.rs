@@ -447,7 +447,10 @@ impl<I: Inspector> Tracker<I> {
                 autostart: facts.autostart,
                 vcpus: facts.vcpus,
                 memory_kib: facts.memory_kib,
-                config_hash: facts.config_hash.clone(),
+                config_hash: facts
+                    .config_hash
+                    .clone()
+                    .or_else(|| rec.config_hash.clone()),
                 observed_at,
                 xml: if self.opts.xml == XmlMode::Off {
                     None
@@ -767,7 +770,11 @@ impl<I: Inspector> Tracker<I> {
                 autostart: facts.autostart,
                 vcpus: facts.vcpus,
                 memory_kib: facts.memory_kib,
-                config_hash: facts.config_hash.clone(),
+                // A light listing has no config hash: keep the known one.
+                config_hash: facts
+                    .config_hash
+                    .clone()
+                    .or_else(|| prev.as_ref().and_then(|p| p.config_hash.clone())),
                 seq: prev.as_ref().map_or(0, |p| p.seq) + 1,
                 in_round: prev.as_ref().is_some_and(|p| p.in_round),
             };
@@ -874,7 +881,8 @@ pub struct TrackerTask<I: Inspector> {
     /// Set by the libvirt callback when the queue was full.
     pub overflow: Arc<AtomicBool>,
     /// Asks the source for a fresh listing (after overflow or a full journal).
-    pub resync: SyncSender<()>,
+    /// `true` asks for a full listing (with config hashes).
+    pub resync: SyncSender<bool>,
     pub journal: Journal,
     pub metrics: Arc<Metrics>,
     /// Emit an AGENT_RESTART gap marker first (the journal existed).
@@ -910,7 +918,7 @@ impl<I: Inspector> TrackerTask<I> {
             if now >= next_round {
                 // The listing it asks for comes back as a Resync: reconcile,
                 // then the round.
-                self.request_resync();
+                self.request_resync(false);
                 next_round = now + self.snapshot.interval;
             }
             if now >= next_heartbeat {
@@ -923,14 +931,14 @@ impl<I: Inspector> TrackerTask<I> {
             if self.overflow.swap(false, Ordering::AcqRel) {
                 let o = self.tracker.gap(GapCause::QueueOverflow, now_micros());
                 self.emit_gap(o, GapCause::QueueOverflow);
-                self.request_resync();
+                self.request_resync(true);
             }
             let full = self.journal.backlog_bytes() >= self.tracker.opts.max_journal_bytes;
             if !full && full_gap_pending {
                 full_gap_pending = false;
                 let o = self.tracker.gap(GapCause::JournalFull, now_micros());
                 self.emit_gap(o, GapCause::JournalFull);
-                self.request_resync();
+                self.request_resync(true);
             }
             let stopping = self.stop.load(Ordering::Relaxed);
             let item = if stopping {
@@ -1007,8 +1015,10 @@ impl<I: Inspector> TrackerTask<I> {
         }
     }
 
-    fn request_resync(&self) {
-        match self.resync.try_send(()) {
+    /// Asks the source for a listing; `full` after gaps (config changes
+    /// may have been missed), light for periodic rounds.
+    fn request_resync(&self, full: bool) {
+        match self.resync.try_send(full) {
             Ok(()) | Err(TrySendError::Full(_)) => {}
             Err(TrySendError::Disconnected(_)) => {
                 tracing::debug!("no source to resync (shutting down)")
@@ -1321,6 +1331,84 @@ pub(crate) mod tests {
         let o = t.on_event(&raw(u, 4, 1)); // RESUMED/MIGRATED
         assert_eq!(o.event.state_after.state, DomainState::RUNNING);
         assert_eq!(o.event.state_after.reason, "MIGRATED");
+    }
+
+    #[test]
+    fn rounds_snapshot_every_domain_and_delete_only_after_a_complete_round() {
+        let mut t = tracker(TableInspector::default());
+        let info = HostInfo {
+            libvirt_uri: "test:///default".into(),
+            libvirt_driver: "TEST".into(),
+            libvirt_version: "9.0.0".into(),
+            accepted_event_ids: vec!["LIFECYCLE".into()],
+        };
+        let a = "aaaaaaaa-0000-0000-0000-000000000000".to_string();
+        let b = "bbbbbbbb-0000-0000-0000-000000000000".to_string();
+        let listing = vec![
+            (a.clone(), facts(DomainState::RUNNING, "BOOTED", true)),
+            (b.clone(), facts(DomainState::PAUSED, "USER", false)),
+        ];
+        let reconciled = t.on_resync(&listing, 5).len() as u64;
+        let snaps = t.round(&listing, &info, 5);
+        // BEGIN, a, b, END: consecutive host_seq after the reconcile.
+        let seqs: Vec<u64> = snaps.iter().map(Snap::host_seq).collect();
+        assert_eq!(seqs, (reconciled + 1..=reconciled + 4).collect::<Vec<_>>());
+        let Snap::Host(begin) = &snaps[0] else {
+            panic!("round starts with ROUND_BEGIN")
+        };
+        assert_eq!(begin.kind, HostSnapshotKind::ROUND_BEGIN);
+        assert_eq!(begin.snapshot_id.as_deref(), Some(begin.event_id.as_str()));
+        assert_eq!(begin.domain_count, 2);
+        assert_eq!(begin.host_seq_watermark, begin.host_seq - 1);
+        let Snap::Domain(sa, Some((_, rec))) = &snaps[1] else {
+            panic!("a domain snapshot with its record update")
+        };
+        assert_eq!(sa.domain.uuid, a);
+        assert_eq!(sa.seq, 1, "carries the domain's seq without bumping it");
+        assert_eq!(sa.snapshot_id, begin.event_id);
+        assert_eq!(sa.state.state, DomainState::RUNNING);
+        assert!(rec.in_round && rec.seq == 1);
+        let Snap::Host(end) = &snaps[3] else {
+            panic!("round ends with ROUND_END")
+        };
+        assert_eq!(end.kind, HostSnapshotKind::ROUND_END);
+        assert_eq!(end.snapshot_id, begin.snapshot_id);
+        assert_eq!(end.domain_count, 2);
+        // The heartbeat names the last complete round.
+        let hb = t.heartbeat(&info, 6);
+        assert_eq!(hb.kind, HostSnapshotKind::HEARTBEAT);
+        assert_eq!(hb.snapshot_id, begin.snapshot_id);
+        assert_eq!(hb.host_seq_watermark, end.host_seq + 1 - 1);
+        // b (transient) stops: its event makes it gone, but only the next
+        // complete round deletes its snapshot, after ROUND_END.
+        let stop = t.on_event(&raw(&b, 5, 2));
+        assert!(!stop.record.as_ref().unwrap().1.persistent);
+        assert!(
+            stop.record.as_ref().unwrap().1.in_round,
+            "kept until a round"
+        );
+        let listing2 = vec![(a.clone(), facts(DomainState::RUNNING, "BOOTED", true))];
+        assert!(t.on_resync(&listing2, 7).is_empty());
+        let snaps = t.round(&listing2, &info, 7);
+        let kinds: Vec<&str> = snaps
+            .iter()
+            .map(|s| match s {
+                Snap::Host(h) => h.kind.as_str(),
+                Snap::Domain(..) => "DOMAIN",
+                Snap::Tombstone { .. } => "TOMBSTONE",
+            })
+            .collect();
+        assert_eq!(kinds, ["ROUND_BEGIN", "DOMAIN", "ROUND_END", "TOMBSTONE"]);
+        let Snap::Tombstone { uuid, record, .. } = &snaps[3] else {
+            unreachable!()
+        };
+        assert_eq!(uuid, &b);
+        assert!(!record.1.in_round);
+        // a was already in a round: no record update needed.
+        assert!(matches!(&snaps[1], Snap::Domain(_, None)));
+        // Deleted once only.
+        let snaps = t.round(&listing2, &info, 8);
+        assert!(!snaps.iter().any(|s| matches!(s, Snap::Tombstone { .. })));
     }
 
     #[test]

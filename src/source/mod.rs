@@ -15,6 +15,7 @@
 
 pub mod ffi;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, RwLock};
@@ -99,9 +100,7 @@ pub fn facts_of(dom: &Domain, want_xml: bool) -> Result<Facts, virt::error::Erro
     } else {
         None
     };
-    let config_hash = xml
-        .as_ref()
-        .map(|x| format!("sha256:{}", hex::encode(Sha256::digest(x.as_bytes()))));
+    let config_hash = xml.as_ref().map(|x| config_hash(x));
     Ok(Facts {
         name: dom.name()?,
         id: dom.id().and_then(|i| i32::try_from(i).ok()),
@@ -123,15 +122,67 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
 }
 
 /// Every domain on the host with its facts. Domains that vanish between
-/// the list and their lookup are skipped (their events follow). The XML is
-/// fetched for the config hash; it is kept only when `keep_xml` (messages
-/// carry it), so a large host's listing does not hold every XML at once.
-pub fn list(conn: &Connect, keep_xml: bool) -> Result<Vec<(String, Facts)>, virt::error::Error> {
+/// the list and their lookup are skipped (their events follow).
+///
+/// Bulk where libvirt allows: one list call, one GetAllDomainStats call
+/// (state, vCPUs, memory), and one list call each for the persistent and
+/// the autostart domains. The XML (for the config hash) costs one call per
+/// domain, so it is fetched only for a `full` listing (after connecting or
+/// a gap, when config changes may have been missed) or when messages carry
+/// it (`keep_xml`); a light listing leaves `config_hash` unset and the
+/// tracker keeps the one it knows.
+pub fn list(
+    conn: &Connect,
+    keep_xml: bool,
+    full: bool,
+) -> Result<Vec<(String, Facts)>, virt::error::Error> {
     let doms = conn.list_all_domains(0)?;
+    let stats = match ffi::all_domain_stats(conn) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(error = %e, "bulk domain stats unavailable; asking per domain");
+            None
+        }
+    };
+    let uuids = |flags| -> Result<HashSet<String>, virt::error::Error> {
+        conn.list_all_domains(flags)?
+            .iter()
+            .map(|d| d.uuid_string())
+            .collect()
+    };
+    let persistent = uuids(virt_sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT)?;
+    let autostart = uuids(virt_sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
     let mut out = Vec::with_capacity(doms.len());
     for d in doms {
         let uuid = d.uuid_string()?;
-        match facts_of(&d, true) {
+        let bulk = stats.as_ref().and_then(|s| s.get(&uuid));
+        let facts = match bulk {
+            Some(b) if b.state >= 0 && b.vcpus.is_some() && b.max_mem_kib.is_some() => {
+                let is_persistent = persistent.contains(&uuid);
+                let xml = if full || keep_xml {
+                    match d.xml_desc(virt_sys::VIR_DOMAIN_XML_INACTIVE) {
+                        Ok(x) => Some(x),
+                        Err(e) if is_no_domain(&e) => continue,
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    None
+                };
+                Ok(Facts {
+                    name: d.name()?,
+                    id: d.id().and_then(|i| i32::try_from(i).ok()),
+                    state: StateReason::from_codes(b.state, b.reason),
+                    persistent: is_persistent,
+                    autostart: Some(is_persistent && autostart.contains(&uuid)),
+                    vcpus: b.vcpus,
+                    memory_kib: b.max_mem_kib,
+                    config_hash: xml.as_ref().map(|x| config_hash(x)),
+                    xml,
+                })
+            }
+            _ => facts_of(&d, full || keep_xml),
+        };
+        match facts {
             Ok(mut f) => {
                 if !keep_xml {
                     f.xml = None;
@@ -143,6 +194,11 @@ pub fn list(conn: &Connect, keep_xml: bool) -> Result<Vec<(String, Facts)>, virt
         }
     }
     Ok(out)
+}
+
+/// `sha256:<hex>` of a domain's inactive XML.
+fn config_hash(xml: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(xml.as_bytes())))
 }
 
 /// Lookups through whatever connection is live.
@@ -191,7 +247,8 @@ pub struct Source {
     pub callbacks: ffi::CallbackTarget,
     /// Blocking sender for control items (listings, disconnects).
     pub items: SyncSender<Item>,
-    pub resync: Receiver<()>,
+    /// Listing requests; `true` asks for a full one (with config hashes).
+    pub resync: Receiver<bool>,
     pub conn: ConnSlot,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
@@ -262,14 +319,15 @@ impl Source {
         }
     }
 
-    fn send_listing(&self, session: &Session) -> Result<(), SourceError> {
+    fn send_listing(&self, session: &Session, full: bool) -> Result<(), SourceError> {
         let observed_at = now_micros();
         let started = Instant::now();
-        let listing = list(&session.conn, self.opts.keep_xml).map_err(|e| SourceError::List {
-            uri: self.opts.uri.clone(),
-            message: e.message().to_string(),
-        })?;
-        tracing::debug!(domains = listing.len(), took = ?started.elapsed(), "listed domains");
+        let listing =
+            list(&session.conn, self.opts.keep_xml, full).map_err(|e| SourceError::List {
+                uri: self.opts.uri.clone(),
+                message: e.message().to_string(),
+            })?;
+        tracing::debug!(domains = listing.len(), full, took = ?started.elapsed(), "listed domains");
         // Blocking send: this is not the libvirt event loop.
         let _ = self.items.send(Item::Resync {
             listing,
@@ -298,7 +356,7 @@ impl Source {
                             .write()
                             .expect("connection slot")
                             .replace(session.conn.clone());
-                        match self.send_listing(&session) {
+                        match self.send_listing(&session, true) {
                             Ok(()) => {
                                 tracing::info!(uri = %self.opts.uri, accepted_event_ids = ?session.registration.accepted, "connected to libvirt");
                                 if ever_connected {
@@ -345,8 +403,8 @@ impl Source {
                 return self.lost(session);
             }
             match self.resync.recv_timeout(Duration::from_millis(100)) {
-                Ok(()) => {
-                    if let Err(e) = self.send_listing(&session) {
+                Ok(full) => {
+                    if let Err(e) = self.send_listing(&session, full) {
                         tracing::warn!(error = %e, "resync listing failed; reconnecting");
                         return self.lost(session);
                     }
