@@ -445,8 +445,8 @@ impl<I: Inspector> Tracker<I> {
                 state: facts.state.clone(),
                 persistent: facts.persistent,
                 autostart: facts.autostart,
-                vcpus: facts.vcpus,
-                memory_kib: facts.memory_kib,
+                vcpus: facts.vcpus.or(rec.vcpus),
+                memory_kib: facts.memory_kib.or(rec.memory_kib),
                 config_hash: facts
                     .config_hash
                     .clone()
@@ -768,8 +768,10 @@ impl<I: Inspector> Tracker<I> {
                 reason_code: facts.state.reason_code,
                 persistent: facts.persistent,
                 autostart: facts.autostart,
-                vcpus: facts.vcpus,
-                memory_kib: facts.memory_kib,
+                vcpus: facts.vcpus.or(prev.as_ref().and_then(|p| p.vcpus)),
+                memory_kib: facts
+                    .memory_kib
+                    .or(prev.as_ref().and_then(|p| p.memory_kib)),
                 // A light listing has no config hash: keep the known one.
                 config_hash: facts
                     .config_hash
