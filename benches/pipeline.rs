@@ -378,7 +378,7 @@ fn round(nats: &common::NatsServer) {
     let mut agent = common::Agent::new(
         common::TEST_URI,
         Some(&nats.url()),
-        "[snapshot]\ninterval = \"20s\"\nheartbeat = \"1h\"\n",
+        "[snapshot]\ninterval = \"20s\"\nheartbeat = \"5s\"\n",
     );
     agent.start();
     let mut seen_rounds = 0;
@@ -425,7 +425,13 @@ fn round(nats: &common::NatsServer) {
     }
     let pid = agent.pid().unwrap().to_string();
     println!(
-        "agent RSS with {N} domains after the rounds: {} KiB",
+        "agent RSS with {N} domains right after the rounds: {} KiB",
+        rss_kib(&pid)
+    );
+    // Steady state: after a heartbeat, which returns freed heap memory.
+    std::thread::sleep(Duration::from_secs(7));
+    println!(
+        "agent RSS with {N} domains after the next heartbeat: {} KiB",
         rss_kib(&pid)
     );
     agent.terminate();

@@ -929,6 +929,9 @@ impl<I: Inspector> TrackerTask<I> {
                     let h = self.tracker.heartbeat(info, now_micros());
                     self.append_snap(Snap::Host(h));
                 }
+                // What a round's burst left behind (listing, records, sink
+                // buffers) goes back to the system.
+                crate::source::ffi::trim_heap();
             }
             if self.overflow.swap(false, Ordering::AcqRel) {
                 let o = self.tracker.gap(GapCause::QueueOverflow, now_micros());
@@ -990,13 +993,15 @@ impl<I: Inspector> TrackerTask<I> {
                         .set(self.tracker.domain_count() as i64);
                     // Every listing is followed by a complete round.
                     let snaps = self.tracker.round(&listing, &host, observed_at);
+                    let domains = listing.len();
+                    drop(listing);
                     let records = snaps.len();
                     for s in snaps {
                         self.append_snap(s);
                     }
                     self.metrics.snapshot_rounds.inc();
                     tracing::info!(
-                        domains = listing.len(),
+                        domains,
                         changes,
                         snapshot_records = records,
                         took = ?started.elapsed(),

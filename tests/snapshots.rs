@@ -376,3 +376,72 @@ fn deletion_comes_only_after_a_complete_round() {
     }
     assert_eq!(agent.terminate(), Some(0));
 }
+
+#[test]
+fn heartbeats_carry_the_watermark_and_the_last_complete_round() {
+    use virtstream::model::HostSnapshotKind;
+    ensure_libvirtd();
+    let nats = NatsServer::start();
+    let kafka = KafkaBroker::start();
+    let _oracle = Oracle::start(TEST_URI);
+    let mut agent = Agent::ready(
+        TEST_URI,
+        Some(&nats.url()),
+        &format!(
+            "{}[snapshot]\ninterval = \"1h\"\nheartbeat = \"1s\"\n",
+            kafka_section(&kafka.bootstrap())
+        ),
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    let beats = loop {
+        let beats: Vec<virtstream::model::HostSnapshot> = snapshot_records(&agent.host_id)
+            .into_iter()
+            .filter_map(|r| r.host)
+            .filter(|h| h.kind == HostSnapshotKind::HEARTBEAT)
+            .collect();
+        if beats.len() >= 3 {
+            break beats;
+        }
+        assert!(Instant::now() < end, "fewer than 3 heartbeats in 20 s");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let recs = snapshot_records(&agent.host_id);
+    let round_end = recs
+        .iter()
+        .filter_map(|r| r.host.as_ref())
+        .find(|h| h.kind == HostSnapshotKind::ROUND_END)
+        .expect("the round at start");
+    for b in &beats {
+        assert_eq!(b.host_seq_watermark, b.host_seq - 1);
+        assert_eq!(
+            b.snapshot_id, round_end.snapshot_id,
+            "names the last complete round"
+        );
+        assert!(
+            b.domain_count >= 1,
+            "the test driver's default domain at least"
+        );
+        assert!(b.host_seq > round_end.host_seq);
+    }
+    // About one a second.
+    let span = (beats[2].observed_at - beats[0].observed_at) as f64 / 1e6;
+    assert!(
+        (1.5..=4.0).contains(&span),
+        "2 heartbeat periods took {span} s"
+    );
+    // Kafka carries them too, keyed by host.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let on_kafka = kafka_snapshot_records(&kafka.bootstrap(), &agent.host_id)
+            .into_iter()
+            .filter_map(|r| r.host)
+            .filter(|h| h.kind == HostSnapshotKind::HEARTBEAT)
+            .count();
+        if on_kafka >= 3 {
+            break;
+        }
+        assert!(Instant::now() < end, "heartbeats did not reach Kafka");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(agent.terminate(), Some(0));
+}
