@@ -999,6 +999,7 @@ impl<I: Inspector> TrackerTask<I> {
                     for s in snaps {
                         self.append_snap(s);
                     }
+                    crate::source::ffi::trim_heap();
                     self.metrics.snapshot_rounds.inc();
                     tracing::info!(
                         domains,

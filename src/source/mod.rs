@@ -153,8 +153,8 @@ pub fn list(
     };
     let persistent = uuids(virt_sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT)?;
     let autostart = uuids(virt_sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
-    let mut out = Vec::with_capacity(doms.len());
-    for d in doms {
+    // One domain's facts; Ok(None) when it vanished meanwhile.
+    let one = |d: &Domain| -> Result<Option<(String, Facts)>, virt::error::Error> {
         let uuid = d.uuid_string()?;
         let bulk = stats.as_ref().and_then(|s| s.get(&uuid));
         let facts = match bulk {
@@ -170,14 +170,14 @@ pub fn list(
                             vcpus = vcpus.or(Some(i.nr_virt_cpu as i32));
                             memory_kib = memory_kib.or(Some(i.max_mem as i64));
                         }
-                        Err(e) if is_no_domain(&e) => continue,
+                        Err(e) if is_no_domain(&e) => return Ok(None),
                         Err(e) => return Err(e),
                     }
                 }
                 let xml = if full || keep_xml {
                     match d.xml_desc(virt_sys::VIR_DOMAIN_XML_INACTIVE) {
                         Ok(x) => Some(x),
-                        Err(e) if is_no_domain(&e) => continue,
+                        Err(e) if is_no_domain(&e) => return Ok(None),
                         Err(e) => return Err(e),
                     }
                 } else {
@@ -195,21 +195,50 @@ pub fn list(
                     xml,
                 })
             }
-            _ => facts_of(&d, full || keep_xml),
+            _ => facts_of(d, full || keep_xml),
         };
         match facts {
             Ok(mut f) => {
                 if !keep_xml {
                     f.xml = None;
                 }
-                out.push((uuid, f))
+                Ok(Some((uuid, f)))
             }
-            Err(e) if is_no_domain(&e) => continue,
-            Err(e) => return Err(e),
+            Err(e) if is_no_domain(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    // Calls per domain (XML, sizes, or everything without bulk stats) are
+    // spread over a few threads: libvirt connections take concurrent calls
+    // and the daemon answers them on its worker pool.
+    let per_domain_calls = full || keep_xml || stats.is_none();
+    let results: Vec<Result<Option<(String, Facts)>, virt::error::Error>> =
+        if per_domain_calls && doms.len() >= 256 {
+            let chunk = doms.len().div_ceil(LISTING_THREADS);
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = doms
+                    .chunks(chunk)
+                    .map(|c| scope.spawn(|| c.iter().map(&one).collect::<Vec<_>>()))
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|w| w.join().expect("listing worker"))
+                    .collect()
+            })
+        } else {
+            doms.iter().map(&one).collect()
+        };
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        if let Some(x) = r? {
+            out.push(x);
         }
     }
     Ok(out)
 }
+
+/// Threads of a listing that needs calls per domain.
+const LISTING_THREADS: usize = 4;
 
 /// `sha256:<hex>` of a domain's inactive XML.
 fn config_hash(xml: &str) -> String {
