@@ -917,15 +917,21 @@ impl<I: Inspector> TrackerTask<I> {
         let mut next_heartbeat = Instant::now() + self.snapshot.heartbeat;
         loop {
             let now = Instant::now();
+            // While the journal is full nothing new is journaled: no
+            // periodic round, no heartbeat (the journal-full gap marker is
+            // followed by a full listing and round once space is free).
+            let full_now = self.journal.backlog_bytes() >= self.tracker.opts.max_journal_bytes;
             if now >= next_round {
                 // The listing it asks for comes back as a Resync: reconcile,
                 // then the round.
-                self.request_resync(false);
+                if !full_now {
+                    self.request_resync(false);
+                }
                 next_round = now + self.snapshot.interval;
             }
             if now >= next_heartbeat {
                 next_heartbeat = now + self.snapshot.heartbeat;
-                if let Some(info) = &info {
+                if let (Some(info), false) = (&info, full_now) {
                     let h = self.tracker.heartbeat(info, now_micros());
                     self.append_snap(Snap::Host(h));
                 }
@@ -981,6 +987,14 @@ impl<I: Inspector> TrackerTask<I> {
                     observed_at,
                     info: host,
                 } => {
+                    if full {
+                        // Reconcile and round wait for space: the gap marker
+                        // that follows asks for a new listing then.
+                        full_gap_pending = true;
+                        self.metrics.journal_full_drops.inc();
+                        info = Some(host);
+                        continue;
+                    }
                     let started = Instant::now();
                     let outs = self.tracker.on_resync(&listing, observed_at);
                     let changes = outs.len();
