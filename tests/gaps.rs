@@ -1,8 +1,8 @@
 //! Gaps the agent knows about are announced, then repaired: a hand-off
 //! queue overflow (tiny queue) and a full journal (tiny bound while NATS is
 //! down) each give a gap marker followed by a reconcile that brings the
-//! stream back to libvirt's state; after the overflow, a complete snapshot
-//! round follows the marker.
+//! stream back to libvirt's state; a complete snapshot round follows each
+//! marker, and nothing (no heartbeat, no round) is journaled while full.
 
 mod common;
 
@@ -92,7 +92,13 @@ fn full_journal_keeps_what_it_accepted_then_gap_and_reconcile() {
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     // Room for a handful of entries while NATS is unreachable.
-    let mut agent = Agent::new(TEST_URI, Some(&url), "");
+    // Fast rounds and heartbeats: none of them may be journaled while the
+    // journal is full.
+    let mut agent = Agent::new(
+        TEST_URI,
+        Some(&url),
+        "[snapshot]\ninterval = \"1s\"\nheartbeat = \"1s\"\n",
+    );
     let cfg = std::fs::read_to_string(&agent.config).unwrap();
     std::fs::write(
         &agent.config,
@@ -123,6 +129,14 @@ fn full_journal_keeps_what_it_accepted_then_gap_and_reconcile() {
         assert!(Instant::now() < end, "journal never reported full");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // While full, nothing new is journaled: no heartbeats, no rounds.
+    let held = metric(&agent, "virtstream_journal_backlog_entries");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        metric(&agent, "virtstream_journal_backlog_entries"),
+        held,
+        "heartbeats or rounds were journaled into a full journal"
+    );
     // A change while the journal is full: only the reconcile can tell it
     // (the tracker last saw the domain running or paused, never shut off).
     d.destroy().unwrap();
@@ -156,6 +170,8 @@ fn full_journal_keeps_what_it_accepted_then_gap_and_reconcile() {
         repaired.event.host_seq > gap.event.host_seq,
         "reconcile follows the gap marker"
     );
+    // And a complete round after it.
+    wait_round_after(&agent.host_id, gap.event.host_seq, Duration::from_secs(30));
     // What was accepted before the journal filled was all delivered: the
     // domain's first events are its DEFINED and STARTED.
     let first: Vec<&str> = msgs
