@@ -8,27 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use virt::connect::Connect;
 use virtstream::model::Origin;
-
-/// Suspends/resumes `name` `pairs` times, `pace` apart, on its own thread.
-fn burst(name: String, uuid: String, pairs: usize, pace: Duration) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let conn = Connect::open(Some(TEST_URI)).unwrap();
-        let d = conn
-            .define_domain_xml(&test_domain_xml(&name, &uuid))
-            .unwrap();
-        d.create().unwrap();
-        for _ in 0..pairs {
-            d.suspend().unwrap();
-            std::thread::sleep(pace);
-            d.resume().unwrap();
-            std::thread::sleep(pace);
-        }
-        d.destroy().unwrap();
-        d.undefine().unwrap();
-    })
-}
 
 /// Waits until the last message for `name` is its UNDEFINED and the
 /// stream has stopped growing.
@@ -62,7 +42,7 @@ fn agent_kill_9_mid_burst_loses_and_duplicates_nothing() {
     let mut agent = Agent::ready(TEST_URI, Some(&nats.url()), "");
 
     let name = unique("kill9");
-    let b = burst(name.clone(), new_uuid(), 400, Duration::from_millis(2));
+    let b = burst(name.clone(), 400, Duration::from_millis(2));
     std::thread::sleep(Duration::from_millis(400));
     agent.kill9();
     std::thread::sleep(Duration::from_millis(300));
@@ -110,7 +90,7 @@ fn nats_down_10s_mid_burst_delivers_everything_once_in_order() {
     let mut agent = Agent::ready(TEST_URI, Some(&nats.url()), "");
 
     let name = unique("natsdown");
-    let b = burst(name.clone(), new_uuid(), 300, Duration::from_millis(20));
+    let b = burst(name.clone(), 300, Duration::from_millis(20));
     std::thread::sleep(Duration::from_millis(1000));
     nats.stop();
     std::thread::sleep(Duration::from_secs(10));

@@ -15,25 +15,6 @@ use virtstream::sinks::kafka::partition_for;
 
 const EVENTS: &str = "virt.domain.events.v1";
 
-/// Suspends/resumes `name` `pairs` times, `pace` apart, on its own thread.
-fn burst(name: String, pairs: usize, pace: Duration) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let conn = Connect::open(Some(TEST_URI)).unwrap();
-        let d = conn
-            .define_domain_xml(&test_domain_xml(&name, &new_uuid()))
-            .unwrap();
-        d.create().unwrap();
-        for _ in 0..pairs {
-            d.suspend().unwrap();
-            std::thread::sleep(pace);
-            d.resume().unwrap();
-            std::thread::sleep(pace);
-        }
-        d.destroy().unwrap();
-        d.undefine().unwrap();
-    })
-}
-
 /// Waits until `name`'s last record is its UNDEFINED and the topic has
 /// stopped growing for 2 s.
 fn settle_kafka(bootstrap: &str, agent: &Agent, name: &str) -> Vec<Stored> {

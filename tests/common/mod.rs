@@ -423,22 +423,32 @@ pub fn wait_for_kafka(
     host_id: &str,
     timeout: Duration,
     what: &str,
+    pred: impl FnMut(&[Stored]) -> bool,
+) -> Vec<Stored> {
+    poll_until(timeout, what, "Kafka records", pred, || {
+        fetch_kafka(bootstrap, "virt.domain.events.v1", host_id)
+    })
+}
+
+/// Fetches until `pred` holds on a snapshot without holes in host_seq
+/// (see [`contiguous`]; duplicates are left for the caller's exact checks
+/// to report), or fails after `timeout`.
+fn poll_until(
+    timeout: Duration,
+    what: &str,
+    unit: &str,
     mut pred: impl FnMut(&[Stored]) -> bool,
+    mut fetch: impl FnMut() -> Vec<Stored>,
 ) -> Vec<Stored> {
     let end = Instant::now() + timeout;
     loop {
-        let got = fetch_kafka(bootstrap, "virt.domain.events.v1", host_id);
-        // Hole-free as a set: duplicates are left for the caller's exact
-        // check to report.
-        let mut seqs = snapshot_seqs(host_id);
-        seqs.extend(got.iter().map(|m| m.event.host_seq));
-        let hole_free = seqs.iter().enumerate().all(|(i, h)| *h == i as u64 + 1);
-        if hole_free && pred(&got) {
+        let got = fetch();
+        if contiguous(&got) && pred(&got) {
             return got;
         }
         if Instant::now() > end {
             panic!(
-                "timed out after {timeout:?} waiting for {what}; have {} Kafka records",
+                "timed out after {timeout:?} waiting for {what}; have {} {unit}",
                 got.len()
             );
         }
@@ -714,25 +724,34 @@ pub fn wait_for(
     filter: &str,
     timeout: Duration,
     what: &str,
-    mut pred: impl FnMut(&[Stored]) -> bool,
+    pred: impl FnMut(&[Stored]) -> bool,
 ) -> Vec<Stored> {
-    let end = Instant::now() + timeout;
-    loop {
-        let got = fetch(url, "VIRT_EVENTS", filter);
-        if contiguous(&got) && pred(&got) {
-            return got;
-        }
-        if Instant::now() > end {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}; have {} messages",
-                got.len()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    poll_until(timeout, what, "messages", pred, || {
+        fetch(url, "VIRT_EVENTS", filter)
+    })
 }
 
 // ---------------------------------------------------------------- libvirt
+
+/// Defines and starts `name`, suspends/resumes it `pairs` times `pace`
+/// apart, then destroys and undefines it, on its own thread.
+pub fn burst(name: String, pairs: usize, pace: Duration) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let conn = virt::connect::Connect::open(Some(TEST_URI)).unwrap();
+        let d = conn
+            .define_domain_xml(&test_domain_xml(&name, &new_uuid()))
+            .unwrap();
+        d.create().unwrap();
+        for _ in 0..pairs {
+            d.suspend().unwrap();
+            std::thread::sleep(pace);
+            d.resume().unwrap();
+            std::thread::sleep(pace);
+        }
+        d.destroy().unwrap();
+        d.undefine().unwrap();
+    })
+}
 
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
