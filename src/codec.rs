@@ -456,6 +456,25 @@ impl Fields {
             ))),
         }
     }
+    /// A `DomainRef` record field.
+    fn domain_ref(&mut self, k: &str) -> Result<DomainRef, CodecError> {
+        let mut d = Fields::of(self.take(k)?)?;
+        Ok(DomainRef {
+            uuid: d.string("uuid")?,
+            name: d.string("name")?,
+            id: d.opt_int("id")?,
+        })
+    }
+    /// A `StateAfter` record field.
+    fn state_reason(&mut self, k: &str) -> Result<StateReason, CodecError> {
+        let mut s = Fields::of(self.take(k)?)?;
+        Ok(StateReason {
+            state: DomainState::parse(&s.symbol("state")?).unwrap_or(DomainState::UNKNOWN),
+            state_code: s.int("state_code")?,
+            reason: s.string("reason")?,
+            reason_code: s.int("reason_code")?,
+        })
+    }
     fn symbol(&mut self, k: &str) -> Result<String, CodecError> {
         match self.take(k)? {
             Value::Enum(_, s) => Ok(s),
@@ -466,32 +485,22 @@ impl Fields {
 
 fn event_from_value(v: Value) -> Result<DomainEvent, CodecError> {
     let mut f = Fields::of(v)?;
-    let mut d = Fields::of(f.take("domain")?)?;
-    let mut s = Fields::of(f.take("state_after")?)?;
-    let state = DomainState::parse(&s.symbol("state")?).unwrap_or(DomainState::UNKNOWN);
+    let domain = f.domain_ref("domain")?;
+    let state_after = f.state_reason("state_after")?;
     Ok(DomainEvent {
         event_id: f.string("event_id")?,
         host_id: f.string("host_id")?,
         epoch: f.string("epoch")?,
         host_seq: f.long("host_seq")? as u64,
         seq: f.long("seq")? as u64,
-        domain: DomainRef {
-            uuid: d.string("uuid")?,
-            name: d.string("name")?,
-            id: d.opt_int("id")?,
-        },
+        domain,
         event: EventType::parse(&f.symbol("event")?).unwrap_or(EventType::UNKNOWN),
         libvirt_event_id: f.int("libvirt_event_id")?,
         event_code: f.int("event_code")?,
         detail: Detail::parse(&f.symbol("detail")?).unwrap_or(Detail::UNKNOWN),
         detail_code: f.int("detail_code")?,
         origin: Origin::parse(&f.symbol("origin")?).unwrap_or(Origin::UNKNOWN),
-        state_after: StateReason {
-            state,
-            state_code: s.int("state_code")?,
-            reason: s.string("reason")?,
-            reason_code: s.int("reason_code")?,
-        },
+        state_after,
         persistent: f.boolean("persistent")?,
         autostart: f.opt_bool("autostart")?,
         vcpus: f.opt_int("vcpus")?,
@@ -509,9 +518,8 @@ pub fn decode_domain_snapshot(bytes: &[u8]) -> Result<DomainSnapshot, CodecError
         return Err(shape(format!("expected DomainSnapshot, found {name}")));
     }
     let mut f = Fields::of(value)?;
-    let mut d = Fields::of(f.take("domain")?)?;
-    let mut s = Fields::of(f.take("state")?)?;
-    let state = DomainState::parse(&s.symbol("state")?).unwrap_or(DomainState::UNKNOWN);
+    let domain = f.domain_ref("domain")?;
+    let state = f.state_reason("state")?;
     Ok(DomainSnapshot {
         event_id: f.string("event_id")?,
         host_id: f.string("host_id")?,
@@ -519,17 +527,8 @@ pub fn decode_domain_snapshot(bytes: &[u8]) -> Result<DomainSnapshot, CodecError
         host_seq: f.long("host_seq")? as u64,
         snapshot_id: f.string("snapshot_id")?,
         seq: f.long("seq")? as u64,
-        domain: DomainRef {
-            uuid: d.string("uuid")?,
-            name: d.string("name")?,
-            id: d.opt_int("id")?,
-        },
-        state: StateReason {
-            state,
-            state_code: s.int("state_code")?,
-            reason: s.string("reason")?,
-            reason_code: s.int("reason_code")?,
-        },
+        domain,
+        state,
         persistent: f.boolean("persistent")?,
         autostart: f.opt_bool("autostart")?,
         vcpus: f.opt_int("vcpus")?,
