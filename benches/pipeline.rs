@@ -358,19 +358,8 @@ fn round(nats: &common::NatsServer) {
     const N: usize = 10_000;
     common::ensure_libvirtd();
     let conn = virt::connect::Connect::open(Some(common::TEST_URI)).unwrap();
-    let prefix = common::unique("round");
     let t0 = Instant::now();
-    for i in 0..N {
-        let d = conn
-            .define_domain_xml(&common::test_domain_xml(
-                &format!("{prefix}-{i}"),
-                &common::new_uuid(),
-            ))
-            .unwrap();
-        if i % 2 == 0 {
-            d.create().unwrap();
-        }
-    }
+    let _doms = define_domains(&conn, "round", N);
     println!(
         "defined {N} domains (half running) in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -533,6 +522,29 @@ fn run_config(
     std::thread::sleep(Duration::from_secs(1));
 }
 
+/// Defines `n` test-driver domains, every other one running.
+fn define_domains(
+    conn: &virt::connect::Connect,
+    label: &str,
+    n: usize,
+) -> Vec<virt::domain::Domain> {
+    let prefix = common::unique(label);
+    (0..n)
+        .map(|i| {
+            let d = conn
+                .define_domain_xml(&common::test_domain_xml(
+                    &format!("{prefix}-{i}"),
+                    &common::new_uuid(),
+                ))
+                .unwrap();
+            if i % 2 == 0 {
+                d.create().unwrap();
+            }
+            d
+        })
+        .collect()
+}
+
 /// RSS of the real agent binary with 1,000 domains tracked: NATS sink
 /// (the target), then both sinks (for reference).
 fn rss(nats: &common::NatsServer, kafka: &common::KafkaBroker) {
@@ -540,20 +552,7 @@ fn rss(nats: &common::NatsServer, kafka: &common::KafkaBroker) {
     common::ensure_libvirtd();
     let _oracle_conn = virt::connect::Connect::open(Some(common::TEST_URI)).unwrap();
     let conn = virt::connect::Connect::open(Some(common::TEST_URI)).unwrap();
-    let prefix = common::unique("rss");
-    let mut doms = Vec::new();
-    for i in 0..DOMAINS {
-        let d = conn
-            .define_domain_xml(&common::test_domain_xml(
-                &format!("{prefix}-{i}"),
-                &common::new_uuid(),
-            ))
-            .unwrap();
-        if i % 2 == 0 {
-            d.create().unwrap();
-        }
-        doms.push(d);
-    }
+    let doms = define_domains(&conn, "rss", DOMAINS);
     for (label, extra) in [
         ("NATS sink", String::new()),
         (
