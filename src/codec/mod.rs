@@ -17,6 +17,8 @@ use std::sync::OnceLock;
 use apache_avro::types::Value;
 use apache_avro::Schema;
 
+mod binary;
+
 use crate::model::{
     Detail, DomainEvent, DomainRef, DomainSnapshot, DomainState, EventType, HostSnapshot, Origin,
     StateReason, AGENT_VERSION,
@@ -27,17 +29,17 @@ pub const SCHEMA_FILES: &[(&str, u32, &str)] = &[
     (
         "DomainEvent",
         1,
-        include_str!("../schemas/DomainEvent.v1.avsc"),
+        include_str!("../../schemas/DomainEvent.v1.avsc"),
     ),
     (
         "DomainSnapshot",
         1,
-        include_str!("../schemas/DomainSnapshot.v1.avsc"),
+        include_str!("../../schemas/DomainSnapshot.v1.avsc"),
     ),
     (
         "HostSnapshot",
         1,
-        include_str!("../schemas/HostSnapshot.v1.avsc"),
+        include_str!("../../schemas/HostSnapshot.v1.avsc"),
     ),
 ];
 
@@ -302,6 +304,32 @@ fn split(bytes: &[u8]) -> Result<(&'static SchemaEntry, &[u8]), CodecError> {
     Ok((&schemas()[idx], &bytes[10..]))
 }
 
+/// The writer schema (record name, version) of a single-object message.
+pub fn writer_of(bytes: &[u8]) -> Result<(&'static str, u32), CodecError> {
+    let (w, _) = split(bytes)?;
+    Ok((w.name, w.version))
+}
+
+/// The JSON form of a record (what the opt-in JSON encoding and `replay`
+/// write) back to an Avro single-object message of the newest version of
+/// `name`, so JSON bodies go through the same decoders as Avro ones.
+pub fn json_to_avro(name: &str, json: &serde_json::Value) -> Result<Vec<u8>, CodecError> {
+    let entry = latest(name);
+    let avro_err = |e: apache_avro::Error| CodecError::Avro {
+        schema: format!("{} v{} (from JSON)", entry.name, entry.version),
+        source: Box::new(e),
+    };
+    let value = Value::from(json.clone())
+        .resolve(&entry.schema)
+        .map_err(avro_err)?;
+    let datum = apache_avro::to_avro_datum(&entry.schema, value).map_err(avro_err)?;
+    let mut out = Vec::with_capacity(10 + datum.len());
+    out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+    out.extend_from_slice(&entry.fingerprint.to_le_bytes());
+    out.extend_from_slice(&datum);
+    Ok(out)
+}
+
 /// Decodes a single-object message into a generic Avro value, resolved to
 /// the newest shipped version of its record. Returns the record name too.
 pub fn decode_value(bytes: &[u8]) -> Result<(&'static str, Value), CodecError> {
@@ -320,6 +348,17 @@ pub fn decode_value(bytes: &[u8]) -> Result<(&'static str, Value), CodecError> {
 
 /// Decodes a `DomainEvent` message.
 pub fn decode_event(bytes: &[u8]) -> Result<DomainEvent, CodecError> {
+    let (writer, datum) = split(bytes)?;
+    if writer.name == "DomainEvent" && writer.version == 1 {
+        // The wire format of the newest version: read it directly.
+        return binary::domain_event_v1(datum);
+    }
+    decode_event_generic(bytes)
+}
+
+/// [`decode_event`] through `apache-avro` and schema resolution, whatever
+/// the writer version (the direct reader is checked against it).
+pub fn decode_event_generic(bytes: &[u8]) -> Result<DomainEvent, CodecError> {
     let (name, value) = decode_value(bytes)?;
     if name != "DomainEvent" {
         return Err(CodecError::Shape(format!(
@@ -686,6 +725,79 @@ pub(crate) mod tests {
             observed_at: 1_795_312_588_856_123,
             xml: None,
         }
+    }
+
+    #[test]
+    fn direct_reader_agrees_with_apache_avro() {
+        let mut variants = vec![sample()];
+        let mut e = sample();
+        e.domain.id = None;
+        e.autostart = None;
+        e.vcpus = None;
+        e.memory_kib = None;
+        e.config_hash = None;
+        e.xml = Some("<domain>ünïcode</domain>".into());
+        e.observed_at = -1;
+        e.host_seq = u64::MAX >> 1;
+        variants.push(e);
+        let mut e = sample();
+        e.event = EventType::GAP;
+        e.detail = Detail::JOURNAL_FULL;
+        e.domain.uuid = HOST_UUID.into();
+        e.state_after = StateReason::from_codes(42, 99);
+        variants.push(e);
+        for e in variants {
+            let bytes = encode_event(&e);
+            let direct = decode_event(&bytes).expect("direct");
+            let generic = decode_event_generic(&bytes).expect("generic");
+            assert_eq!(direct, generic);
+            assert_eq!(direct, e);
+        }
+    }
+
+    #[test]
+    fn truncated_or_corrupt_events_are_errors_not_panics() {
+        let bytes = encode_event(&sample());
+        for n in 0..bytes.len() {
+            assert!(decode_event(&bytes[..n]).is_err(), "prefix of {n} bytes");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(decode_event(&long), Err(CodecError::Trailing(1))));
+        // Every single-byte corruption of the datum decodes or errs cleanly.
+        for i in 10..bytes.len() {
+            for b in [0x00u8, 0x7f, 0x80, 0xff] {
+                let mut c = bytes.clone();
+                c[i] = b;
+                let _ = decode_event(&c);
+            }
+        }
+        let mut bad_enum = encode_event(&sample());
+        let at = bad_enum.len() - 1; // last byte: xml null branch
+        bad_enum[at] = 4; // branch 2
+        let err = decode_event(&bad_enum).unwrap_err().to_string();
+        assert!(
+            err.contains("xml") && err.contains("union branch 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn json_bodies_convert_back_to_the_same_records() {
+        let e = sample();
+        let (_, json) = decode_json(&encode_event(&e)).unwrap();
+        let back = json_to_avro("DomainEvent", &json).unwrap();
+        assert_eq!(decode_event(&back).unwrap(), e);
+        let d = sample_snapshot();
+        let (_, json) = decode_json(&encode_domain_snapshot(&d)).unwrap();
+        let back = json_to_avro("DomainSnapshot", &json).unwrap();
+        assert_eq!(decode_domain_snapshot(&back).unwrap(), d);
+        let h = sample_host(crate::model::HostSnapshotKind::HEARTBEAT);
+        let (_, json) = decode_json(&encode_host_snapshot(&h)).unwrap();
+        let back = json_to_avro("HostSnapshot", &json).unwrap();
+        assert_eq!(decode_host_snapshot(&back).unwrap(), h);
+        let err = json_to_avro("DomainEvent", &serde_json::json!({"seq": "x"})).unwrap_err();
+        assert!(err.to_string().contains("from JSON"), "{err}");
     }
 
     pub fn sample_snapshot() -> DomainSnapshot {
