@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use virtstream::config::{Config, LogFormat};
+use virtstream::consumer::bus::From;
 use virtstream::consumer::replay;
+use virtstream::consumer::{self, BusKind};
 
 const EX_USAGE: u8 = 64;
 
@@ -55,12 +57,82 @@ enum Command {
         #[arg(long)]
         domain: Option<String>,
     },
+    /// Rebuild the state of every domain on every host (DESIGN §6).
+    State {
+        #[arg(long, short, env = "VIRTSTREAM_CONFIG")]
+        config: PathBuf,
+        #[arg(long, value_enum)]
+        bus: Bus,
+        #[arg(long, value_enum, default_value = "json")]
+        format: StateFormat,
+    },
+    /// Check continuity per host and domain; exit 1 when anything is wrong.
+    Audit {
+        #[arg(long, short, env = "VIRTSTREAM_CONFIG")]
+        config: PathBuf,
+        #[arg(long, value_enum)]
+        bus: Bus,
+        /// Audit events from this time (RFC 3339).
+        #[arg(long, conflicts_with_all = ["from_stream_seq", "from_offset"])]
+        since: Option<String>,
+        /// NATS: audit events from this stream sequence.
+        #[arg(long, conflicts_with = "from_offset")]
+        from_stream_seq: Option<u64>,
+        /// Kafka: audit a partition from an offset, as PARTITION:OFFSET
+        /// (repeatable; other partitions are not read).
+        #[arg(long, value_parser = parse_partition_offset)]
+        from_offset: Vec<(i32, i64)>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: AuditFormat,
+    },
+    /// Running/paused seconds, vCPU·s and GiB·s per domain and host.
+    Usage {
+        #[arg(long, short, env = "VIRTSTREAM_CONFIG")]
+        config: PathBuf,
+        #[arg(long, value_enum)]
+        bus: Bus,
+        /// Window start (RFC 3339).
+        #[arg(long)]
+        from: String,
+        /// Window end (RFC 3339).
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_enum, default_value = "json")]
+        format: UsageFormat,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StateFormat {
+    Json,
+    Table,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AuditFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum UsageFormat {
+    Json,
+    Csv,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Bus {
     Nats,
     Kafka,
+}
+
+impl std::convert::From<Bus> for BusKind {
+    fn from(b: Bus) -> Self {
+        match b {
+            Bus::Nats => BusKind::Nats,
+            Bus::Kafka => BusKind::Kafka,
+        }
+    }
 }
 
 fn parse_partition_offset(s: &str) -> Result<(i32, i64), String> {
@@ -75,8 +147,12 @@ fn parse_partition_offset(s: &str) -> Result<(i32, i64), String> {
 }
 
 fn parse_since(s: &str) -> Result<time::OffsetDateTime, ExitCode> {
+    parse_time("--since", s)
+}
+
+fn parse_time(flag: &str, s: &str) -> Result<time::OffsetDateTime, ExitCode> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|e| {
-        eprintln!("virtstream: --since `{s}` is not an RFC 3339 time: {e}");
+        eprintln!("virtstream: {flag} `{s}` is not an RFC 3339 time: {e}");
         ExitCode::from(EX_USAGE)
     })
 }
@@ -138,6 +214,148 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
+/// Reports messages that could not be decoded (stderr).
+fn report_undecodable(out: &consumer::ReadOutcome) {
+    for (pos, why) in &out.undecodable {
+        eprintln!("virtstream: {pos}: cannot decode: {why}");
+    }
+}
+
+fn tool_failed(e: consumer::ConsumerError) -> ExitCode {
+    eprintln!("virtstream: {e}");
+    match e {
+        consumer::ConsumerError::MissingSection(_) => ExitCode::from(EX_USAGE),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn write_out(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("virtstream: writing output: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn state_cmd(cfg: &Config, bus: BusKind, table: bool) -> ExitCode {
+    let (fleet, out) = match consumer::state(cfg, bus) {
+        Ok(r) => r,
+        Err(e) => return tool_failed(e),
+    };
+    report_undecodable(&out);
+    let domains = fleet.domains();
+    for h in fleet.hosts().iter().filter(|h| h.stale) {
+        eprintln!(
+            "virtstream: host {} is stale: {}",
+            h.host_id,
+            h.stale_reason.as_deref().unwrap_or("")
+        );
+    }
+    if !table {
+        let json = serde_json::to_string_pretty(&domains).unwrap_or_default();
+        return write_out(&format!("{json}\n"));
+    }
+    let mut rows = vec![[
+        "HOST",
+        "NAME",
+        "UUID",
+        "STATE",
+        "REASON",
+        "PERSISTENT",
+        "VCPUS",
+        "MEMORY_KIB",
+        "SEQ",
+        "STALE",
+    ]
+    .map(String::from)];
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    for d in &domains {
+        rows.push([
+            d.host_id.clone(),
+            d.name.clone(),
+            d.uuid.clone(),
+            d.state.clone(),
+            d.reason.clone(),
+            d.persistent.to_string(),
+            opt(d.vcpus.map(|v| v.to_string())),
+            opt(d.memory_kib.map(|v| v.to_string())),
+            d.seq.to_string(),
+            if d.stale { "yes" } else { "no" }.into(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..10)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        text.push_str(line.join("  ").trim_end());
+        text.push('\n');
+    }
+    write_out(&text)
+}
+
+fn audit_cmd(cfg: &Config, bus: BusKind, from: &From, json: bool) -> ExitCode {
+    let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
+    let report = match consumer::audit(cfg, bus, from, now) {
+        Ok(r) => r,
+        Err(e) => return tool_failed(e),
+    };
+    let text = if json {
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        )
+    } else {
+        report.to_text()
+    };
+    match write_out(&text) {
+        code if code != ExitCode::SUCCESS => code,
+        _ if report.continuous => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn usage_cmd(cfg: &Config, bus: BusKind, from_us: i64, to_us: i64, csv: bool) -> ExitCode {
+    let (rows, out) = match consumer::usage(cfg, bus, from_us, to_us) {
+        Ok(r) => r,
+        Err(e) => return tool_failed(e),
+    };
+    report_undecodable(&out);
+    if !csv {
+        let json = serde_json::to_string_pretty(&rows).unwrap_or_default();
+        return write_out(&format!("{json}\n"));
+    }
+    let mut text = String::from(
+        "host_id,uuid,name,running_seconds,paused_seconds,vcpu_seconds,memory_gib_seconds,unknown_seconds,stale,stale_reason\n",
+    );
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    for r in &rows {
+        text.push_str(&format!(
+            "{},{},{},{:.6},{:.6},{:.6},{:.6},{:.6},{},{}\n",
+            quote(&r.host_id),
+            r.uuid,
+            quote(&r.name),
+            r.running_seconds,
+            r.paused_seconds,
+            r.vcpu_seconds,
+            r.memory_gib_seconds,
+            r.unknown_seconds,
+            r.stale,
+            quote(r.stale_reason.as_deref().unwrap_or(""))
+        ));
+    }
+    write_out(&text)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -175,6 +393,79 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::State {
+            config,
+            bus,
+            format,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            state_cmd(&cfg, bus.into(), format == StateFormat::Table)
+        }
+        Command::Audit {
+            config,
+            bus,
+            since,
+            from_stream_seq,
+            from_offset,
+            format,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let since = match since.as_deref().map(parse_since).transpose() {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let from = match (bus, since, from_stream_seq, from_offset.is_empty()) {
+                (_, Some(t), _, _) => From::Time(t),
+                (Bus::Nats, None, Some(n), true) => From::StreamSeq(n),
+                (Bus::Kafka, None, None, false) => From::Offsets(from_offset),
+                (_, None, None, true) => From::Start,
+                (Bus::Nats, ..) => {
+                    eprintln!(
+                        "virtstream: --from-offset is for --bus kafka; use --from-stream-seq"
+                    );
+                    return ExitCode::from(EX_USAGE);
+                }
+                (Bus::Kafka, ..) => {
+                    eprintln!("virtstream: --from-stream-seq is for --bus nats; use --from-offset PARTITION:OFFSET");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            audit_cmd(&cfg, bus.into(), &from, format == AuditFormat::Json)
+        }
+        Command::Usage {
+            config,
+            bus,
+            from,
+            to,
+            format,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let (from, to) = match (parse_time("--from", &from), parse_time("--to", &to)) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(code), _) | (_, Err(code)) => return code,
+            };
+            if to <= from {
+                eprintln!("virtstream: --to must be after --from");
+                return ExitCode::from(EX_USAGE);
+            }
+            let us = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1000) as i64;
+            usage_cmd(
+                &cfg,
+                bus.into(),
+                us(from),
+                us(to),
+                format == UsageFormat::Csv,
+            )
         }
         Command::Replay {
             config,

@@ -310,8 +310,10 @@ pub struct Tracker<I: Inspector> {
     /// UUID → agent time at which a lookup found no such domain. Events
     /// observed before that time skip the lookup: it cannot tell more.
     missing_since: HashMap<String, i64>,
-    /// snapshot_id of the last complete round (carried by heartbeats).
-    last_round: Option<String>,
+    /// snapshot_id and domain count of the last complete round (carried
+    /// by heartbeats, so a reader of the compacted snapshot stream can tell
+    /// whether it holds all of that round).
+    last_round: Option<(String, usize)>,
 }
 
 /// A snapshot-round or heartbeat record, with the domain record it updates.
@@ -385,10 +387,14 @@ impl<I: Inspector> Tracker<I> {
     }
 
     /// A heartbeat: the host_seq high-water mark and the last complete
-    /// round, so consumers notice silence and gaps on quiet hosts.
+    /// round (its snapshot_id and domain count; the current domain count
+    /// before any round), so consumers notice silence and gaps on quiet
+    /// hosts.
     pub fn heartbeat(&mut self, info: &HostInfo, observed_at: i64) -> HostSnapshot {
-        let last = self.last_round.clone();
-        let n = self.domain_count();
+        let (last, n) = match self.last_round.clone() {
+            Some((id, n)) => (Some(id), n),
+            None => (None, self.domain_count()),
+        };
         self.host_snapshot(HostSnapshotKind::HEARTBEAT, last, n, info, observed_at)
     }
 
@@ -489,7 +495,7 @@ impl<I: Inspector> Tracker<I> {
                 record,
             });
         }
-        self.last_round = Some(snapshot_id);
+        self.last_round = Some((snapshot_id, n));
         out
     }
 

@@ -417,6 +417,10 @@ fn heartbeats_carry_the_watermark_and_the_last_complete_round() {
             b.snapshot_id, round_end.snapshot_id,
             "names the last complete round"
         );
+        assert_eq!(
+            b.domain_count, round_end.domain_count,
+            "and that round's domain count"
+        );
         assert!(
             b.domain_count >= 1,
             "the test driver's default domain at least"

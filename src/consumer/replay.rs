@@ -55,9 +55,7 @@ pub async fn replay_nats(
     domain: Option<&str>,
     out: &mut (dyn Write + Send),
 ) -> Result<ReplayStats, ReplayError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(cfg.url.as_str())
+    let client = crate::sinks::nats::connect_once(cfg, "virtstream-replay")
         .await
         .map_err(|e| ReplayError::Connect {
             url: cfg.url.clone(),

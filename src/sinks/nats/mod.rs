@@ -46,41 +46,66 @@ impl NatsError {
     }
 }
 
-/// Connects with retry-forever semantics (returns at once, even when the
-/// server is down).
-pub async fn connect(cfg: &NatsConfig, client_name: &str) -> Result<async_nats::Client, NatsError> {
-    let mut opts = async_nats::ConnectOptions::new()
-        .name(client_name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100u64 << attempts.min(6)).min(5_000))
-        })
-        .event_callback(|ev| async move {
-            tracing::info!(event = %ev, "nats connection event");
-        });
-    if let Some(path) = &cfg.credentials_file {
-        opts = async_nats::ConnectOptions::with_credentials_file(path)
+/// Connection options shared by the agent and the tools: name, timeout,
+/// credentials file or token (read from files, never from flags).
+async fn options(
+    cfg: &NatsConfig,
+    client_name: &str,
+) -> Result<async_nats::ConnectOptions, NatsError> {
+    let mut opts = match &cfg.credentials_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
             .await
             .map_err(|e| {
                 NatsError::Options(format!("nats.credentials_file {}: {e}", path.display()))
-            })?
-            .name(client_name)
-            .retry_on_initial_connect()
-            .max_reconnects(None);
+            })?,
+        None => async_nats::ConnectOptions::new(),
     }
+    .name(client_name)
+    .connection_timeout(Duration::from_secs(5));
     if let Some(path) = &cfg.token_file {
         let token = std::fs::read_to_string(path)
             .map_err(|e| NatsError::Options(format!("nats.token_file {}: {e}", path.display())))?;
         opts = opts.token(token.trim().to_string());
     }
-    opts.connect(cfg.url.as_str())
-        .await
-        .map_err(|e| NatsError::Connect {
-            url: cfg.url.clone(),
-            message: e.to_string(),
+    Ok(opts)
+}
+
+fn connect_error(cfg: &NatsConfig) -> impl FnOnce(async_nats::ConnectError) -> NatsError + '_ {
+    move |e| NatsError::Connect {
+        url: cfg.url.clone(),
+        message: e.to_string(),
+    }
+}
+
+/// Connects with retry-forever semantics (returns at once, even when the
+/// server is down).
+pub async fn connect(cfg: &NatsConfig, client_name: &str) -> Result<async_nats::Client, NatsError> {
+    options(cfg, client_name)
+        .await?
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100u64 << attempts.min(6)).min(5_000))
         })
+        .event_callback(|ev| async move {
+            tracing::info!(event = %ev, "nats connection event");
+        })
+        .connect(cfg.url.as_str())
+        .await
+        .map_err(connect_error(cfg))
+}
+
+/// Connects once, failing at once when the server cannot be reached (the
+/// consumer tools).
+pub async fn connect_once(
+    cfg: &NatsConfig,
+    client_name: &str,
+) -> Result<async_nats::Client, NatsError> {
+    options(cfg, client_name)
+        .await?
+        .connect(cfg.url.as_str())
+        .await
+        .map_err(connect_error(cfg))
 }
 
 /// The JetStream context publishes go through.

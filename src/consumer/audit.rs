@@ -1,0 +1,516 @@
+//! Continuity audit: proves that what was read is every message the hosts
+//! emitted, or names what is not and where.
+//!
+//! Checks, per (host_id, epoch) and per domain:
+//! - positions: a contiguous lane (the events stream, an events partition)
+//!   whose positions jump lost messages (`stream_hole`);
+//! - `host_seq`: read twice (`duplicate`), or lower than an earlier one in
+//!   the same lane (`reordering`). Holes in `host_seq` alone are not
+//!   losses: snapshot records and heartbeats take `host_seq` too, and the
+//!   compacted snapshot stream keeps only the latest of them;
+//! - `seq`, per domain over events: a jump (`gap`, naming the missing
+//!   seqs and the position of the event after them), a repeat or a step
+//!   back (`duplicate`, `reordering`); a domain's first seq must be 1 when
+//!   its lane was read from its very beginning; a snapshot carrying a seq
+//!   beyond the domain's last event before it reveals missing events too;
+//! - epochs: a host with more than one epoch (`epoch_change`);
+//! - gap markers: a problem (`reported_gap`) unless a complete snapshot
+//!   round of the same epoch follows, which repairs it (then a notice);
+//! - heartbeats: a host of its newest epoch with no heartbeat (or round)
+//!   for more than three heartbeat periods before the end of the read, or
+//!   between two consecutive heartbeats (`missing_heartbeat`).
+//!
+//! Invariant: every problem names the host (and domain) and the position
+//! of the message where it was found.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use super::record::{Body, Lane, Position, Record};
+use crate::model::{parse_event_id, EventType, HostSnapshotKind};
+
+/// What kind of problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    StreamHole,
+    Gap,
+    Duplicate,
+    Reordering,
+    EpochChange,
+    ReportedGap,
+    MissingHeartbeat,
+}
+
+/// One problem (or notice) and where it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Position of the message where it was found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    pub message: String,
+}
+
+/// Per (host, epoch) totals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostSummary {
+    pub host_id: String,
+    pub epoch: String,
+    pub events: u64,
+    pub snapshot_records: u64,
+    pub domains: usize,
+    pub first_host_seq: u64,
+    pub last_host_seq: u64,
+    /// Agent time of the newest heartbeat read (µs).
+    pub last_heartbeat: Option<i64>,
+}
+
+/// The audit's result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditReport {
+    pub continuous: bool,
+    pub records: u64,
+    pub hosts: Vec<HostSummary>,
+    pub problems: Vec<Problem>,
+    pub notices: Vec<Problem>,
+}
+
+/// Settings of an audit.
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// The agents' heartbeat period (`snapshot.heartbeat`).
+    pub heartbeat_us: i64,
+    /// End of the audited period (µs; normally now).
+    pub now_us: i64,
+    /// Lanes were read from their first retained message.
+    pub from_start: bool,
+}
+
+#[derive(Debug, Default)]
+struct DomainTrack {
+    name: String,
+    /// (seq, host_seq) of the last event read.
+    last: Option<(u64, u64)>,
+    /// Events read, by host_seq → seq (to check snapshots against).
+    seqs: Vec<(u64, u64)>,
+    first_lane_origin: bool,
+}
+
+#[derive(Debug, Default)]
+struct HostTrack {
+    events: u64,
+    snapshot_records: u64,
+    first_host_seq: u64,
+    last_host_seq: u64,
+    first_observed: i64,
+    seen: HashMap<u64, Position>,
+    last_in_lane: HashMap<Lane, (u64, Position)>,
+    domains: HashMap<String, DomainTrack>,
+    /// Newest DomainSnapshot per domain: (host_seq, seq, position).
+    snapshots: HashMap<String, (u64, u64, Position)>,
+    gaps: Vec<(u64, Position, String)>,
+    /// ROUND_BEGIN host_seq of rounds known complete.
+    complete_rounds: Vec<u64>,
+    heartbeats: Vec<(i64, Position)>,
+}
+
+/// Feed records with [`Auditor::add`], then [`Auditor::finish`].
+#[derive(Debug)]
+pub struct Auditor {
+    opts: AuditOptions,
+    hosts: HashMap<(String, String), HostTrack>,
+    lane_last: HashMap<Lane, Position>,
+    lane_origin: HashSet<Lane>,
+    problems: Vec<Problem>,
+    records: u64,
+}
+
+impl Auditor {
+    pub fn new(opts: AuditOptions) -> Auditor {
+        Auditor {
+            opts,
+            hosts: HashMap::new(),
+            lane_last: HashMap::new(),
+            lane_origin: HashSet::new(),
+            problems: Vec::new(),
+            records: 0,
+        }
+    }
+
+    /// Notes a message that could not be decoded (always a problem: its
+    /// content, hence what it would have told, is lost).
+    pub fn undecodable(&mut self, pos: &Position, why: &str) {
+        self.problems.push(Problem {
+            kind: ProblemKind::Gap,
+            host_id: None,
+            epoch: None,
+            uuid: None,
+            at: Some(pos.to_string()),
+            message: format!("message at {pos} cannot be decoded: {why}"),
+        });
+    }
+
+    /// Adds one record; `contiguous` as for `rebuild::Fleet::apply`.
+    pub fn add(&mut self, rec: &Record, contiguous: bool) {
+        self.records += 1;
+        let pos = &rec.pos;
+        let lane = pos.lane();
+        if contiguous {
+            match self.lane_last.get(&lane) {
+                Some(prev) if pos.offset > prev.offset + 1 => {
+                    let (a, b) = (prev.offset + 1, pos.offset - 1);
+                    let what = if a == b {
+                        format!("{a} is")
+                    } else {
+                        format!("{a}..={b} are")
+                    };
+                    self.problems.push(Problem {
+                        kind: ProblemKind::StreamHole,
+                        host_id: None,
+                        epoch: None,
+                        uuid: None,
+                        at: Some(pos.to_string()),
+                        message: format!(
+                            "{lane}: position {what} missing (deleted or lost), between {prev} and {pos}"
+                        ),
+                    });
+                }
+                None => {
+                    let origin = if pos.partition.is_some() { 0 } else { 1 };
+                    if self.opts.from_start && pos.offset == origin {
+                        self.lane_origin.insert(lane.clone());
+                    }
+                }
+                _ => {}
+            }
+            self.lane_last.insert(lane.clone(), pos.clone());
+        }
+        let (host, epoch, host_seq) = rec.body.origin();
+        let key = (host.to_owned(), epoch.to_owned());
+        let h = self.hosts.entry(key.clone()).or_insert_with(|| HostTrack {
+            first_host_seq: u64::MAX,
+            first_observed: i64::MAX,
+            ..HostTrack::default()
+        });
+        if let Some(t) = rec.body.observed_at() {
+            h.first_observed = h.first_observed.min(t);
+        }
+        let problem = |kind, uuid: Option<&str>, message: String| Problem {
+            kind,
+            host_id: Some(key.0.clone()),
+            epoch: Some(key.1.clone()),
+            uuid: uuid.map(str::to_owned),
+            at: Some(pos.to_string()),
+            message,
+        };
+        if let Some(first) = h.seen.get(&host_seq) {
+            self.problems.push(problem(
+                ProblemKind::Duplicate,
+                None,
+                format!("host {host} epoch {epoch}: host_seq {host_seq} read again at {pos} (first at {first})"),
+            ));
+            return;
+        }
+        h.seen.insert(host_seq, pos.clone());
+        h.first_host_seq = h.first_host_seq.min(host_seq);
+        h.last_host_seq = h.last_host_seq.max(host_seq);
+        if contiguous {
+            if let Some((prev, prev_pos)) = h.last_in_lane.get(&lane) {
+                if host_seq < *prev {
+                    self.problems.push(problem(
+                        ProblemKind::Reordering,
+                        None,
+                        format!("host {host} epoch {epoch}: host_seq {host_seq} at {pos} comes after host_seq {prev} at {prev_pos}"),
+                    ));
+                }
+            }
+            let e = h
+                .last_in_lane
+                .entry(lane.clone())
+                .or_insert((0, pos.clone()));
+            if host_seq >= e.0 {
+                *e = (host_seq, pos.clone());
+            }
+        }
+        match &rec.body {
+            Body::Event(e) if e.event == EventType::GAP => {
+                h.events += 1;
+                h.gaps.push((host_seq, pos.clone(), e.detail.to_string()));
+            }
+            Body::Event(e) => {
+                h.events += 1;
+                let origin = self.lane_origin.contains(&lane);
+                let d = h.domains.entry(e.domain.uuid.clone()).or_default();
+                d.name.clone_from(&e.domain.name);
+                let uuid = Some(e.domain.uuid.as_str());
+                let label = format!("domain {} ({}) on {host}", e.domain.uuid, e.domain.name);
+                match d.last {
+                    None if origin && e.seq != 1 => {
+                        self.problems.push(problem(
+                            ProblemKind::Gap,
+                            uuid,
+                            format!("{label}: seq 1..={} missing before {pos} (the stream was read from its beginning)", e.seq - 1),
+                        ));
+                    }
+                    None => d.first_lane_origin = origin,
+                    Some((last, last_hs)) if e.seq == last + 1 && host_seq > last_hs => {}
+                    Some((last, _)) if e.seq > last + 1 => {
+                        let missing = if e.seq == last + 2 {
+                            format!("seq {} is", last + 1)
+                        } else {
+                            format!("seq {}..={} are", last + 1, e.seq - 1)
+                        };
+                        self.problems.push(problem(
+                            ProblemKind::Gap,
+                            uuid,
+                            format!("{label}: {missing} missing before {pos} (seq {})", e.seq),
+                        ));
+                    }
+                    Some((last, _)) if e.seq == last => {
+                        self.problems.push(problem(
+                            ProblemKind::Duplicate,
+                            uuid,
+                            format!("{label}: seq {} read again at {pos}", e.seq),
+                        ));
+                    }
+                    Some((last, _)) => {
+                        self.problems.push(problem(
+                            ProblemKind::Reordering,
+                            uuid,
+                            format!("{label}: seq {} at {pos} comes after seq {last}", e.seq),
+                        ));
+                    }
+                }
+                if d.last.is_none_or(|(s, _)| e.seq > s) {
+                    d.last = Some((e.seq, host_seq));
+                }
+                d.seqs.push((host_seq, e.seq));
+            }
+            Body::Domain(s) => {
+                h.snapshot_records += 1;
+                let e = h
+                    .snapshots
+                    .entry(s.domain.uuid.clone())
+                    .or_insert((0, 0, pos.clone()));
+                if host_seq > e.0 {
+                    *e = (host_seq, s.seq, pos.clone());
+                }
+            }
+            Body::Host(hs) => {
+                h.snapshot_records += 1;
+                if let Some(begin) = hs
+                    .snapshot_id
+                    .as_deref()
+                    .and_then(parse_event_id)
+                    .map(|(_, _, b)| b)
+                {
+                    if matches!(
+                        hs.kind,
+                        HostSnapshotKind::ROUND_END | HostSnapshotKind::HEARTBEAT
+                    ) {
+                        h.complete_rounds.push(begin);
+                    }
+                }
+                h.heartbeats.push((hs.observed_at, pos.clone()));
+            }
+            Body::Tombstone(_) => h.snapshot_records += 1,
+        }
+    }
+
+    /// The report.
+    pub fn finish(mut self) -> AuditReport {
+        let mut notices = Vec::new();
+        // Epochs per host, oldest first.
+        let mut epochs: HashMap<&str, Vec<(i64, &str)>> = HashMap::new();
+        for ((host, epoch), h) in &self.hosts {
+            epochs
+                .entry(host)
+                .or_default()
+                .push((h.first_observed, epoch));
+        }
+        let mut newest: HashMap<&str, &str> = HashMap::new();
+        for (host, list) in &mut epochs {
+            list.sort();
+            newest.insert(host, list.last().expect("non-empty").1);
+            for w in list.windows(2) {
+                self.problems.push(Problem {
+                    kind: ProblemKind::EpochChange,
+                    host_id: Some((*host).to_owned()),
+                    epoch: Some(w[1].1.to_owned()),
+                    uuid: None,
+                    at: None,
+                    message: format!(
+                        "host {host}: epoch {} replaced by {} (journal recreated; counters restarted, state is known again from its next complete round)",
+                        w[0].1, w[1].1
+                    ),
+                });
+            }
+        }
+        let mut hosts = Vec::new();
+        for ((host, epoch), h) in &self.hosts {
+            let who = |uuid: Option<&str>, at: Option<&Position>, kind, message| Problem {
+                kind,
+                host_id: Some(host.clone()),
+                epoch: Some(epoch.clone()),
+                uuid: uuid.map(str::to_owned),
+                at: at.map(Position::to_string),
+                message,
+            };
+            // Snapshots that carry a seq beyond the events read before them.
+            for (uuid, (snap_hs, snap_seq, pos)) in &h.snapshots {
+                let Some(d) = h.domains.get(uuid) else {
+                    continue;
+                };
+                let before = d
+                    .seqs
+                    .iter()
+                    .filter(|(hs, _)| hs < snap_hs)
+                    .map(|(_, s)| *s)
+                    .max();
+                if let Some(m) = before {
+                    if m < *snap_seq {
+                        self.problems.push(who(
+                            Some(uuid),
+                            Some(pos),
+                            ProblemKind::Gap,
+                            format!(
+                                "domain {uuid} ({}) on {host}: the snapshot at {pos} reflects seq {snap_seq}, but events read before it end at seq {m}",
+                                d.name
+                            ),
+                        ));
+                    }
+                }
+            }
+            for (g, pos, cause) in &h.gaps {
+                let repaired = h.complete_rounds.iter().any(|b| b > g);
+                let msg = format!(
+                    "host {host}: the agent reported lost libvirt events ({cause}) at {pos}{}",
+                    if repaired {
+                        "; a complete snapshot round followed"
+                    } else {
+                        "; no complete snapshot round after it was read"
+                    }
+                );
+                if repaired {
+                    notices.push(who(None, Some(pos), ProblemKind::ReportedGap, msg));
+                } else {
+                    self.problems
+                        .push(who(None, Some(pos), ProblemKind::ReportedGap, msg));
+                }
+            }
+            let mut beats = h.heartbeats.clone();
+            beats.sort_by_key(|b| b.0);
+            let limit = 3 * self.opts.heartbeat_us;
+            for w in beats.windows(2) {
+                if w[1].0 - w[0].0 > limit {
+                    self.problems.push(who(
+                        None,
+                        Some(&w[1].1),
+                        ProblemKind::MissingHeartbeat,
+                        format!(
+                            "host {host}: no heartbeat between {} ({}) and {} ({})",
+                            crate::codec::rfc3339_micros(w[0].0),
+                            w[0].1,
+                            crate::codec::rfc3339_micros(w[1].0),
+                            w[1].1
+                        ),
+                    ));
+                }
+            }
+            if newest.get(host.as_str()) == Some(&epoch.as_str()) {
+                match beats.last() {
+                    Some((t, pos)) if self.opts.now_us - t > limit => {
+                        self.problems.push(who(
+                            None,
+                            Some(pos),
+                            ProblemKind::MissingHeartbeat,
+                            format!(
+                                "host {host}: last heartbeat at {} ({pos}), {} s before the audit; expected every {} s",
+                                crate::codec::rfc3339_micros(*t),
+                                (self.opts.now_us - t) / 1_000_000,
+                                self.opts.heartbeat_us as f64 / 1e6
+                            ),
+                        ));
+                    }
+                    None => self.problems.push(who(
+                        None,
+                        None,
+                        ProblemKind::MissingHeartbeat,
+                        format!("host {host}: no heartbeat or snapshot round read"),
+                    )),
+                    _ => {}
+                }
+            }
+            hosts.push(HostSummary {
+                host_id: host.clone(),
+                epoch: epoch.clone(),
+                events: h.events,
+                snapshot_records: h.snapshot_records,
+                domains: h.domains.len(),
+                first_host_seq: if h.first_host_seq == u64::MAX {
+                    0
+                } else {
+                    h.first_host_seq
+                },
+                last_host_seq: h.last_host_seq,
+                last_heartbeat: beats.last().map(|b| b.0),
+            });
+        }
+        hosts.sort_by(|a, b| (&a.host_id, &a.epoch).cmp(&(&b.host_id, &b.epoch)));
+        self.problems
+            .sort_by(|a, b| (a.kind, &a.host_id, &a.at).cmp(&(b.kind, &b.host_id, &b.at)));
+        AuditReport {
+            continuous: self.problems.is_empty(),
+            records: self.records,
+            hosts,
+            problems: self.problems,
+            notices,
+        }
+    }
+}
+
+impl AuditReport {
+    /// The human-readable report.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "records read: {}", self.records);
+        for h in &self.hosts {
+            let _ = writeln!(
+                s,
+                "host {} epoch {}: {} events, {} snapshot records, {} domains, host_seq {}..={}",
+                h.host_id,
+                h.epoch,
+                h.events,
+                h.snapshot_records,
+                h.domains,
+                h.first_host_seq,
+                h.last_host_seq
+            );
+        }
+        for n in &self.notices {
+            let _ = writeln!(s, "notice {:?}: {}", n.kind, n.message);
+        }
+        for p in &self.problems {
+            let _ = writeln!(s, "PROBLEM {:?}: {}", p.kind, p.message);
+        }
+        let _ = writeln!(
+            s,
+            "{}",
+            if self.continuous {
+                "continuous: no gaps, duplicates, reorderings or epoch changes".to_string()
+            } else {
+                format!("NOT continuous: {} problem(s)", self.problems.len())
+            }
+        );
+        s
+    }
+}

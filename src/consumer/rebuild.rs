@@ -1,0 +1,954 @@
+//! The fleet-state rebuild of DESIGN §6, as a pure state machine: feed it
+//! records in the order they were read (any mix of events, snapshot
+//! records, heartbeats and tombstones, from any number of streams or
+//! partitions), then read the state of every (host, domain).
+//!
+//! Rules:
+//! - per host, the newest **complete** snapshot round is the base. A round
+//!   is complete when its `ROUND_END` (or a heartbeat naming it as the last
+//!   complete round) was read and all of its `domain_count` domain records
+//!   are at hand, which also works on compacted streams where the round's
+//!   begin/end records were replaced by later heartbeats;
+//! - a record only ever replaces older information of its domain (by
+//!   `host_seq` within the host's epoch), so duplicates and records that
+//!   arrive after newer ones change nothing;
+//! - a domain event applies when its `seq` follows the domain's; a jump
+//!   applies too (the event carries the full state after it) but makes the
+//!   domain stale; a gap marker, a hole in a stream's or partition's
+//!   positions and an epoch change make the whole host stale;
+//! - stale lasts until a complete round that began after the loss (a loss
+//!   is bounded by the `host_seq` of the first record that revealed it);
+//! - a domain absent from a complete round, or tombstoned, is deleted; a
+//!   transient domain that stopped is gone.
+//!
+//! Invariant: the result never depends on how many times a record was
+//! read, and a record that lost nothing never makes anything stale.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use super::record::{Body, Lane, Position, Record, Tombstone};
+use crate::model::{
+    parse_event_id, DomainEvent, DomainSnapshot, DomainState, EventType, HostSnapshot,
+    HostSnapshotKind, StateReason,
+};
+
+/// One domain on one host, as rebuilt.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DomainView {
+    pub host_id: String,
+    pub uuid: String,
+    pub name: String,
+    /// libvirt state name, e.g. `RUNNING`.
+    pub state: String,
+    pub reason: String,
+    pub persistent: bool,
+    pub autostart: Option<bool>,
+    pub vcpus: Option<i32>,
+    pub memory_kib: Option<i64>,
+    pub config_hash: Option<String>,
+    /// The domain's `seq` this state reflects.
+    pub seq: u64,
+    pub epoch: String,
+    /// Agent time of the information (µs).
+    pub observed_at: i64,
+    /// Messages may be missing: this may not be the current state.
+    pub stale: bool,
+    /// Why it is stale (the first cause seen).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_reason: Option<String>,
+}
+
+/// Counters of one rebuild.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RebuildStats {
+    pub records: u64,
+    /// Records that carried nothing newer (duplicates, late arrivals).
+    pub ignored: u64,
+    /// Records of an epoch older than the host's newest.
+    pub old_epoch: u64,
+    pub rounds_applied: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Dom {
+    name: String,
+    id: Option<i32>,
+    state: StateReason,
+    persistent: bool,
+    autostart: Option<bool>,
+    vcpus: Option<i32>,
+    memory_kib: Option<i64>,
+    config_hash: Option<String>,
+    seq: u64,
+    /// `host_seq` of the information held (0: none in this epoch).
+    host_seq: u64,
+    observed_at: i64,
+    /// Not on the host (undefined, transient and stopped, or absent from
+    /// a complete round). Kept so older records cannot bring it back.
+    deleted: bool,
+    /// Whether `seq` is the domain's current seq (false after a deletion
+    /// by a round or an epoch change: the next event may carry any seq).
+    seq_known: bool,
+    /// Stale until a complete round that began after this host_seq.
+    stale_bound: Option<u64>,
+    stale_reason: Option<String>,
+}
+
+impl Dom {
+    fn blank() -> Dom {
+        Dom {
+            name: String::new(),
+            id: None,
+            state: StateReason::named(DomainState::NOSTATE, "UNKNOWN"),
+            persistent: false,
+            autostart: None,
+            vcpus: None,
+            memory_kib: None,
+            config_hash: None,
+            seq: 0,
+            host_seq: 0,
+            observed_at: 0,
+            deleted: true,
+            seq_known: false,
+            stale_bound: None,
+            stale_reason: None,
+        }
+    }
+
+    fn gone(&self) -> bool {
+        !self.persistent && self.state.state == DomainState::SHUTOFF
+    }
+
+    fn mark_stale(&mut self, bound: u64, reason: impl FnOnce() -> String) {
+        self.stale_bound = Some(self.stale_bound.map_or(bound, |b| b.max(bound)));
+        if self.stale_reason.is_none() {
+            self.stale_reason = Some(reason());
+        }
+    }
+}
+
+/// What is known of one round of one host.
+#[derive(Debug, Default)]
+struct Round {
+    /// host_seq of its ROUND_BEGIN (from the snapshot id).
+    begin: u64,
+    count: Option<usize>,
+    ended: bool,
+    members: BTreeMap<u64, DomainSnapshot>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Applied {
+    begin: u64,
+    end: u64,
+}
+
+#[derive(Debug)]
+struct Host {
+    epoch: String,
+    /// Newest agent time seen in this epoch.
+    last_observed: i64,
+    domains: HashMap<String, Dom>,
+    rounds: HashMap<String, Round>,
+    last_round: Option<Applied>,
+    /// Host-wide loss: stale until a complete round beginning after it.
+    loss_bound: Option<u64>,
+    loss_reason: Option<String>,
+    /// A new epoch (or a first sight that needs one): stale until a
+    /// complete round of this epoch.
+    needs_round: Option<String>,
+    /// Per lane, how many position holes of that lane this host has
+    /// accounted for (holes after its last record there are open).
+    holes_seen: HashMap<Lane, u64>,
+    /// Highest host_seq read per contiguous lane, and the lanes where a
+    /// lower one came later (order not kept: losses there cannot be
+    /// bounded by the next record).
+    lane_max: HashMap<Lane, u64>,
+    reordered: Vec<Lane>,
+    last_heartbeat: Option<HostSnapshot>,
+}
+
+impl Host {
+    fn new(epoch: &str, observed_at: i64) -> Host {
+        Host {
+            epoch: epoch.to_owned(),
+            last_observed: observed_at,
+            domains: HashMap::new(),
+            rounds: HashMap::new(),
+            last_round: None,
+            loss_bound: None,
+            loss_reason: None,
+            needs_round: None,
+            holes_seen: HashMap::new(),
+            lane_max: HashMap::new(),
+            reordered: Vec::new(),
+            last_heartbeat: None,
+        }
+    }
+
+    /// A complete round began after `bound`.
+    fn covered(&self, bound: u64) -> bool {
+        self.last_round.is_some_and(|r| r.begin > bound)
+    }
+
+    fn host_loss(&mut self, bound: u64, reason: impl FnOnce() -> String) {
+        if self.covered(bound) {
+            return;
+        }
+        self.loss_bound = Some(self.loss_bound.map_or(bound, |b| b.max(bound)));
+        if self.loss_reason.is_none() {
+            self.loss_reason = Some(reason());
+        }
+    }
+}
+
+/// The first position of a lane that never lost anything: stream
+/// sequence 1 on NATS, offset 0 on Kafka.
+pub fn lane_origin(pos: &Position) -> u64 {
+    if pos.partition.is_some() {
+        0
+    } else {
+        1
+    }
+}
+
+/// The rebuild. See the module documentation for the rules.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    hosts: HashMap<String, Host>,
+    /// Position holes per lane (messages missing from a stream/partition).
+    holes: HashMap<Lane, u64>,
+    /// Last position read per lane.
+    last_pos: HashMap<Lane, u64>,
+    stats: RebuildStats,
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        Fleet::default()
+    }
+
+    pub fn stats(&self) -> RebuildStats {
+        self.stats
+    }
+
+    /// Notes that the messages of `lane` between two positions are missing
+    /// (a deleted message, an offset the broker no longer has): any host
+    /// may have lost one. Readers that know their lane's positions are
+    /// contiguous call this; [`Fleet::apply`] calls it for positions that
+    /// jump within a lane whose positions it tracks.
+    pub fn lane_hole(&mut self, lane: &Lane) {
+        *self.holes.entry(lane.clone()).or_insert(0) += 1;
+    }
+
+    /// Notes where a contiguous lane ended when reading began (the NATS
+    /// stream's last sequence): positions after the last record read are
+    /// lost messages (e.g. a deleted last message).
+    pub fn lane_end(&mut self, lane: &Lane, last: u64) {
+        if self.last_pos.get(lane).is_none_or(|p| *p < last) {
+            self.lane_hole(lane);
+        }
+    }
+
+    /// Applies one record. `contiguous` says whether positions in the
+    /// record's lane are contiguous when nothing is lost (true for the
+    /// events stream and topic; false for compacted snapshot streams,
+    /// whose holes are superseded records). A contiguous lane whose first
+    /// record is past [`lane_origin`] lost its head (retention, deletion):
+    /// that counts as a hole, which the next complete round of each host
+    /// covers.
+    pub fn apply(&mut self, rec: &Record, contiguous: bool) {
+        self.stats.records += 1;
+        if contiguous {
+            self.track_position(&rec.pos);
+        }
+        let (host_id, epoch, host_seq) = rec.body.origin();
+        let observed = rec.body.observed_at();
+        if !self.enter_epoch(host_id, epoch, observed) {
+            self.stats.old_epoch += 1;
+            return;
+        }
+        let lane = rec.pos.lane();
+        let lane_holes = self.holes.get(&lane).copied().unwrap_or(0);
+        let host = self.hosts.get_mut(host_id).expect("entered above");
+        if let Some(t) = observed {
+            host.last_observed = host.last_observed.max(t);
+        }
+        if contiguous {
+            let max = host.lane_max.entry(lane.clone()).or_insert(0);
+            if host_seq < *max && !host.reordered.contains(&lane) {
+                host.reordered.push(lane.clone());
+            }
+            *max = (*max).max(host_seq);
+            let seen = host.holes_seen.entry(lane.clone()).or_insert(0);
+            if *seen < lane_holes {
+                *seen = lane_holes;
+                let pos = rec.pos.clone();
+                host.host_loss(host_seq, || {
+                    format!("messages missing from {lane} before {pos}")
+                });
+            }
+        }
+        let applied = match &rec.body {
+            Body::Event(e) => Self::event(host, e, &rec.pos),
+            Body::Domain(d) => Self::domain_snapshot(host, d),
+            Body::Host(h) => Self::host_snapshot(host, h),
+            Body::Tombstone(t) => Self::tombstone(host, t),
+        };
+        match applied {
+            Step::Ignored => self.stats.ignored += 1,
+            Step::Done => {}
+            Step::RoundMaybe(id) => {
+                if Self::try_complete(host, &id) {
+                    self.stats.rounds_applied += 1;
+                }
+            }
+        }
+    }
+
+    fn track_position(&mut self, pos: &Position) {
+        let lane = pos.lane();
+        let last = self
+            .last_pos
+            .get(&lane)
+            .copied()
+            .unwrap_or(lane_origin(pos).saturating_sub(1));
+        if pos.offset > last + 1 {
+            self.lane_hole(&lane);
+        }
+        let e = self.last_pos.entry(lane).or_insert(pos.offset);
+        *e = (*e).max(pos.offset);
+    }
+
+    /// Makes `epoch` the host's current one when it is newer; false when
+    /// the record belongs to an older epoch.
+    fn enter_epoch(&mut self, host_id: &str, epoch: &str, observed: Option<i64>) -> bool {
+        let Some(host) = self.hosts.get_mut(host_id) else {
+            self.hosts.insert(
+                host_id.to_owned(),
+                Host::new(epoch, observed.unwrap_or(i64::MIN)),
+            );
+            return true;
+        };
+        if host.epoch == epoch {
+            return true;
+        }
+        // A tombstone has no time: it cannot tell which epoch is newer.
+        let Some(t) = observed else { return false };
+        if t < host.last_observed {
+            return false;
+        }
+        let old = std::mem::replace(&mut host.epoch, epoch.to_owned());
+        host.last_observed = t;
+        host.rounds.clear();
+        host.last_round = None;
+        host.loss_bound = None;
+        host.loss_reason = None;
+        host.needs_round = Some(format!("epoch changed from {old} to {epoch}"));
+        host.lane_max.clear();
+        host.reordered.clear();
+        for d in host.domains.values_mut() {
+            // Counters of the old epoch are closed (DESIGN §3).
+            d.host_seq = 0;
+            d.seq_known = false;
+            d.stale_bound = None;
+        }
+        true
+    }
+
+    fn event(host: &mut Host, e: &DomainEvent, pos: &Position) -> Step {
+        if e.event == EventType::GAP {
+            let (detail, hs) = (e.detail, e.host_seq);
+            host.host_loss(hs, || {
+                format!("the agent reported a gap ({detail}) at {pos}")
+            });
+            return Step::Done;
+        }
+        let covered_after = host.last_round.map(|r| r.end);
+        if host.last_round.is_some_and(|r| e.host_seq < r.begin)
+            && host
+                .domains
+                .get(&e.domain.uuid)
+                .is_none_or(|d| d.host_seq == 0)
+        {
+            // Older than the base round, which did not list the domain.
+            return Step::Ignored;
+        }
+        let dom = host
+            .domains
+            .entry(e.domain.uuid.clone())
+            .or_insert_with(Dom::blank);
+        if dom.host_seq >= e.host_seq {
+            return Step::Ignored;
+        }
+        let fresh = dom.host_seq == 0 && !dom.seq_known;
+        let jump = if fresh {
+            // Never seen in this epoch: fine from seq 1, or when a complete
+            // round before this event did not list the domain.
+            e.seq != 1 && covered_after.is_none_or(|end| e.host_seq < end)
+        } else if !dom.seq_known {
+            false
+        } else if e.seq <= dom.seq {
+            // Newer by host_seq but not by seq: inconsistent, keep what is
+            // known and say so.
+            let (seq, have) = (e.seq, dom.seq);
+            dom.mark_stale(e.host_seq, || {
+                format!("seq {seq} at {pos} does not follow seq {have}")
+            });
+            return Step::Ignored;
+        } else {
+            e.seq != dom.seq + 1
+        };
+        if jump {
+            let (from, to) = (dom.seq, e.seq);
+            let bound = e.host_seq;
+            if host.last_round.is_none_or(|r| r.begin <= bound) {
+                dom.mark_stale(bound, || {
+                    if fresh {
+                        format!("first seen at seq {to} ({pos}); earlier events missing")
+                    } else {
+                        format!("seq jumps from {from} to {to} at {pos}")
+                    }
+                });
+            }
+        }
+        dom.name.clone_from(&e.domain.name);
+        dom.id = e.domain.id;
+        dom.state.clone_from(&e.state_after);
+        dom.persistent = e.persistent;
+        if e.autostart.is_some() {
+            dom.autostart = e.autostart;
+        }
+        if e.vcpus.is_some() {
+            dom.vcpus = e.vcpus;
+        }
+        if e.memory_kib.is_some() {
+            dom.memory_kib = e.memory_kib;
+        }
+        if e.config_hash.is_some() {
+            dom.config_hash.clone_from(&e.config_hash);
+        }
+        dom.seq = e.seq;
+        dom.host_seq = e.host_seq;
+        dom.observed_at = e.observed_at;
+        dom.seq_known = true;
+        dom.deleted = dom.gone();
+        Step::Done
+    }
+
+    fn domain_snapshot(host: &mut Host, d: &DomainSnapshot) -> Step {
+        let Some((_, _, begin)) = parse_event_id(&d.snapshot_id) else {
+            return Step::Ignored;
+        };
+        if host.last_round.is_some_and(|r| r.begin >= begin) {
+            return Step::Ignored;
+        }
+        let round = host
+            .rounds
+            .entry(d.snapshot_id.clone())
+            .or_insert_with(|| Round {
+                begin,
+                ..Round::default()
+            });
+        if d.host_seq <= begin || round.members.contains_key(&d.host_seq) {
+            return Step::Ignored;
+        }
+        round.members.insert(d.host_seq, d.clone());
+        Step::RoundMaybe(d.snapshot_id.clone())
+    }
+
+    fn host_snapshot(host: &mut Host, h: &HostSnapshot) -> Step {
+        if h.kind == HostSnapshotKind::HEARTBEAT
+            && host
+                .last_heartbeat
+                .as_ref()
+                .is_none_or(|b| b.host_seq < h.host_seq)
+        {
+            host.last_heartbeat = Some(h.clone());
+        }
+        let Some(id) = h.snapshot_id.as_deref() else {
+            return Step::Done;
+        };
+        let Some((_, _, begin)) = parse_event_id(id) else {
+            return Step::Ignored;
+        };
+        if host.last_round.is_some_and(|r| r.begin >= begin) {
+            return Step::Done;
+        }
+        let round = host.rounds.entry(id.to_owned()).or_insert_with(|| Round {
+            begin,
+            ..Round::default()
+        });
+        round.count = Some(usize::try_from(h.domain_count).unwrap_or(0));
+        // A heartbeat names the last *complete* round.
+        if matches!(
+            h.kind,
+            HostSnapshotKind::ROUND_END | HostSnapshotKind::HEARTBEAT
+        ) {
+            round.ended = true;
+        }
+        Step::RoundMaybe(id.to_owned())
+    }
+
+    fn tombstone(host: &mut Host, t: &Tombstone) -> Step {
+        let dom = host
+            .domains
+            .entry(t.uuid.clone())
+            .or_insert_with(Dom::blank);
+        if dom.host_seq >= t.host_seq {
+            return Step::Ignored;
+        }
+        dom.host_seq = t.host_seq;
+        dom.deleted = true;
+        dom.seq_known = false;
+        Step::Done
+    }
+
+    /// Applies round `id` when it is complete; true when it was.
+    fn try_complete(host: &mut Host, id: &str) -> bool {
+        let Some(round) = host.rounds.get(id) else {
+            return false;
+        };
+        let Some(count) = round.count else {
+            return false;
+        };
+        let begin = round.begin;
+        let end = begin + count as u64 + 1;
+        let have = round.members.range(begin + 1..end).count();
+        if !round.ended || have != count {
+            return false;
+        }
+        let round = host.rounds.remove(id).expect("present");
+        // Older partial rounds can no longer become the base.
+        host.rounds.retain(|_, r| r.begin > begin);
+        for d in round.members.into_values() {
+            let dom = host
+                .domains
+                .entry(d.domain.uuid.clone())
+                .or_insert_with(Dom::blank);
+            if dom.host_seq > d.host_seq {
+                continue; // an event after the round is already applied
+            }
+            dom.name = d.domain.name;
+            dom.id = d.domain.id;
+            dom.state = d.state;
+            dom.persistent = d.persistent;
+            dom.autostart = d.autostart;
+            dom.vcpus = d.vcpus;
+            dom.memory_kib = d.memory_kib;
+            dom.config_hash = d.config_hash;
+            dom.seq = d.seq;
+            dom.host_seq = d.host_seq;
+            dom.observed_at = d.observed_at;
+            dom.seq_known = true;
+            dom.deleted = false;
+        }
+        for dom in host.domains.values_mut() {
+            if dom.host_seq < begin {
+                // Not in the round, and nothing newer: left the host.
+                dom.deleted = true;
+                dom.seq_known = false;
+                dom.host_seq = end;
+            }
+            if dom.stale_bound.is_some_and(|b| b < begin) {
+                dom.stale_bound = None;
+                dom.stale_reason = None;
+            }
+        }
+        if host.loss_bound.is_some_and(|b| b < begin) {
+            host.loss_bound = None;
+            host.loss_reason = None;
+        }
+        host.needs_round = None;
+        host.last_round = Some(Applied { begin, end });
+        true
+    }
+
+    /// Why a host is stale, if it is.
+    fn host_stale(&self, host: &Host) -> Option<String> {
+        if let Some(r) = &host.needs_round {
+            return Some(format!("{r}; waiting for a complete snapshot round"));
+        }
+        if let Some(r) = &host.loss_reason {
+            return Some(r.clone());
+        }
+        // A lane that lost messages and did not keep this host's order:
+        // the loss may be anywhere.
+        if let Some(lane) = host
+            .reordered
+            .iter()
+            .find(|l| self.holes.get(*l).is_some_and(|n| *n > 0))
+        {
+            return Some(format!(
+                "messages missing from {lane}, whose order is not this host's host_seq order: the loss cannot be placed"
+            ));
+        }
+        // A hole after this host's last record in a lane: it may have lost
+        // its newest messages there.
+        for (lane, n) in &self.holes {
+            if host.holes_seen.get(lane).copied().unwrap_or(0) < *n {
+                return Some(format!(
+                    "messages missing from {lane} after this host's last message there"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Every domain present on some host, sorted by host, name and uuid.
+    pub fn domains(&self) -> Vec<DomainView> {
+        let mut out = Vec::new();
+        for (host_id, host) in &self.hosts {
+            let host_stale = self.host_stale(host);
+            for (uuid, d) in &host.domains {
+                if d.deleted {
+                    continue;
+                }
+                let stale_reason = d.stale_reason.clone().or_else(|| host_stale.clone());
+                out.push(DomainView {
+                    host_id: host_id.clone(),
+                    uuid: uuid.clone(),
+                    name: d.name.clone(),
+                    state: d.state.state.as_str().to_owned(),
+                    reason: d.state.reason.clone(),
+                    persistent: d.persistent,
+                    autostart: d.autostart,
+                    vcpus: d.vcpus,
+                    memory_kib: d.memory_kib,
+                    config_hash: d.config_hash.clone(),
+                    seq: d.seq,
+                    epoch: host.epoch.clone(),
+                    observed_at: d.observed_at,
+                    stale: stale_reason.is_some(),
+                    stale_reason,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.host_id, &a.name, &a.uuid).cmp(&(&b.host_id, &b.name, &b.uuid)));
+        out
+    }
+
+    /// Hosts seen, with their epoch and whether they are stale.
+    pub fn hosts(&self) -> Vec<HostView> {
+        let mut out: Vec<HostView> = self
+            .hosts
+            .iter()
+            .map(|(id, h)| {
+                let stale_reason = self.host_stale(h);
+                HostView {
+                    host_id: id.clone(),
+                    epoch: h.epoch.clone(),
+                    complete_round: h.last_round.is_some(),
+                    last_heartbeat: h.last_heartbeat.as_ref().map(|b| b.observed_at),
+                    stale: stale_reason.is_some(),
+                    stale_reason,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+        out
+    }
+}
+
+/// One host, as rebuilt.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostView {
+    pub host_id: String,
+    pub epoch: String,
+    /// A complete snapshot round was found.
+    pub complete_round: bool,
+    /// Agent time of the newest heartbeat read (µs).
+    pub last_heartbeat: Option<i64>,
+    pub stale: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_reason: Option<String>,
+}
+
+enum Step {
+    Done,
+    Ignored,
+    /// A round record: the round may now be complete.
+    RoundMaybe(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{event_id, Detail, DomainRef, HostInfo, Origin, AGENT_VERSION};
+    use std::sync::Arc;
+
+    const U1: &str = "00000000-0000-4000-8000-000000000001";
+    const U2: &str = "00000000-0000-4000-8000-000000000002";
+
+    fn pos(src: &str, offset: u64) -> Position {
+        Position {
+            source: Arc::from(src),
+            partition: None,
+            offset,
+        }
+    }
+
+    fn ev(epoch: &str, hs: u64, uuid: &str, seq: u64, state: DomainState) -> Body {
+        let event = match state {
+            DomainState::RUNNING => EventType::STARTED,
+            DomainState::PAUSED => EventType::SUSPENDED,
+            _ => EventType::STOPPED,
+        };
+        Body::Event(DomainEvent {
+            event_id: event_id("h", epoch, hs),
+            host_id: "h".into(),
+            epoch: epoch.into(),
+            host_seq: hs,
+            seq,
+            domain: DomainRef {
+                uuid: uuid.into(),
+                name: format!("vm-{}", &uuid[uuid.len() - 1..]),
+                id: None,
+            },
+            event,
+            libvirt_event_id: 0,
+            event_code: event.lifecycle_code().unwrap_or(-1),
+            detail: Detail::UNKNOWN,
+            detail_code: -1,
+            origin: Origin::LIBVIRT,
+            state_after: StateReason::named(state, "UNKNOWN"),
+            persistent: true,
+            autostart: None,
+            vcpus: Some(2),
+            memory_kib: Some(1024),
+            config_hash: None,
+            observed_at: hs as i64 * 1_000_000,
+            xml: None,
+        })
+    }
+
+    fn host_rec(epoch: &str, hs: u64, kind: HostSnapshotKind, round: u64, n: i32) -> Body {
+        Body::Host(HostSnapshot {
+            event_id: event_id("h", epoch, hs),
+            host_id: "h".into(),
+            epoch: epoch.into(),
+            host_seq: hs,
+            kind,
+            snapshot_id: Some(event_id("h", epoch, round)),
+            domain_count: n,
+            host_seq_watermark: hs - 1,
+            info: HostInfo::default(),
+            agent_version: AGENT_VERSION.into(),
+            observed_at: hs as i64 * 1_000_000,
+        })
+    }
+
+    /// A complete round at `begin` listing `(uuid, seq, state)`.
+    fn round(epoch: &str, begin: u64, doms: &[(&str, u64, DomainState)]) -> Vec<Body> {
+        let n = doms.len() as i32;
+        let mut v = vec![host_rec(
+            epoch,
+            begin,
+            HostSnapshotKind::ROUND_BEGIN,
+            begin,
+            n,
+        )];
+        for (i, (u, seq, st)) in doms.iter().enumerate() {
+            let hs = begin + 1 + i as u64;
+            v.push(Body::Domain(DomainSnapshot {
+                event_id: event_id("h", epoch, hs),
+                host_id: "h".into(),
+                epoch: epoch.into(),
+                host_seq: hs,
+                snapshot_id: event_id("h", epoch, begin),
+                seq: *seq,
+                domain: DomainRef {
+                    uuid: (*u).into(),
+                    name: "vm".into(),
+                    id: None,
+                },
+                state: StateReason::named(*st, "UNKNOWN"),
+                persistent: true,
+                autostart: None,
+                vcpus: Some(2),
+                memory_kib: Some(1024),
+                config_hash: None,
+                observed_at: hs as i64 * 1_000_000,
+                xml: None,
+            }));
+        }
+        v.push(host_rec(
+            epoch,
+            begin + n as u64 + 1,
+            HostSnapshotKind::ROUND_END,
+            begin,
+            n,
+        ));
+        v
+    }
+
+    /// Feeds bodies on a non-contiguous lane (positions say nothing).
+    fn feed(f: &mut Fleet, bodies: impl IntoIterator<Item = Body>) {
+        for (i, body) in bodies.into_iter().enumerate() {
+            f.apply(
+                &Record {
+                    body,
+                    pos: pos("S", i as u64 + 1),
+                },
+                false,
+            );
+        }
+    }
+
+    fn view(f: &Fleet, uuid: &str) -> Option<DomainView> {
+        f.domains().into_iter().find(|d| d.uuid == uuid)
+    }
+
+    #[test]
+    fn a_seq_jump_makes_only_that_domain_stale_until_a_later_round() {
+        let mut f = Fleet::new();
+        feed(
+            &mut f,
+            [
+                ev("e", 1, U1, 1, DomainState::SHUTOFF),
+                ev("e", 2, U2, 1, DomainState::SHUTOFF),
+                ev("e", 10, U1, 4, DomainState::RUNNING),
+            ],
+        );
+        let v = view(&f, U1).unwrap();
+        assert!(v.stale, "seq 1 → 4");
+        assert_eq!(
+            (v.state.as_str(), v.seq),
+            ("RUNNING", 4),
+            "the newest state applies"
+        );
+        assert!(v.stale_reason.unwrap().contains("seq jumps from 1 to 4"));
+        assert!(
+            !view(&f, U2).unwrap().stale,
+            "the other domain is not touched"
+        );
+        // A round that began before the jump's event does not clear it.
+        feed(
+            &mut f,
+            round(
+                "e",
+                4,
+                &[(U1, 3, DomainState::PAUSED), (U2, 1, DomainState::SHUTOFF)],
+            ),
+        );
+        let v = view(&f, U1).unwrap();
+        assert!(v.stale);
+        assert_eq!(v.state, "RUNNING", "the round is older than the event");
+        feed(
+            &mut f,
+            round(
+                "e",
+                12,
+                &[(U1, 4, DomainState::RUNNING), (U2, 1, DomainState::SHUTOFF)],
+            ),
+        );
+        assert!(
+            !view(&f, U1).unwrap().stale,
+            "a later complete round clears it"
+        );
+    }
+
+    #[test]
+    fn a_gap_marker_makes_the_host_stale_until_the_next_complete_round() {
+        let mut f = Fleet::new();
+        feed(&mut f, [ev("e", 1, U1, 1, DomainState::RUNNING)]);
+        let mut gap = ev("e", 2, crate::model::HOST_UUID, 0, DomainState::NOSTATE);
+        if let Body::Event(e) = &mut gap {
+            e.event = EventType::GAP;
+            e.detail = Detail::QUEUE_OVERFLOW;
+        }
+        feed(&mut f, [gap]);
+        let v = view(&f, U1).unwrap();
+        assert!(v.stale && v.stale_reason.unwrap().contains("QUEUE_OVERFLOW"));
+        // An incomplete round (END missing) repairs nothing.
+        let mut r = round("e", 3, &[(U1, 2, DomainState::PAUSED)]);
+        let end = r.pop().unwrap();
+        feed(&mut f, r);
+        assert!(view(&f, U1).unwrap().stale);
+        assert_eq!(view(&f, U1).unwrap().state, "RUNNING");
+        feed(&mut f, [end]);
+        let v = view(&f, U1).unwrap();
+        assert!(!v.stale);
+        assert_eq!((v.state.as_str(), v.seq), ("PAUSED", 2));
+    }
+
+    #[test]
+    fn a_compacted_round_completes_from_the_heartbeat_that_names_it() {
+        // What a late reader of the compacted snapshot stream finds: the
+        // round's domain records, a heartbeat naming the round (its
+        // BEGIN/END were replaced), no events of the deleted domain.
+        let mut f = Fleet::new();
+        feed(&mut f, [ev("e", 1, U2, 1, DomainState::SHUTOFF)]);
+        let mut r = round("e", 10, &[(U1, 5, DomainState::RUNNING)]);
+        r.retain(|b| matches!(b, Body::Domain(_)));
+        feed(&mut f, r.clone());
+        assert!(view(&f, U1).is_none(), "not complete without its end");
+        feed(
+            &mut f,
+            [host_rec("e", 20, HostSnapshotKind::HEARTBEAT, 10, 2)],
+        );
+        assert!(view(&f, U1).is_none(), "the heartbeat says two domains");
+        feed(
+            &mut f,
+            [host_rec("e", 21, HostSnapshotKind::HEARTBEAT, 10, 1)],
+        );
+        let v = view(&f, U1).unwrap();
+        assert_eq!((v.state.as_str(), v.seq, v.stale), ("RUNNING", 5, false));
+        assert!(
+            view(&f, U2).is_none(),
+            "absent from a complete round: deleted"
+        );
+        // Older events of the deleted domain cannot bring it back.
+        feed(&mut f, [ev("e", 3, U2, 2, DomainState::RUNNING)]);
+        assert!(view(&f, U2).is_none());
+        assert_eq!(f.stats().rounds_applied, 1);
+    }
+
+    #[test]
+    fn an_epoch_change_is_stale_until_a_round_of_the_new_epoch() {
+        let mut f = Fleet::new();
+        feed(&mut f, round("old", 1, &[(U1, 1, DomainState::RUNNING)]));
+        let mut first = ev("new", 1, U1, 1, DomainState::PAUSED);
+        if let Body::Event(e) = &mut first {
+            e.observed_at = 100_000_000; // after everything of the old epoch
+        }
+        feed(&mut f, [first]);
+        let v = view(&f, U1).unwrap();
+        assert_eq!((v.state.as_str(), v.epoch.as_str()), ("PAUSED", "new"));
+        assert!(v.stale && v.stale_reason.unwrap().contains("epoch changed"));
+        // A straggler of the old epoch changes nothing.
+        let mut old = ev("old", 9, U1, 2, DomainState::SHUTOFF);
+        if let Body::Event(e) = &mut old {
+            e.observed_at = 0;
+        }
+        feed(&mut f, [old]);
+        assert_eq!(f.stats().old_epoch, 1);
+        feed(&mut f, round("new", 2, &[(U1, 1, DomainState::PAUSED)]));
+        assert!(!view(&f, U1).unwrap().stale);
+    }
+
+    #[test]
+    fn a_position_hole_is_bounded_by_the_hosts_next_record() {
+        let mut f = Fleet::new();
+        let lane_rec = |body, offset| Record {
+            body,
+            pos: pos("EV", offset),
+        };
+        f.apply(&lane_rec(ev("e", 1, U1, 1, DomainState::RUNNING), 1), true);
+        // Position 2 is missing; this host's next record there is host_seq 3.
+        f.apply(&lane_rec(ev("e", 3, U1, 2, DomainState::PAUSED), 3), true);
+        assert!(view(&f, U1).unwrap().stale);
+        feed(&mut f, round("e", 2, &[(U1, 1, DomainState::RUNNING)]));
+        assert!(
+            view(&f, U1).unwrap().stale,
+            "the round began before the bound"
+        );
+        feed(&mut f, round("e", 4, &[(U1, 2, DomainState::PAUSED)]));
+        assert!(!view(&f, U1).unwrap().stale);
+        // A last message deleted: the stream's end says so.
+        f.lane_end(&pos("EV", 0).lane(), 5);
+        assert!(view(&f, U1).unwrap().stale);
+    }
+}

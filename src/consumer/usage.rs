@@ -1,0 +1,418 @@
+//! Billable usage over a time window, from the events (and snapshot
+//! records) of every host: per (host, domain) running and paused seconds,
+//! vCPU·seconds and GiB·seconds of memory.
+//!
+//! Rules:
+//! - a domain's timeline is its events and snapshot records ordered by
+//!   `host_seq`; the state between two of them is the earlier one's state,
+//!   from its `observed_at` to the next one's;
+//! - running = RUNNING, BLOCKED or SHUTDOWN (shutting down); paused =
+//!   PAUSED or PMSUSPENDED; `vcpu_seconds` and `memory_gib_seconds` accrue
+//!   while running (memory in GiB = memory_kib / 2^20);
+//! - billed once: at any instant a domain (uuid) is billed on at most one
+//!   host. Running beats paused; among hosts where it runs, the one where
+//!   it started running last wins, so a migration bills the source until
+//!   the destination's RESUMED/MIGRATED (DESIGN §6), and the destination's
+//!   PAUSED/MIGRATION time while the source still runs is not billed;
+//! - intervals are clipped to `[from, to)`; the state after a domain's last
+//!   record lasts until `to`;
+//! - where messages are missing (a seq jump, a gap marker, a hole in a
+//!   stream, an epoch change) nothing is guessed: that stretch counts as
+//!   `unknown_seconds` and the row is `stale`, until the next record that
+//!   states the domain's state again.
+//!
+//! Invariant: usage does not depend on the order or multiplicity in which
+//! records were read (they are deduplicated and ordered by `host_seq`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use super::record::{Body, Lane, Record};
+use crate::model::{DomainState, EventType};
+
+/// One (host, domain) row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageRow {
+    pub host_id: String,
+    pub uuid: String,
+    pub name: String,
+    pub running_seconds: f64,
+    pub paused_seconds: f64,
+    pub vcpu_seconds: f64,
+    pub memory_gib_seconds: f64,
+    /// Seconds in the window whose state is not known (messages missing).
+    pub unknown_seconds: f64,
+    pub stale: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Running,
+    Paused,
+    Off,
+}
+
+fn kind(s: DomainState) -> Kind {
+    match s {
+        DomainState::RUNNING | DomainState::BLOCKED | DomainState::SHUTDOWN => Kind::Running,
+        DomainState::PAUSED | DomainState::PMSUSPENDED => Kind::Paused,
+        _ => Kind::Off,
+    }
+}
+
+/// One known state of a domain.
+#[derive(Debug, Clone)]
+struct Point {
+    /// The domain's seq; `from_snapshot` says whether this point is a
+    /// snapshot (which repeats its seq) or an event (which bumps it).
+    seq: u64,
+    from_snapshot: bool,
+    t: i64,
+    kind: Kind,
+    vcpus: Option<i32>,
+    memory_kib: Option<i64>,
+    name: String,
+}
+
+#[derive(Debug, Default)]
+struct HostEpoch {
+    first_seen: i64,
+    /// Gap markers: host_seq and why.
+    gaps: Vec<(u64, String)>,
+    /// Per lane: host_seq ranges (exclusive) in which a message of this
+    /// host may be missing because the lane has a hole there.
+    holes: Vec<(u64, u64, String)>,
+    /// Last host_seq of this host per lane and the lane's hole count then.
+    lane_last: HashMap<Lane, (u64, u64)>,
+}
+
+/// Collects records; [`Usage::compute`] then gives the rows.
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// (host, epoch, uuid) → host_seq → point.
+    timelines: HashMap<(String, String, String), BTreeMap<u64, Point>>,
+    hosts: HashMap<(String, String), HostEpoch>,
+    lane_holes: HashMap<Lane, u64>,
+    lane_last_pos: HashMap<Lane, u64>,
+}
+
+impl Usage {
+    pub fn new() -> Usage {
+        Usage::default()
+    }
+
+    /// Notes lost messages in `lane` (e.g. one that could not be decoded).
+    pub fn lane_hole(&mut self, lane: &Lane) {
+        *self.lane_holes.entry(lane.clone()).or_insert(0) += 1;
+    }
+
+    /// Notes where a contiguous lane ended (see `rebuild::Fleet::lane_end`).
+    pub fn lane_end(&mut self, lane: &Lane, last: u64) {
+        if self.lane_last_pos.get(lane).is_none_or(|p| *p < last) {
+            self.lane_hole(lane);
+        }
+    }
+
+    /// Adds one record; `contiguous` as for [`super::rebuild::Fleet::apply`].
+    pub fn add(&mut self, rec: &Record, contiguous: bool) {
+        let lane = rec.pos.lane();
+        if contiguous {
+            let last = self
+                .lane_last_pos
+                .get(&lane)
+                .copied()
+                .unwrap_or(super::rebuild::lane_origin(&rec.pos).saturating_sub(1));
+            if rec.pos.offset > last + 1 {
+                *self.lane_holes.entry(lane.clone()).or_insert(0) += 1;
+            }
+            let e = self.lane_last_pos.entry(lane.clone()).or_insert(0);
+            *e = (*e).max(rec.pos.offset);
+        }
+        let (host, epoch, host_seq) = rec.body.origin();
+        let he = self
+            .hosts
+            .entry((host.to_owned(), epoch.to_owned()))
+            .or_insert_with(|| HostEpoch {
+                first_seen: i64::MAX,
+                ..HostEpoch::default()
+            });
+        if let Some(t) = rec.body.observed_at() {
+            he.first_seen = he.first_seen.min(t);
+        }
+        if contiguous {
+            let holes_now = self.lane_holes.get(&lane).copied().unwrap_or(0);
+            let (last, seen) = he.lane_last.get(&lane).copied().unwrap_or((0, 0));
+            if seen < holes_now {
+                he.holes.push((
+                    last,
+                    host_seq,
+                    format!("messages missing from {lane} before {}", rec.pos),
+                ));
+            }
+            he.lane_last.insert(lane, (last.max(host_seq), holes_now));
+        }
+        match &rec.body {
+            Body::Event(e) if e.event == EventType::GAP => {
+                he.gaps.push((
+                    e.host_seq,
+                    format!("the agent reported a gap ({}) at {}", e.detail, rec.pos),
+                ));
+            }
+            Body::Event(e) => {
+                self.timelines
+                    .entry((e.host_id.clone(), e.epoch.clone(), e.domain.uuid.clone()))
+                    .or_default()
+                    .entry(e.host_seq)
+                    .or_insert_with(|| Point {
+                        seq: e.seq,
+                        from_snapshot: false,
+                        t: e.observed_at,
+                        kind: kind(e.state_after.state),
+                        vcpus: e.vcpus,
+                        memory_kib: e.memory_kib,
+                        name: e.domain.name.clone(),
+                    });
+            }
+            Body::Domain(d) => {
+                self.timelines
+                    .entry((d.host_id.clone(), d.epoch.clone(), d.domain.uuid.clone()))
+                    .or_default()
+                    .entry(d.host_seq)
+                    .or_insert_with(|| Point {
+                        seq: d.seq,
+                        from_snapshot: true,
+                        t: d.observed_at,
+                        kind: kind(d.state.state),
+                        vcpus: d.vcpus,
+                        memory_kib: d.memory_kib,
+                        name: d.domain.name.clone(),
+                    });
+            }
+            Body::Host(_) | Body::Tombstone(_) => {}
+        }
+    }
+
+    /// Rows for `[from, to)` (µs since the Unix epoch), sorted by host,
+    /// name and uuid. Domains with no time in the window are left out.
+    pub fn compute(&self, from: i64, to: i64) -> Vec<UsageRow> {
+        // Per (host, uuid): the stretches of known state and of unknown.
+        let mut spans: HashMap<(String, String), HostSpans> = HashMap::new();
+        for ((host, epoch, uuid), points) in &self.timelines {
+            let he = &self.hosts[&(host.clone(), epoch.clone())];
+            // Holes after this host's last message in a lane: open-ended.
+            let open: Vec<(u64, String)> = self
+                .lane_holes
+                .iter()
+                .filter(|(lane, n)| he.lane_last.get(*lane).map_or(0, |l| l.1) < **n)
+                .map(|(lane, _)| {
+                    let last = he.lane_last.get(lane).map_or(0, |l| l.0);
+                    (
+                        last,
+                        format!("messages missing from {lane} after {host}'s last message there"),
+                    )
+                })
+                .collect();
+            let out = spans.entry((host.clone(), uuid.clone())).or_default();
+            let pts: Vec<(&u64, &Point)> = points.iter().collect();
+            if let Some((_, first)) = pts.first() {
+                // History before the first record is known only when that
+                // record is the domain's first event of the epoch.
+                if (first.from_snapshot || first.seq != 1) && first.t > from {
+                    out.unknown.push((from, first.t));
+                    out.stale_reason.get_or_insert_with(|| {
+                        format!(
+                            "history on {host} before seq {} is not on the bus",
+                            first.seq
+                        )
+                    });
+                }
+            }
+            for (i, (hs, p)) in pts.iter().enumerate() {
+                let next = pts.get(i + 1);
+                let end_t = next.map_or(to, |(_, q)| q.t);
+                let end_hs = next.map_or(u64::MAX, |(h, _)| **h);
+                out.name.clone_from(&p.name);
+                let doubt = match next {
+                    Some((_, q)) => {
+                        let expected = if q.from_snapshot { p.seq } else { p.seq + 1 };
+                        (q.seq != expected).then(|| {
+                            format!("seq {} to {} on {host}: events missing", p.seq, q.seq)
+                        })
+                    }
+                    None => None,
+                }
+                .or_else(|| he.loss_between(**hs, end_hs, &open));
+                if let Some(reason) = doubt {
+                    out.unknown.push((p.t, end_t));
+                    out.stale_reason.get_or_insert(reason);
+                } else {
+                    out.known.push(Span {
+                        start: p.t,
+                        end: end_t,
+                        kind: p.kind,
+                        vcpus: p.vcpus.unwrap_or(0),
+                        memory_kib: p.memory_kib.unwrap_or(0),
+                    });
+                }
+            }
+        }
+        // Epochs of a host follow each other: the last state of an old
+        // epoch ends where the next epoch of that domain begins.
+        for s in spans.values_mut() {
+            s.close_epochs();
+        }
+        bill(spans, from, to)
+    }
+}
+
+impl HostEpoch {
+    /// Why messages of this host with host_seq in (a, b) may be missing.
+    fn loss_between(&self, a: u64, b: u64, open: &[(u64, String)]) -> Option<String> {
+        if let Some((_, why)) = self.gaps.iter().find(|(g, _)| *g > a && *g < b) {
+            return Some(why.clone());
+        }
+        if let Some((_, why)) = open.iter().find(|(last, _)| *last < b) {
+            return Some(why.clone());
+        }
+        self.holes
+            .iter()
+            .find(|(lo, hi, _)| *lo < b && *hi > a)
+            .map(|(_, _, why)| why.clone())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: i64,
+    end: i64,
+    kind: Kind,
+    vcpus: i32,
+    memory_kib: i64,
+}
+
+#[derive(Debug, Default)]
+struct HostSpans {
+    name: String,
+    known: Vec<Span>,
+    unknown: Vec<(i64, i64)>,
+    stale_reason: Option<String>,
+}
+
+impl HostSpans {
+    /// With several epochs, a span may run past the start of a later one:
+    /// cut it there, and count the cut-off part as unknown (the journal
+    /// was recreated; what happened in between is not known).
+    fn close_epochs(&mut self) {
+        let mut starts: Vec<i64> = self
+            .known
+            .iter()
+            .map(|s| s.start)
+            .chain(self.unknown.iter().map(|u| u.0))
+            .collect();
+        starts.sort_unstable();
+        for s in &mut self.known {
+            if let Some(next) = starts.iter().find(|t| **t > s.start && **t < s.end) {
+                self.unknown.push((*next, s.end));
+                s.end = *next;
+                self.stale_reason
+                    .get_or_insert_with(|| "an epoch change (journal recreated)".into());
+            }
+        }
+    }
+}
+
+/// Splits every domain's time among its hosts (billed once) and sums.
+fn bill(spans: HashMap<(String, String), HostSpans>, from: i64, to: i64) -> Vec<UsageRow> {
+    let mut by_uuid: HashMap<&str, Vec<(&str, &HostSpans)>> = HashMap::new();
+    for ((host, uuid), s) in &spans {
+        by_uuid.entry(uuid).or_default().push((host, s));
+    }
+    let mut rows = Vec::new();
+    for (uuid, hosts) in by_uuid {
+        // Run start per host span: the start of the unbroken running
+        // stretch it belongs to (a vcpu change does not restart it).
+        let mut runs: Vec<(usize, Span, i64)> = Vec::new();
+        for (i, (_, s)) in hosts.iter().enumerate() {
+            let mut known = s.known.clone();
+            known.sort_by_key(|k| k.start);
+            let mut run_start = i64::MIN;
+            let mut last: Option<Span> = None;
+            for k in known {
+                let continues = last.is_some_and(|l| l.end == k.start && l.kind != Kind::Off);
+                if !continues {
+                    run_start = k.start;
+                }
+                last = Some(k);
+                runs.push((i, k, run_start));
+            }
+        }
+        let mut bounds: Vec<i64> = runs
+            .iter()
+            .flat_map(|(_, s, _)| [s.start, s.end])
+            .chain([from, to])
+            .filter(|t| *t >= from && *t <= to)
+            .collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut acc = vec![[0f64; 4]; hosts.len()];
+        for w in bounds.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            let secs = (b - a) as f64 / 1e6;
+            let covering = runs.iter().filter(|(_, s, _)| s.start <= a && s.end >= b);
+            let owner = covering
+                .clone()
+                .filter(|(_, s, _)| s.kind == Kind::Running)
+                .max_by_key(|(i, _, r)| (*r, hosts[*i].0))
+                .or_else(|| {
+                    covering
+                        .filter(|(_, s, _)| s.kind == Kind::Paused)
+                        .max_by_key(|(i, _, r)| (*r, hosts[*i].0))
+                });
+            if let Some((i, s, _)) = owner {
+                let a = &mut acc[*i];
+                match s.kind {
+                    Kind::Running => {
+                        a[0] += secs;
+                        a[2] += secs * s.vcpus as f64;
+                        a[3] += secs * s.memory_kib as f64 / (1u64 << 20) as f64;
+                    }
+                    Kind::Paused => a[1] += secs,
+                    Kind::Off => {}
+                }
+            }
+        }
+        for (i, (host, s)) in hosts.iter().enumerate() {
+            let unknown: f64 = s
+                .unknown
+                .iter()
+                .map(|(a, b)| ((*b).min(to) - (*a).max(from)).max(0) as f64 / 1e6)
+                .sum();
+            let a = acc[i];
+            let in_window = s
+                .known
+                .iter()
+                .any(|k| k.start < to && k.end > from && k.kind != Kind::Off);
+            if !in_window && unknown == 0.0 {
+                continue;
+            }
+            let stale = unknown > 0.0;
+            rows.push(UsageRow {
+                host_id: (*host).to_owned(),
+                uuid: uuid.to_owned(),
+                name: s.name.clone(),
+                running_seconds: a[0],
+                paused_seconds: a[1],
+                vcpu_seconds: a[2],
+                memory_gib_seconds: a[3],
+                unknown_seconds: unknown,
+                stale,
+                stale_reason: if stale { s.stale_reason.clone() } else { None },
+            });
+        }
+    }
+    rows.sort_by(|a, b| (&a.host_id, &a.name, &a.uuid).cmp(&(&b.host_id, &b.name, &b.uuid)));
+    rows
+}
