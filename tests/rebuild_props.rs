@@ -988,8 +988,7 @@ fn true_usage(sim: &Sim, from: i64, to: i64) -> BTreeMap<(String, String), [f64;
                 }
             }
         }
-        let mut by_uuid: HashMap<&str, Vec<(usize, &Sample)>> =
-            HashMap::new();
+        let mut by_uuid: HashMap<&str, Vec<(usize, &Sample)>> = HashMap::new();
         for ((h, u), s) in &now {
             by_uuid.entry(u.as_str()).or_default().push((*h, s));
         }

@@ -4,10 +4,11 @@
 //! Checks, per (host_id, epoch) and per domain:
 //! - positions: a contiguous lane (the events stream, an events partition)
 //!   whose positions jump lost messages (`stream_hole`);
-//! - `host_seq`: read twice (`duplicate`), or lower than an earlier one in
-//!   the same lane (`reordering`). Holes in `host_seq` alone are not
-//!   losses: snapshot records and heartbeats take `host_seq` too, and the
-//!   compacted snapshot stream keeps only the latest of them;
+//! - `host_seq`: read twice (`duplicate`). Holes in `host_seq` alone are
+//!   not losses: snapshot records and heartbeats take `host_seq` too, and
+//!   the compacted snapshot stream keeps only the latest of them. Nor is
+//!   `host_seq` order across domains a promise: the NATS sink publishes
+//!   different subjects concurrently, so only each domain's order is;
 //! - `seq`, per domain over events: a jump (`gap`, naming the missing
 //!   seqs and the position of the event after them), a repeat or a step
 //!   back (`duplicate`, `reordering`); a domain's first seq must be 1 when
@@ -112,7 +113,6 @@ struct HostTrack {
     last_host_seq: u64,
     first_observed: i64,
     seen: HashMap<u64, Position>,
-    last_in_lane: HashMap<Lane, (u64, Position)>,
     domains: HashMap<String, DomainTrack>,
     /// Newest DomainSnapshot per domain: (host_seq, seq, position).
     snapshots: HashMap<String, (u64, u64, Position)>,
@@ -222,24 +222,6 @@ impl Auditor {
         h.seen.insert(host_seq, pos.clone());
         h.first_host_seq = h.first_host_seq.min(host_seq);
         h.last_host_seq = h.last_host_seq.max(host_seq);
-        if contiguous {
-            if let Some((prev, prev_pos)) = h.last_in_lane.get(&lane) {
-                if host_seq < *prev {
-                    self.problems.push(problem(
-                        ProblemKind::Reordering,
-                        None,
-                        format!("host {host} epoch {epoch}: host_seq {host_seq} at {pos} comes after host_seq {prev} at {prev_pos}"),
-                    ));
-                }
-            }
-            let e = h
-                .last_in_lane
-                .entry(lane.clone())
-                .or_insert((0, pos.clone()));
-            if host_seq >= e.0 {
-                *e = (host_seq, pos.clone());
-            }
-        }
         match &rec.body {
             Body::Event(e) if e.event == EventType::GAP => {
                 h.events += 1;
