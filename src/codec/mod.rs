@@ -82,10 +82,20 @@ pub struct SchemaEntry {
     pub fingerprint: u64,
 }
 
+/// The largest single allocation a decoded message may ask of
+/// `apache-avro` (a string, bytes or array length read from the datum).
+/// Bus messages are far smaller (NATS and Kafka default to 1 MiB), and
+/// without a bound a corrupt length makes the decoder try to allocate
+/// gigabytes before noticing the datum is short.
+pub const MAX_DECODE_ALLOCATION: usize = 16 << 20;
+
 /// Every shipped schema, parsed once.
 pub fn schemas() -> &'static [SchemaEntry] {
     static SCHEMAS: OnceLock<Vec<SchemaEntry>> = OnceLock::new();
     SCHEMAS.get_or_init(|| {
+        // Process-wide in apache-avro, settable once: every decode goes
+        // through this function first.
+        apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
         SCHEMA_FILES
             .iter()
             .map(|(name, version, text)| {
@@ -758,9 +768,17 @@ pub(crate) mod tests {
     #[test]
     fn truncated_or_corrupt_events_are_errors_not_panics() {
         let bytes = encode_event(&sample());
-        for n in 0..bytes.len() {
+        // The last byte is the index of the trailing `xml` union, which
+        // apache-avro (and so the direct reader) reads as null when the
+        // datum ends before it; any shorter prefix is an error.
+        for n in 0..bytes.len() - 1 {
             assert!(decode_event(&bytes[..n]).is_err(), "prefix of {n} bytes");
+            assert!(
+                decode_event_generic(&bytes[..n]).is_err(),
+                "prefix of {n} bytes"
+            );
         }
+        assert_eq!(decode_event(&bytes[..bytes.len() - 1]).unwrap(), sample());
         let mut long = bytes.clone();
         long.push(0);
         assert!(matches!(decode_event(&long), Err(CodecError::Trailing(1))));
@@ -772,6 +790,13 @@ pub(crate) mod tests {
                 let _ = decode_event(&c);
             }
         }
+        // A corrupt length asks for a huge allocation: an error, not an
+        // abort (found by the fuzz target).
+        let mut huge =
+            encode_host_snapshot(&sample_host(crate::model::HostSnapshotKind::HEARTBEAT));
+        huge.truncate(12);
+        huge.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode_host_snapshot(&huge).is_err());
         let mut bad_enum = encode_event(&sample());
         let at = bad_enum.len() - 1; // last byte: xml null branch
         bad_enum[at] = 4; // branch 2
