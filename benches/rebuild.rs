@@ -15,7 +15,7 @@
 //! `sudo deploy/local-env.sh start`). `BENCH_ONLY=nats|kafka` runs one bus.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(unused_imports, dead_code)]
+#[allow(unused_imports)]
 mod common;
 
 use std::sync::Arc;
@@ -50,7 +50,7 @@ fn messages() -> Vec<(String, Vec<u8>)> {
     let epoch = "0123456789abcdef0123456789abcdef";
     let t0 = 1_800_000_000_000_000i64;
     let mut out = Vec::with_capacity(EVENTS + HOSTS * (DOMAINS + 2));
-    let mut host_seq = vec![0u64; HOSTS];
+    let mut host_seq = [0u64; HOSTS];
     let info = HostInfo {
         libvirt_uri: "qemu:///system".into(),
         libvirt_driver: "QEMU".into(),
