@@ -1,6 +1,7 @@
 //! Rebuild benchmark: 1,000,000 events already on the bus (a real
 //! nats-server, and the tansu Kafka-protocol broker), 20 hosts × 500
-//! domains, one complete snapshot round per host before them.
+//! domains: per host a reconcile event per domain and a complete snapshot
+//! round, then 99 suspend/resume events per domain.
 //!
 //! Reports:
 //! 1. decode + apply, one core: the messages' bytes (fetched beforehand)
@@ -74,10 +75,22 @@ fn messages() -> Vec<(String, Vec<u8>)> {
             agent_version: AGENT_VERSION.into(),
             observed_at: t0,
         };
-        *hs = 1;
+        // What an agent starts with: one reconcile event per domain, then
+        // a complete round.
+        for d in 0..DOMAINS {
+            *hs += 1;
+            let e = event(&host, epoch, *hs, d, 1, 0, t0);
+            out.push((subject(&host, d), codec::encode_event(&e)));
+        }
+        let round = event_id(&host, epoch, *hs + 1);
+        let host_rec = |kind, hs: u64| HostSnapshot {
+            snapshot_id: Some(round.clone()),
+            ..host_rec(kind, hs)
+        };
+        *hs += 1;
         out.push((
             format!("virt.hosts.v1.{tok}"),
-            codec::encode_host_snapshot(&host_rec(HostSnapshotKind::ROUND_BEGIN, 1)),
+            codec::encode_host_snapshot(&host_rec(HostSnapshotKind::ROUND_BEGIN, *hs)),
         ));
         for d in 0..DOMAINS {
             *hs += 1;
@@ -114,61 +127,56 @@ fn messages() -> Vec<(String, Vec<u8>)> {
             codec::encode_host_snapshot(&host_rec(HostSnapshotKind::ROUND_END, *hs)),
         ));
     }
-    for n in 0..EVENTS {
+    for n in 0..EVENTS - HOSTS * DOMAINS {
         let h = n % HOSTS;
         let d = (n / HOSTS) % DOMAINS;
         let round_no = n / (HOSTS * DOMAINS);
         let host = format!("hv{h:03}");
         host_seq[h] += 1;
-        let hs = host_seq[h];
-        let (event, detail, state, reason) = if round_no % 2 == 0 {
-            (
-                EventType::SUSPENDED,
-                Detail::PAUSED,
-                DomainState::PAUSED,
-                "USER",
-            )
-        } else {
-            (
-                EventType::RESUMED,
-                Detail::UNPAUSED,
-                DomainState::RUNNING,
-                "UNPAUSED",
-            )
-        };
-        let u = uuid(d);
-        let e = DomainEvent {
-            event_id: event_id(&host, epoch, hs),
-            host_id: host.clone(),
-            epoch: epoch.into(),
-            host_seq: hs,
-            seq: round_no as u64 + 2,
-            domain: DomainRef {
-                uuid: u.clone(),
-                name: format!("vm-{d}"),
-                id: Some(d as i32 + 1),
-            },
-            event,
-            libvirt_event_id: 0,
-            event_code: event.lifecycle_code().unwrap(),
-            detail,
-            detail_code: detail.code(event),
-            origin: Origin::LIBVIRT,
-            state_after: StateReason::named(state, reason),
-            persistent: true,
-            autostart: Some(false),
-            vcpus: Some(2),
-            memory_kib: Some(2_097_152),
-            config_hash: Some("sha256:0123456789abcdef".into()),
-            observed_at: t0 + n as i64 * 1000,
-            xml: None,
-        };
-        out.push((
-            format!("virt.events.v1.{}.{u}", subject_token(&host)),
-            codec::encode_event(&e),
-        ));
+        let e = event(&host, epoch, host_seq[h], d, round_no as u64 + 2, round_no % 2 + 1, t0 + n as i64 * 1000);
+        out.push((subject(&host, d), codec::encode_event(&e)));
     }
     out
+}
+
+fn subject(host: &str, d: usize) -> String {
+    format!("virt.events.v1.{}.{}", subject_token(host), uuid(d))
+}
+
+/// Domain `d`'s event: `kind` 0 = reconcile STARTED, 1 = SUSPENDED,
+/// 2 = RESUMED.
+fn event(host: &str, epoch: &str, hs: u64, d: usize, seq: u64, kind: usize, t: i64) -> DomainEvent {
+    let (event, detail, state, reason, origin) = match kind {
+        0 => (EventType::STARTED, Detail::BOOTED, DomainState::RUNNING, "BOOTED", Origin::RECONCILE),
+        1 => (EventType::SUSPENDED, Detail::PAUSED, DomainState::PAUSED, "USER", Origin::LIBVIRT),
+        _ => (EventType::RESUMED, Detail::UNPAUSED, DomainState::RUNNING, "UNPAUSED", Origin::LIBVIRT),
+    };
+    DomainEvent {
+        event_id: event_id(host, epoch, hs),
+        host_id: host.into(),
+        epoch: epoch.into(),
+        host_seq: hs,
+        seq,
+        domain: DomainRef {
+            uuid: uuid(d),
+            name: format!("vm-{d}"),
+            id: Some(d as i32 + 1),
+        },
+        event,
+        libvirt_event_id: 0,
+        event_code: event.lifecycle_code().unwrap(),
+        detail,
+        detail_code: detail.code(event),
+        origin,
+        state_after: StateReason::named(state, reason),
+        persistent: true,
+        autostart: Some(false),
+        vcpus: Some(2),
+        memory_kib: Some(2_097_152),
+        config_hash: Some("sha256:0123456789abcdef".into()),
+        observed_at: t,
+        xml: None,
+    }
 }
 
 fn thread_cpu_seconds() -> f64 {
@@ -186,21 +194,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Positions as on NATS: the snapshot records and the events each in a
+/// stream of their own, numbered from 1.
+fn positions(raw: &[(bool, Vec<u8>)]) -> Vec<Position> {
+    let (ev, sn): (Arc<str>, Arc<str>) = (Arc::from("VIRT_EVENTS"), Arc::from("VIRT_SNAPSHOTS"));
+    let (mut e, mut s) = (0, 0);
+    raw.iter()
+        .map(|(is_event, _)| {
+            let (source, n) = if *is_event {
+                e += 1;
+                (ev.clone(), e)
+            } else {
+                s += 1;
+                (sn.clone(), s)
+            };
+            Position {
+                source,
+                partition: None,
+                offset: n,
+            }
+        })
+        .collect()
+}
+
 /// Decode + apply of raw messages on this thread; events/s.
-fn decode_apply(raw: &[(bool, Vec<u8>)]) -> (f64, Fleet) {
-    let src: Arc<str> = Arc::from("VIRT_EVENTS");
+fn decode_apply(raw: &[(bool, Vec<u8>)], pos: &[Position]) -> (f64, Fleet) {
     let start = Instant::now();
     let mut fleet = Fleet::new();
-    for (i, (contiguous, body)) in raw.iter().enumerate() {
+    for ((contiguous, body), pos) in raw.iter().zip(pos) {
         let body = record::decode(body, Headers::default()).expect("decodes");
         fleet.apply(
             &Record {
                 body,
-                pos: Position {
-                    source: src.clone(),
-                    partition: None,
-                    offset: i as u64 + 1,
-                },
+                pos: pos.clone(),
             },
             *contiguous,
         );
@@ -215,7 +241,7 @@ fn check(fleet: &Fleet) {
         domains.iter().all(|d| !d.stale),
         "nothing lost, nothing stale"
     );
-    let last_round = (EVENTS / (HOSTS * DOMAINS) - 1) % 2;
+    let last_round = ((EVENTS - HOSTS * DOMAINS) / (HOSTS * DOMAINS) - 1) % 2;
     let want = if last_round == 0 { "PAUSED" } else { "RUNNING" };
     assert!(domains.iter().all(|d| d.state == want));
 }
@@ -240,9 +266,10 @@ fn main() {
         .iter()
         .map(|(s, b)| (s.starts_with("virt.events"), b.clone()))
         .collect();
+    let pos = positions(&raw);
     let mut rates = Vec::new();
     for _ in 0..3 {
-        let (rate, fleet) = decode_apply(&raw);
+        let (rate, fleet) = decode_apply(&raw, &pos);
         check(&fleet);
         rates.push(rate);
     }
@@ -251,18 +278,18 @@ fn main() {
         median(rates.clone()),
         rates.iter().map(|r| *r as u64).collect::<Vec<_>>()
     );
-    let src: Arc<str> = Arc::from("VIRT_EVENTS");
     let records: Vec<(Record, bool)> = raw
         .iter()
-        .enumerate()
-        .map(|(i, (c, b))| {
+        .zip(&pos)
+        .map(|((c, b), pos)| {
             let body = record::decode(b, Headers::default()).unwrap();
-            let pos = Position {
-                source: src.clone(),
-                partition: None,
-                offset: i as u64 + 1,
-            };
-            (Record { body, pos }, *c)
+            (
+                Record {
+                    body,
+                    pos: pos.clone(),
+                },
+                *c,
+            )
         })
         .collect();
     let start = Instant::now();
