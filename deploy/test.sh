@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs (Debian packages, libvirtd with
-# the test driver and QEMU/TCG, nats-server) and runs the whole suite:
-# formatting, lints, unit tests and the end-to-end tests against real
-# servers. Needs root (apt-get, libvirtd) and a Rust toolchain (rustup).
+# the test driver and QEMU/TCG, nats-server, tansu, cargo-fuzz) and runs
+# the whole suite: formatting, lints, unit and property tests, the
+# end-to-end tests against real servers, and a short fuzzing run of the
+# message decoders. Needs root (apt-get, libvirtd) and a Rust toolchain
+# (rustup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,3 +22,12 @@ LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 cargo test --locked 2>&1 | tee "$LOG"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$LOG"
+
+echo "== cargo fuzz (message decoders and consumer state machines, ${FUZZ_SECONDS:=60} s)"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install cargo-fuzz --version 0.13.2 --locked --quiet
+fi
+# cargo fuzz passes nightly-only flags (-Zsanitizer=address); the one
+# stable toolchain accepts them with RUSTC_BOOTSTRAP=1.
+RUSTC_BOOTSTRAP=1 cargo fuzz run decode --fuzz-dir tests/fuzz -- \
+  -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 2>&1 | tail -n 25
