@@ -111,6 +111,11 @@ for line in sys.stdin:
         m["domain"]["name"] or "(host)", m["state_after"]["state"]))
 '
 
+echo "== fleet state rebuilt from the bus (virtstream state --bus nats):"
+$BIN state --config "$WORK/agent.toml" --bus nats --format table
+echo "== continuity (virtstream audit --bus kafka):"
+$BIN audit --config "$WORK/agent.toml" --bus kafka || true
+
 if [ -t 0 ] && [ -z "${CI:-}" ]; then
   echo "== agent running; toggling demo-vm every 3 s (Ctrl-C to stop)"
   $V define "$WORK/demo-vm.xml" >/dev/null
