@@ -133,7 +133,15 @@ fn messages() -> Vec<(String, Vec<u8>)> {
         let round_no = n / (HOSTS * DOMAINS);
         let host = format!("hv{h:03}");
         host_seq[h] += 1;
-        let e = event(&host, epoch, host_seq[h], d, round_no as u64 + 2, round_no % 2 + 1, t0 + n as i64 * 1000);
+        let e = event(
+            &host,
+            epoch,
+            host_seq[h],
+            d,
+            round_no as u64 + 2,
+            round_no % 2 + 1,
+            t0 + n as i64 * 1000,
+        );
         out.push((subject(&host, d), codec::encode_event(&e)));
     }
     out
@@ -147,9 +155,27 @@ fn subject(host: &str, d: usize) -> String {
 /// 2 = RESUMED.
 fn event(host: &str, epoch: &str, hs: u64, d: usize, seq: u64, kind: usize, t: i64) -> DomainEvent {
     let (event, detail, state, reason, origin) = match kind {
-        0 => (EventType::STARTED, Detail::BOOTED, DomainState::RUNNING, "BOOTED", Origin::RECONCILE),
-        1 => (EventType::SUSPENDED, Detail::PAUSED, DomainState::PAUSED, "USER", Origin::LIBVIRT),
-        _ => (EventType::RESUMED, Detail::UNPAUSED, DomainState::RUNNING, "UNPAUSED", Origin::LIBVIRT),
+        0 => (
+            EventType::STARTED,
+            Detail::BOOTED,
+            DomainState::RUNNING,
+            "BOOTED",
+            Origin::RECONCILE,
+        ),
+        1 => (
+            EventType::SUSPENDED,
+            Detail::PAUSED,
+            DomainState::PAUSED,
+            "USER",
+            Origin::LIBVIRT,
+        ),
+        _ => (
+            EventType::RESUMED,
+            Detail::UNPAUSED,
+            DomainState::RUNNING,
+            "UNPAUSED",
+            Origin::LIBVIRT,
+        ),
     };
     DomainEvent {
         event_id: event_id(host, epoch, hs),

@@ -40,57 +40,34 @@ enum Command {
     },
     /// Decode messages from a bus as JSON lines.
     Replay {
-        #[arg(long, short, env = "VIRTSTREAM_CONFIG")]
-        config: PathBuf,
-        #[arg(long, value_enum)]
-        bus: Bus,
-        /// Start at this time (RFC 3339).
-        #[arg(long, conflicts_with_all = ["from_stream_seq", "from_offset"])]
-        since: Option<String>,
-        /// NATS: start at this JetStream stream sequence.
-        #[arg(long, conflicts_with = "from_offset")]
-        from_stream_seq: Option<u64>,
-        /// Kafka: read one partition from an offset, as PARTITION:OFFSET.
-        #[arg(long, value_parser = parse_partition_offset)]
-        from_offset: Option<(i32, i64)>,
+        #[command(flatten)]
+        target: BusArgs,
+        #[command(flatten)]
+        start: StartArgs,
         /// Only this domain's messages.
         #[arg(long)]
         domain: Option<String>,
     },
     /// Rebuild the state of every domain on every host (DESIGN §6).
     State {
-        #[arg(long, short, env = "VIRTSTREAM_CONFIG")]
-        config: PathBuf,
-        #[arg(long, value_enum)]
-        bus: Bus,
+        #[command(flatten)]
+        target: BusArgs,
         #[arg(long, value_enum, default_value = "json")]
         format: StateFormat,
     },
     /// Check continuity per host and domain; exit 1 when anything is wrong.
     Audit {
-        #[arg(long, short, env = "VIRTSTREAM_CONFIG")]
-        config: PathBuf,
-        #[arg(long, value_enum)]
-        bus: Bus,
-        /// Audit events from this time (RFC 3339).
-        #[arg(long, conflicts_with_all = ["from_stream_seq", "from_offset"])]
-        since: Option<String>,
-        /// NATS: audit events from this stream sequence.
-        #[arg(long, conflicts_with = "from_offset")]
-        from_stream_seq: Option<u64>,
-        /// Kafka: audit a partition from an offset, as PARTITION:OFFSET
-        /// (repeatable; other partitions are not read).
-        #[arg(long, value_parser = parse_partition_offset)]
-        from_offset: Vec<(i32, i64)>,
+        #[command(flatten)]
+        target: BusArgs,
+        #[command(flatten)]
+        start: StartArgs,
         #[arg(long, value_enum, default_value = "text")]
         format: AuditFormat,
     },
     /// Running/paused seconds, vCPU·s and GiB·s per domain and host.
     Usage {
-        #[arg(long, short, env = "VIRTSTREAM_CONFIG")]
-        config: PathBuf,
-        #[arg(long, value_enum)]
-        bus: Bus,
+        #[command(flatten)]
+        target: BusArgs,
         /// Window start (RFC 3339).
         #[arg(long)]
         from: String,
@@ -100,6 +77,54 @@ enum Command {
         #[arg(long, value_enum, default_value = "json")]
         format: UsageFormat,
     },
+}
+
+/// The config file and the bus a tool reads.
+#[derive(clap::Args)]
+struct BusArgs {
+    #[arg(long, short, env = "VIRTSTREAM_CONFIG")]
+    config: PathBuf,
+    #[arg(long, value_enum)]
+    bus: Bus,
+}
+
+/// Where a tool starts reading the events.
+#[derive(clap::Args)]
+struct StartArgs {
+    /// Start at this time (RFC 3339).
+    #[arg(long, conflicts_with_all = ["from_stream_seq", "from_offset"])]
+    since: Option<String>,
+    /// NATS: start at this JetStream stream sequence.
+    #[arg(long, conflicts_with = "from_offset")]
+    from_stream_seq: Option<u64>,
+    /// Kafka: read a partition from an offset, as PARTITION:OFFSET
+    /// (audit: repeatable; other partitions are not read).
+    #[arg(long, value_parser = parse_partition_offset)]
+    from_offset: Vec<(i32, i64)>,
+}
+
+impl StartArgs {
+    /// The start point for `bus`; usage errors are reported here.
+    fn resolve(&self, bus: Bus) -> Result<From, ExitCode> {
+        let usage = |msg: &str| {
+            eprintln!("virtstream: {msg}");
+            ExitCode::from(EX_USAGE)
+        };
+        if let Some(t) = &self.since {
+            return parse_since(t).map(From::Time);
+        }
+        match (bus, self.from_stream_seq, self.from_offset.is_empty()) {
+            (Bus::Nats, Some(n), _) => Ok(From::StreamSeq(n)),
+            (Bus::Nats, None, false) => Err(usage(
+                "--from-offset is for --bus kafka; use --from-stream-seq",
+            )),
+            (Bus::Kafka, Some(_), _) => Err(usage(
+                "--from-stream-seq is for --bus nats; use --from-offset PARTITION:OFFSET",
+            )),
+            (Bus::Kafka, None, false) => Ok(From::Offsets(self.from_offset.clone())),
+            (_, None, true) => Ok(From::Start),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -394,59 +419,28 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::State {
-            config,
-            bus,
-            format,
-        } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            state_cmd(&cfg, bus.into(), format == StateFormat::Table)
-        }
+        Command::State { target, format } => match load(&target.config) {
+            Ok(cfg) => state_cmd(&cfg, target.bus.into(), format == StateFormat::Table),
+            Err(code) => code,
+        },
         Command::Audit {
-            config,
-            bus,
-            since,
-            from_stream_seq,
-            from_offset,
+            target,
+            start,
             format,
         } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
+            let (cfg, from) = match (load(&target.config), start.resolve(target.bus)) {
+                (Ok(c), Ok(f)) => (c, f),
+                (Err(code), _) | (_, Err(code)) => return code,
             };
-            let since = match since.as_deref().map(parse_since).transpose() {
-                Ok(t) => t,
-                Err(code) => return code,
-            };
-            let from = match (bus, since, from_stream_seq, from_offset.is_empty()) {
-                (_, Some(t), _, _) => From::Time(t),
-                (Bus::Nats, None, Some(n), true) => From::StreamSeq(n),
-                (Bus::Kafka, None, None, false) => From::Offsets(from_offset),
-                (_, None, None, true) => From::Start,
-                (Bus::Nats, ..) => {
-                    eprintln!(
-                        "virtstream: --from-offset is for --bus kafka; use --from-stream-seq"
-                    );
-                    return ExitCode::from(EX_USAGE);
-                }
-                (Bus::Kafka, ..) => {
-                    eprintln!("virtstream: --from-stream-seq is for --bus nats; use --from-offset PARTITION:OFFSET");
-                    return ExitCode::from(EX_USAGE);
-                }
-            };
-            audit_cmd(&cfg, bus.into(), &from, format == AuditFormat::Json)
+            audit_cmd(&cfg, target.bus.into(), &from, format == AuditFormat::Json)
         }
         Command::Usage {
-            config,
-            bus,
+            target,
             from,
             to,
             format,
         } => {
-            let cfg = match load(&config) {
+            let cfg = match load(&target.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -461,44 +455,31 @@ fn main() -> ExitCode {
             let us = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1000) as i64;
             usage_cmd(
                 &cfg,
-                bus.into(),
+                target.bus.into(),
                 us(from),
                 us(to),
                 format == UsageFormat::Csv,
             )
         }
         Command::Replay {
-            config,
-            bus,
-            since,
-            from_stream_seq,
-            from_offset,
+            target,
+            start,
             domain,
         } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
+            let (cfg, from) = match (load(&target.config), start.resolve(target.bus)) {
+                (Ok(c), Ok(f)) => (c, f),
+                (Err(code), _) | (_, Err(code)) => return code,
             };
-            let since = match since.as_deref().map(parse_since).transpose() {
-                Ok(t) => t,
-                Err(code) => return code,
-            };
-            match bus {
+            match target.bus {
                 Bus::Nats => {
                     let Some(ncfg) = cfg.nats.clone() else {
                         eprintln!("virtstream: config key `nats`: replay --bus nats needs a [nats] section");
                         return ExitCode::from(EX_USAGE);
                     };
-                    if from_offset.is_some() {
-                        eprintln!(
-                            "virtstream: --from-offset is for --bus kafka; use --from-stream-seq"
-                        );
-                        return ExitCode::from(EX_USAGE);
-                    }
-                    let from = match (since, from_stream_seq) {
-                        (Some(t), _) => replay::From::Time(t),
-                        (None, Some(n)) => replay::From::StreamSeq(n),
-                        (None, None) => replay::From::Start,
+                    let from = match from {
+                        From::Time(t) => replay::From::Time(t),
+                        From::StreamSeq(n) => replay::From::StreamSeq(n),
+                        From::Start | From::Offsets(_) => replay::From::Start,
                     };
                     replay_exit(runtime().and_then(|rt| {
                         rt.block_on(async {
@@ -513,16 +494,17 @@ fn main() -> ExitCode {
                         eprintln!("virtstream: config key `kafka`: replay --bus kafka needs a [kafka] section");
                         return ExitCode::from(EX_USAGE);
                     };
-                    if from_stream_seq.is_some() {
-                        eprintln!("virtstream: --from-stream-seq is for --bus nats; use --from-offset PARTITION:OFFSET");
-                        return ExitCode::from(EX_USAGE);
-                    }
-                    let from = match (since, from_offset) {
-                        (Some(t), _) => replay::KafkaFrom::Time(t),
-                        (None, Some((partition, offset))) => {
-                            replay::KafkaFrom::Offset { partition, offset }
+                    let from = match from {
+                        From::Time(t) => replay::KafkaFrom::Time(t),
+                        From::Offsets(o) if o.len() > 1 => {
+                            eprintln!("virtstream: replay reads one partition from an offset; give --from-offset once");
+                            return ExitCode::from(EX_USAGE);
                         }
-                        (None, None) => replay::KafkaFrom::Start,
+                        From::Offsets(o) => replay::KafkaFrom::Offset {
+                            partition: o[0].0,
+                            offset: o[0].1,
+                        },
+                        From::Start | From::StreamSeq(_) => replay::KafkaFrom::Start,
                     };
                     let mut out = std::io::BufWriter::new(std::io::stdout());
                     replay_exit(

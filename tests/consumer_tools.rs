@@ -227,18 +227,9 @@ fn state_audit_and_usage_match_libvirt_on_both_buses() {
 
         // Usage over [t0, t_end): the agent stamps events on receipt, so
         // its intervals match the calls' times within the tolerance.
-        let o = tool(
-            &agent,
-            &[
-                "usage",
-                "--bus",
-                bus,
-                "--from",
-                &rfc3339(t0),
-                "--to",
-                &rfc3339(t_end),
-            ],
-        );
+        let (from, to) = (rfc3339(t0), rfc3339(t_end));
+        let usage = ["usage", "--bus", bus, "--from", &from, "--to", &to];
+        let o = tool(&agent, &usage);
         assert!(o.status.success(), "{}", stderr(&o));
         let rows: Vec<Value> = serde_json::from_str(&stdout(&o)).unwrap();
         let row = |name: &str| {
@@ -289,20 +280,7 @@ fn state_audit_and_usage_match_libvirt_on_both_buses() {
         );
         assert_eq!(r["stale"], false);
 
-        let o = tool(
-            &agent,
-            &[
-                "usage",
-                "--bus",
-                bus,
-                "--from",
-                &rfc3339(t0),
-                "--to",
-                &rfc3339(t_end),
-                "--format",
-                "csv",
-            ],
-        );
+        let o = tool(&agent, &[&usage[..], &["--format", "csv"]].concat());
         let csv = stdout(&o);
         assert!(
             csv.starts_with("host_id,uuid,name,running_seconds,"),
