@@ -238,6 +238,7 @@ fn positions(raw: &[(bool, Vec<u8>)]) -> Vec<Position> {
                 source,
                 partition: None,
                 offset: n,
+                time_us: None,
             }
         })
         .collect()
@@ -382,8 +383,12 @@ fn end_to_end(name: &str, cfg: &Config, bus: virtstream::consumer::BusKind) {
     let cpu0 = thread_cpu_seconds();
     let start = Instant::now();
     let mut fleet = Fleet::new();
-    let out = virtstream::consumer::read(cfg, bus, &From::Start, &mut |r, c| fleet.apply(r, c))
-        .expect("read the bus");
+    let out = virtstream::consumer::read(cfg, bus, &From::Start, &mut |it| {
+        if let virtstream::consumer::bus::Item::Record { record, contiguous } = it {
+            fleet.apply(record, *contiguous)
+        }
+    })
+    .expect("read the bus");
     let wall = start.elapsed().as_secs_f64();
     let cpu = thread_cpu_seconds() - cpu0;
     assert_eq!(out.totals.events as usize, EVENTS);

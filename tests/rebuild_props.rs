@@ -514,7 +514,7 @@ struct Delivered {
     records: Vec<(Record, bool)>,
     /// The events lane and its last position (what a reader learns from
     /// the stream's state).
-    end: (Lane, u64),
+    end: (Lane, u64, Option<i64>),
     /// Emitted events that were dropped (true) or whose order with another
     /// event of the same domain was changed (false): (host, uuid,
     /// (epoch, host_seq)).
@@ -608,6 +608,14 @@ fn deliver(sim: &Sim, how: Delivery, f: &Faults) -> Delivered {
         }
         lane.swap(i, i + 1);
     }
+    // The broker's store time of each position: no earlier than any
+    // message stored at or before it (dropped ones included).
+    let mut store_time = Vec::with_capacity(lane.len());
+    let mut t = i64::MIN;
+    for b in lane.iter().flatten() {
+        t = t.max(b.observed_at().unwrap_or(i64::MIN));
+        store_time.push(t);
+    }
     for &d in &f.drops {
         if lane.is_empty() {
             break;
@@ -632,6 +640,7 @@ fn deliver(sim: &Sim, how: Delivery, f: &Faults) -> Delivered {
                     source: events_src.clone(),
                     partition: None,
                     offset: pos,
+                    time_us: Some(store_time[i]),
                 };
                 ev_records.push((
                     slots[i],
@@ -652,6 +661,7 @@ fn deliver(sim: &Sim, how: Delivery, f: &Faults) -> Delivered {
                 source: snaps_src.clone(),
                 partition: None,
                 offset: i as u64 + 1,
+                time_us: b.observed_at(),
             };
             (
                 *slot,
@@ -680,6 +690,7 @@ fn deliver(sim: &Sim, how: Delivery, f: &Faults) -> Delivered {
                 partition: None,
             },
             pos,
+            store_time.last().copied(),
         ),
         touched,
         order_broken,
@@ -730,7 +741,7 @@ fn rebuild(d: &Delivered) -> Fleet {
     for (r, c) in &d.records {
         f.apply(r, *c);
     }
-    f.lane_end(&d.end.0, d.end.1);
+    f.lane_end(&d.end.0, d.end.1, d.end.2);
     f
 }
 
@@ -935,7 +946,7 @@ proptest! {
         let (from, to) = (start + window.0 * SEC, start + (window.0 + window.1) * SEC);
         let mut u = Usage::new();
         for (r, c) in &d.records { u.add(r, *c); }
-        u.lane_end(&d.end.0, d.end.1);
+        u.lane_end(&d.end.0, d.end.1, d.end.2);
         let rows = u.compute(from, to);
         let truth = true_usage(&sim, from, to);
         let got: BTreeMap<(String, String), [f64; 4]> = rows

@@ -60,18 +60,38 @@ impl<'a> Reader<'a> {
     }
 
     fn str(&mut self) -> Result<&'a str, CodecError> {
+        let left = self.buf.len();
+        self.str_or_end()?.ok_or_else(|| {
+            malformed(
+                self.field,
+                format!("string longer than the {left} bytes left"),
+            )
+        })
+    }
+
+    /// A string, or `None` when the datum ends inside its bytes (the rest
+    /// is consumed): apache-avro reads that as null, which a `["null",
+    /// "string"]` union accepts. Lengths over the decode allocation bound
+    /// are refused first, as apache-avro does.
+    fn str_or_end(&mut self) -> Result<Option<&'a str>, CodecError> {
         let len = self.long()?;
         let len = usize::try_from(len)
             .map_err(|_| malformed(self.field, format!("negative string length {len}")))?;
-        if len > self.buf.len() {
+        if len > super::MAX_DECODE_ALLOCATION {
             return Err(malformed(
                 self.field,
-                format!("string of {len} bytes but only {} left", self.buf.len()),
+                format!("string of {len} bytes is over the decoding bound"),
             ));
+        }
+        if len > self.buf.len() {
+            self.buf = &[];
+            return Ok(None);
         }
         let (s, rest) = self.buf.split_at(len);
         self.buf = rest;
-        std::str::from_utf8(s).map_err(|e| malformed(self.field, e))
+        std::str::from_utf8(s)
+            .map(Some)
+            .map_err(|e| malformed(self.field, e))
     }
 
     /// A string with logical type `uuid`, read as `apache-avro` does (16
@@ -115,6 +135,12 @@ impl<'a> Reader<'a> {
             .ok()
             .and_then(from_index)
             .ok_or_else(|| malformed(self.field, format!("enum index {i} out of range")))
+    }
+
+    /// A `["null", "string"]` union (a string cut by the datum's end is
+    /// null there, see [`Self::str_or_end`]).
+    fn opt_str(&mut self) -> Result<Option<String>, CodecError> {
+        Ok(self.opt(|r| r.str_or_end())?.flatten().map(str::to_owned))
     }
 
     /// A `["null", T]` union.
@@ -171,9 +197,9 @@ pub(super) fn domain_event_v1(datum: &[u8]) -> Result<DomainEvent, CodecError> {
     let autostart = r.at("autostart").opt(Reader::bool)?;
     let vcpus = r.at("vcpus").opt(Reader::int)?;
     let memory_kib = r.at("memory_kib").opt(Reader::long)?;
-    let config_hash = r.at("config_hash").opt(|r| r.str().map(str::to_owned))?;
+    let config_hash = r.at("config_hash").opt_str()?;
     let observed_at = r.at("observed_at").long()?;
-    let xml = r.at("xml").opt(|r| r.str().map(str::to_owned))?;
+    let xml = r.at("xml").opt_str()?;
     if !r.buf.is_empty() {
         return Err(CodecError::Trailing(r.buf.len()));
     }

@@ -158,6 +158,29 @@ impl Auditor {
         });
     }
 
+    /// Notes where a contiguous lane ended when reading began (the NATS
+    /// stream's last sequence): positions after the last one read are
+    /// missing (e.g. a deleted last message).
+    pub fn lane_end(&mut self, lane: &Lane, last: u64) {
+        let read = self.lane_last.get(lane).map(|p| p.offset);
+        if read.is_some_and(|r| r >= last) {
+            return;
+        }
+        let first = read.map_or(0, |r| r + 1);
+        self.problems.push(Problem {
+            kind: ProblemKind::StreamHole,
+            host_id: None,
+            epoch: None,
+            uuid: None,
+            at: None,
+            message: format!(
+                "{lane}: positions {first}..={last} are missing at its end (deleted or lost){}",
+                read.map(|r| format!(", after position {r}"))
+                    .unwrap_or_default()
+            ),
+        });
+    }
+
     /// Adds one record; `contiguous` as for `rebuild::Fleet::apply`.
     pub fn add(&mut self, rec: &Record, contiguous: bool) {
         self.records += 1;
@@ -165,7 +188,7 @@ impl Auditor {
         let lane = pos.lane();
         if contiguous {
             match self.lane_last.get(&lane) {
-                Some(prev) if pos.offset > prev.offset + 1 => {
+                Some(prev) if pos.offset > prev.offset.saturating_add(1) => {
                     let (a, b) = (prev.offset + 1, pos.offset - 1);
                     let what = if a == b {
                         format!("{a} is")
@@ -235,7 +258,7 @@ impl Auditor {
                 let uuid = Some(e.domain.uuid.as_str());
                 let label = format!("domain {} ({}) on {host}", e.domain.uuid, e.domain.name);
                 match d.last {
-                    None if origin && e.seq != 1 => {
+                    None if origin && e.seq > 1 => {
                         self.problems.push(problem(
                             ProblemKind::Gap,
                             uuid,
@@ -243,8 +266,9 @@ impl Auditor {
                         ));
                     }
                     None => d.first_lane_origin = origin,
-                    Some((last, last_hs)) if e.seq == last + 1 && host_seq > last_hs => {}
-                    Some((last, _)) if e.seq > last + 1 => {
+                    Some((last, last_hs))
+                        if Some(e.seq) == last.checked_add(1) && host_seq > last_hs => {}
+                    Some((last, _)) if e.seq > last.saturating_add(1) => {
                         let missing = if e.seq == last + 2 {
                             format!("seq {} is", last + 1)
                         } else {
@@ -390,9 +414,9 @@ impl Auditor {
             }
             let mut beats = h.heartbeats.clone();
             beats.sort_by_key(|b| b.0);
-            let limit = 3 * self.opts.heartbeat_us;
+            let limit = self.opts.heartbeat_us.saturating_mul(3);
             for w in beats.windows(2) {
-                if w[1].0 - w[0].0 > limit {
+                if w[1].0.saturating_sub(w[0].0) > limit {
                     self.problems.push(who(
                         None,
                         Some(&w[1].1),
@@ -409,7 +433,7 @@ impl Auditor {
             }
             if newest.get(host.as_str()) == Some(&epoch.as_str()) {
                 match beats.last() {
-                    Some((t, pos)) if self.opts.now_us - t > limit => {
+                    Some((t, pos)) if self.opts.now_us.saturating_sub(*t) > limit => {
                         self.problems.push(who(
                             None,
                             Some(pos),
@@ -417,7 +441,7 @@ impl Auditor {
                             format!(
                                 "host {host}: last heartbeat at {} ({pos}), {} s before the audit; expected every {} s",
                                 crate::codec::rfc3339_micros(*t),
-                                (self.opts.now_us - t) / 1_000_000,
+                                self.opts.now_us.saturating_sub(*t) / 1_000_000,
                                 self.opts.heartbeat_us as f64 / 1e6
                             ),
                         ));
@@ -494,5 +518,69 @@ impl AuditReport {
             }
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumer::rebuild::tests::{ev, pos, U1};
+    use crate::model::DomainState;
+
+    fn auditor() -> Auditor {
+        Auditor::new(AuditOptions {
+            heartbeat_us: 1_000_000,
+            now_us: 0,
+            from_start: true,
+        })
+    }
+
+    #[test]
+    fn a_deleted_last_message_is_a_hole_at_the_end() {
+        let mut a = auditor();
+        let body = ev("e", 1, U1, 1, DomainState::RUNNING);
+        a.add(
+            &Record {
+                body,
+                pos: pos("EV", 1),
+            },
+            true,
+        );
+        a.lane_end(&pos("EV", 1).lane(), 3);
+        let r = a.finish();
+        let hole = r
+            .problems
+            .iter()
+            .find(|p| p.kind == ProblemKind::StreamHole)
+            .expect("a hole");
+        assert!(
+            hole.message
+                .contains("positions 2..=3 are missing at its end"),
+            "{}",
+            hole.message
+        );
+    }
+
+    #[test]
+    fn hostile_numbers_are_reported_not_panics() {
+        let mut a = auditor();
+        for (i, (hs, seq)) in [(1, 0u64), (2, u64::MAX), (3, 1), (4, u64::MAX)]
+            .iter()
+            .enumerate()
+        {
+            let mut body = ev("e", *hs, U1, *seq, DomainState::RUNNING);
+            if let Body::Event(e) = &mut body {
+                e.observed_at = if i % 2 == 0 { i64::MIN } else { i64::MAX };
+            }
+            a.add(
+                &Record {
+                    body,
+                    pos: pos("EV", u64::MAX - 3 + i as u64),
+                },
+                true,
+            );
+        }
+        let r = a.finish();
+        assert!(!r.continuous);
     }
 }

@@ -25,7 +25,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 use rdkafka::message::{Headers as _, Message};
 
-use super::record::{self, Headers, Position, Record, RecordError};
+use super::record::{self, Headers, Lane, Position, Record, RecordError};
 use crate::config::{KafkaConfig, NatsConfig};
 use crate::sinks::kafka::reader::{self, Flow, ReadOptions, Start};
 use crate::sinks::kafka::{self, KafkaContext};
@@ -63,7 +63,18 @@ pub enum Item {
     /// are contiguous when nothing is lost (see `rebuild::Fleet::apply`).
     Record { record: Record, contiguous: bool },
     /// A message that is not a record of a shipped schema.
-    Undecodable { pos: Position, error: RecordError },
+    Undecodable {
+        pos: Position,
+        error: RecordError,
+        contiguous: bool,
+    },
+    /// The last position a contiguous lane had when reading began (NATS),
+    /// and when it was stored: positions read short of it were lost.
+    LaneEnd {
+        lane: Lane,
+        last: u64,
+        time_us: Option<i64>,
+    },
 }
 
 /// Totals of one read.
@@ -80,7 +91,11 @@ fn item(body: &[u8], headers: Headers<'_>, pos: Position, contiguous: bool) -> I
             record: Record { body, pos },
             contiguous,
         },
-        Err(error) => Item::Undecodable { pos, error },
+        Err(error) => Item::Undecodable {
+            pos,
+            error,
+            contiguous,
+        },
     }
 }
 
@@ -136,11 +151,29 @@ async fn read_stream(
 ) -> Result<(u64, u64), BusError> {
     let api = |e: &dyn std::fmt::Display| BusError::Nats(format!("stream {name}: {e}"));
     let mut stream = js.get_stream(name).await.map_err(|e| api(&e))?;
-    let (messages, last) = {
+    let (messages, last, last_time) = {
         let info = stream.info().await.map_err(|e| api(&e))?;
-        (info.state.messages, info.state.last_sequence)
+        (
+            info.state.messages,
+            info.state.last_sequence,
+            micros(info.state.last_timestamp),
+        )
+    };
+    let source: Arc<str> = Arc::from(name);
+    let end = |on_item: &mut (dyn FnMut(Item) + Send)| {
+        if contiguous && last > 0 {
+            on_item(Item::LaneEnd {
+                lane: Lane {
+                    source: source.clone(),
+                    partition: None,
+                },
+                last,
+                time_us: Some(last_time),
+            });
+        }
     };
     if messages == 0 {
+        end(on_item);
         return Ok((0, 0));
     }
     let consumer = stream
@@ -151,22 +184,31 @@ async fn read_stream(
         .await
         .map_err(|e| api(&e))?;
     let mut messages = consumer.messages().await.map_err(|e| api(&e))?;
-    let source: Arc<str> = Arc::from(name);
     let (mut read, mut bad) = (0u64, 0u64);
+    let mut pending_after_last = None;
     loop {
         // A start point past every message gives nothing: stop when idle.
         let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
         let msg = match next {
-            Err(_) | Ok(None) => break,
+            Err(_) | Ok(None) => match pending_after_last {
+                Some(p) if p > 0 => {
+                    return Err(BusError::Nats(format!(
+                        "stream {name}: no message for 2 s with {p} still pending; the read is incomplete"
+                    )))
+                }
+                _ => break,
+            },
             Ok(Some(Err(e))) => return Err(api(&e)),
             Ok(Some(Ok(m))) => m,
         };
         let info = msg.info().map_err(|e| api(&e))?;
         let (seq, pending) = (info.stream_sequence, info.pending);
+        pending_after_last = Some(pending);
         let pos = Position {
             source: source.clone(),
             partition: None,
             offset: seq,
+            time_us: Some(micros(info.published)),
         };
         let h = msg.headers.as_ref();
         let get = |k: &str| h.and_then(|h| h.get(k)).map(|v| v.as_str());
@@ -186,7 +228,12 @@ async fn read_stream(
             break;
         }
     }
+    end(on_item);
     Ok((read, bad))
+}
+
+fn micros(t: time::OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
 }
 
 /// Reads the snapshot topics, then the events topic, from Kafka
@@ -319,6 +366,7 @@ fn read_topic(
                 source: source.clone(),
                 partition: Some(p),
                 offset: m.offset().max(0) as u64,
+                time_us: m.timestamp().to_millis().map(|t| t.saturating_mul(1000)),
             };
             let headers = Headers {
                 tombstone: tomb || m.payload().is_none(),

@@ -48,18 +48,20 @@ pub struct ReadOutcome {
 }
 
 /// Reads a bus configured in `cfg` (snapshots, then events from `from`),
-/// handing every decoded record to `on_record` with its lane's
-/// contiguity. Undecodable messages are collected in the outcome.
+/// handing every item to `on_item` in the order read. Undecodable
+/// messages are also collected in the outcome, for the report.
 pub fn read(
     cfg: &Config,
     bus: BusKind,
     from: &From,
-    on_record: &mut (dyn FnMut(&record::Record, bool) + Send),
+    on_item: &mut (dyn FnMut(&Item) + Send),
 ) -> Result<ReadOutcome, ConsumerError> {
     let mut undecodable = Vec::new();
-    let mut on_item = |it: Item| match it {
-        Item::Record { record, contiguous } => on_record(&record, contiguous),
-        Item::Undecodable { pos, error } => undecodable.push((pos, error.to_string())),
+    let mut each = |it: Item| {
+        on_item(&it);
+        if let Item::Undecodable { pos, error, .. } = it {
+            undecodable.push((pos, error.to_string()));
+        }
     };
     let totals = match bus {
         BusKind::Nats => {
@@ -71,14 +73,14 @@ pub fn read(
                 .enable_all()
                 .build()
                 .map_err(ConsumerError::Runtime)?
-                .block_on(bus::read_nats(ncfg, from, &mut on_item))?
+                .block_on(bus::read_nats(ncfg, from, &mut each))?
         }
         BusKind::Kafka => {
             let kcfg = cfg
                 .kafka
                 .as_ref()
                 .ok_or(ConsumerError::MissingSection("kafka"))?;
-            bus::read_kafka(kcfg, from, &mut on_item)?
+            bus::read_kafka(kcfg, from, &mut each)?
         }
     };
     Ok(ReadOutcome {
@@ -87,14 +89,33 @@ pub fn read(
     })
 }
 
-/// `virtstream state`: the rebuilt fleet. An undecodable message in an
-/// events lane counts as a lost one (its hosts are stale until a round).
-pub fn state(cfg: &Config, bus: BusKind) -> Result<(rebuild::Fleet, ReadOutcome), ConsumerError> {
-    let mut fleet = rebuild::Fleet::new();
-    let out = read(cfg, bus, &From::Start, &mut |r, c| fleet.apply(r, c))?;
-    for (pos, _) in &out.undecodable {
-        fleet.lane_hole(&pos.lane());
+/// Clock skew allowed between agents and brokers when placing a hole in
+/// time: the Kafka setting where there is one, else the default.
+fn clock_skew(cfg: &Config, bus: BusKind) -> std::time::Duration {
+    match (bus, &cfg.kafka) {
+        (BusKind::Kafka, Some(k)) => k.readback_max_clock_skew.0,
+        _ => std::time::Duration::from_micros(rebuild::DEFAULT_CLOCK_SKEW_US as u64),
     }
+}
+
+/// `virtstream state`: the rebuilt fleet. An undecodable message in an
+/// events lane counts as a lost one.
+pub fn state(cfg: &Config, bus: BusKind) -> Result<(rebuild::Fleet, ReadOutcome), ConsumerError> {
+    let mut fleet = rebuild::Fleet::new().with_clock_skew(clock_skew(cfg, bus));
+    let out = read(cfg, bus, &From::Start, &mut |it| match it {
+        Item::Record { record, contiguous } => fleet.apply(record, *contiguous),
+        Item::Undecodable {
+            pos,
+            contiguous: true,
+            ..
+        } => fleet.lost(pos),
+        Item::Undecodable { .. } => {}
+        Item::LaneEnd {
+            lane,
+            last,
+            time_us,
+        } => fleet.lane_end(lane, *last, *time_us),
+    })?;
     Ok((fleet, out))
 }
 
@@ -110,10 +131,11 @@ pub fn audit(
         now_us,
         from_start: matches!(from, From::Start),
     });
-    let out = read(cfg, bus, from, &mut |r, c| auditor.add(r, c))?;
-    for (pos, why) in &out.undecodable {
-        auditor.undecodable(pos, why);
-    }
+    read(cfg, bus, from, &mut |it| match it {
+        Item::Record { record, contiguous } => auditor.add(record, *contiguous),
+        Item::Undecodable { pos, error, .. } => auditor.undecodable(pos, &error.to_string()),
+        Item::LaneEnd { lane, last, .. } => auditor.lane_end(lane, *last),
+    })?;
     Ok(auditor.finish())
 }
 
@@ -125,9 +147,19 @@ pub fn usage(
     to_us: i64,
 ) -> Result<(Vec<usage::UsageRow>, ReadOutcome), ConsumerError> {
     let mut u = usage::Usage::new();
-    let out = read(cfg, bus, &From::Start, &mut |r, c| u.add(r, c))?;
-    for (pos, _) in &out.undecodable {
-        u.lane_hole(&pos.lane());
-    }
+    let out = read(cfg, bus, &From::Start, &mut |it| match it {
+        Item::Record { record, contiguous } => u.add(record, *contiguous),
+        Item::Undecodable {
+            pos,
+            contiguous: true,
+            ..
+        } => u.lost(pos),
+        Item::Undecodable { .. } => {}
+        Item::LaneEnd {
+            lane,
+            last,
+            time_us,
+        } => u.lane_end(lane, *last, *time_us),
+    })?;
     Ok((u.compute(from_us, to_us), out))
 }

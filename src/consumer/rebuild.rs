@@ -134,6 +134,8 @@ impl Dom {
 struct Round {
     /// host_seq of its ROUND_BEGIN (from the snapshot id).
     begin: u64,
+    /// Agent time of the round (from its begin/end or domain records).
+    observed_at: Option<i64>,
     count: Option<usize>,
     ended: bool,
     members: BTreeMap<u64, DomainSnapshot>,
@@ -143,6 +145,28 @@ struct Round {
 struct Applied {
     begin: u64,
     end: u64,
+    observed_at: Option<i64>,
+}
+
+/// Messages missing from a lane at a position.
+#[derive(Debug)]
+struct Hole {
+    lane: Lane,
+    /// Broker time of the first message after the hole (or of the lane's
+    /// end): every lost message was emitted before it.
+    time: Option<i64>,
+    /// Where, for the report ("before <position>").
+    at: String,
+}
+
+/// A hole as it concerns one host whose next message after it was read:
+/// a lost message of this host has a lower `host_seq` than that message
+/// (kept order) and was emitted before the hole's time.
+#[derive(Debug)]
+struct Pending {
+    bound: u64,
+    time: Option<i64>,
+    reason: String,
 }
 
 #[derive(Debug)]
@@ -161,12 +185,9 @@ struct Host {
     needs_round: Option<String>,
     /// Per lane, how many position holes of that lane this host has
     /// accounted for (holes after its last record there are open).
-    holes_seen: HashMap<Lane, u64>,
-    /// Highest host_seq read per contiguous lane, and the lanes where a
-    /// lower one came later (order not kept: losses there cannot be
-    /// bounded by the next record).
-    lane_max: HashMap<Lane, u64>,
-    reordered: Vec<Lane>,
+    holes_seen: HashMap<Lane, usize>,
+    /// Holes this host read past, until a complete round covers them.
+    pending: Vec<Pending>,
     last_heartbeat: Option<HostSnapshot>,
 }
 
@@ -182,8 +203,7 @@ impl Host {
             loss_reason: None,
             needs_round: None,
             holes_seen: HashMap::new(),
-            lane_max: HashMap::new(),
-            reordered: Vec::new(),
+            pending: Vec::new(),
             last_heartbeat: None,
         }
     }
@@ -191,6 +211,15 @@ impl Host {
     /// A complete round began after `bound`.
     fn covered(&self, bound: u64) -> bool {
         self.last_round.is_some_and(|r| r.begin > bound)
+    }
+
+    /// A complete round was taken after `time` (plus the clock skew
+    /// allowed between agents and brokers).
+    fn covered_since(&self, time: Option<i64>, skew: i64) -> bool {
+        match (self.last_round.and_then(|r| r.observed_at), time) {
+            (Some(r), Some(t)) => r > t.saturating_add(skew),
+            _ => false,
+        }
     }
 
     fn host_loss(&mut self, bound: u64, reason: impl FnOnce() -> String) {
@@ -215,40 +244,80 @@ pub fn lane_origin(pos: &Position) -> u64 {
 }
 
 /// The rebuild. See the module documentation for the rules.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fleet {
     hosts: HashMap<String, Host>,
-    /// Position holes per lane (messages missing from a stream/partition).
-    holes: HashMap<Lane, u64>,
-    /// Last position read per lane.
+    /// Position holes (messages missing from a stream/partition).
+    holes: Vec<Hole>,
+    /// Last position read per contiguous lane.
     last_pos: HashMap<Lane, u64>,
+    /// Largest difference allowed between an agent's clock and a broker's
+    /// (µs), when a hole is placed in time.
+    clock_skew_us: i64,
     stats: RebuildStats,
 }
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet {
+            hosts: HashMap::new(),
+            holes: Vec::new(),
+            last_pos: HashMap::new(),
+            clock_skew_us: DEFAULT_CLOCK_SKEW_US,
+            stats: RebuildStats::default(),
+        }
+    }
+}
+
+/// Whether a complete round (beginning at `begin`, taken at `observed_at`)
+/// covers a pending hole: it began after the message that bounds the hole,
+/// or was taken after the hole's time.
+fn host_covers(begin: u64, observed_at: Option<i64>, p: &Pending, skew: i64) -> bool {
+    begin > p.bound
+        || matches!((observed_at, p.time), (Some(r), Some(t)) if r > t.saturating_add(skew))
+}
+
+/// Default clock skew allowed between agents and brokers: 10 s.
+pub const DEFAULT_CLOCK_SKEW_US: i64 = 10_000_000;
 
 impl Fleet {
     pub fn new() -> Fleet {
         Fleet::default()
     }
 
+    /// The largest difference between an agent's clock and a broker's.
+    pub fn with_clock_skew(mut self, skew: std::time::Duration) -> Fleet {
+        self.clock_skew_us = i64::try_from(skew.as_micros()).unwrap_or(i64::MAX);
+        self
+    }
+
     pub fn stats(&self) -> RebuildStats {
         self.stats
     }
 
-    /// Notes that the messages of `lane` between two positions are missing
-    /// (a deleted message, an offset the broker no longer has): any host
-    /// may have lost one. Readers that know their lane's positions are
-    /// contiguous call this; [`Fleet::apply`] calls it for positions that
-    /// jump within a lane whose positions it tracks.
-    pub fn lane_hole(&mut self, lane: &Lane) {
-        *self.holes.entry(lane.clone()).or_insert(0) += 1;
+    /// Notes that a message of a contiguous lane is lost at `pos` (it
+    /// could not be decoded, say): any host may have lost one there.
+    pub fn lost(&mut self, pos: &Position) {
+        let lane = pos.lane();
+        self.holes.push(Hole {
+            lane: lane.clone(),
+            time: pos.time_us,
+            at: format!("at {pos}"),
+        });
+        let e = self.last_pos.entry(lane).or_insert(pos.offset);
+        *e = (*e).max(pos.offset);
     }
 
     /// Notes where a contiguous lane ended when reading began (the NATS
-    /// stream's last sequence): positions after the last record read are
-    /// lost messages (e.g. a deleted last message).
-    pub fn lane_end(&mut self, lane: &Lane, last: u64) {
+    /// stream's last sequence and its time): positions after the last
+    /// record read are lost messages (e.g. a deleted last message).
+    pub fn lane_end(&mut self, lane: &Lane, last: u64, time_us: Option<i64>) {
         if self.last_pos.get(lane).is_none_or(|p| *p < last) {
-            self.lane_hole(lane);
+            self.holes.push(Hole {
+                lane: lane.clone(),
+                time: time_us,
+                at: format!("at its end (position {last})"),
+            });
         }
     }
 
@@ -271,25 +340,31 @@ impl Fleet {
             return;
         }
         let lane = rec.pos.lane();
-        let lane_holes = self.holes.get(&lane).copied().unwrap_or(0);
+        let skew = self.clock_skew_us;
         let host = self.hosts.get_mut(host_id).expect("entered above");
         if let Some(t) = observed {
             host.last_observed = host.last_observed.max(t);
         }
         if contiguous {
-            let max = host.lane_max.entry(lane.clone()).or_insert(0);
-            if host_seq < *max && !host.reordered.contains(&lane) {
-                host.reordered.push(lane.clone());
+            // Holes of this lane read past for the first time: this host's
+            // lost messages there, if any, come before this one.
+            let seen = host.holes_seen.get(&lane).copied().unwrap_or(0);
+            let mut n = seen;
+            for (i, hole) in self.holes.iter().filter(|h| h.lane == lane).enumerate() {
+                n = i + 1;
+                if i < seen {
+                    continue;
+                }
+                let pending = Pending {
+                    bound: host_seq,
+                    time: hole.time,
+                    reason: format!("messages missing from {lane} {}", hole.at),
+                };
+                if !host.covered(pending.bound) && !host.covered_since(pending.time, skew) {
+                    host.pending.push(pending);
+                }
             }
-            *max = (*max).max(host_seq);
-            let seen = host.holes_seen.entry(lane.clone()).or_insert(0);
-            if *seen < lane_holes {
-                *seen = lane_holes;
-                let pos = rec.pos.clone();
-                host.host_loss(host_seq, || {
-                    format!("messages missing from {lane} before {pos}")
-                });
-            }
+            host.holes_seen.insert(lane.clone(), n);
         }
         let applied = match &rec.body {
             Body::Event(e) => Self::event(host, e, &rec.pos),
@@ -301,7 +376,7 @@ impl Fleet {
             Step::Ignored => self.stats.ignored += 1,
             Step::Done => {}
             Step::RoundMaybe(id) => {
-                if Self::try_complete(host, &id) {
+                if Self::try_complete(host, &id, skew) {
                     self.stats.rounds_applied += 1;
                 }
             }
@@ -310,13 +385,16 @@ impl Fleet {
 
     fn track_position(&mut self, pos: &Position) {
         let lane = pos.lane();
-        let last = self
-            .last_pos
-            .get(&lane)
-            .copied()
-            .unwrap_or(lane_origin(pos).saturating_sub(1));
-        if pos.offset > last + 1 {
-            self.lane_hole(&lane);
+        let hole = match self.last_pos.get(&lane) {
+            None => pos.offset > lane_origin(pos),
+            Some(last) => pos.offset > last.saturating_add(1),
+        };
+        if hole {
+            self.holes.push(Hole {
+                lane: lane.clone(),
+                time: pos.time_us,
+                at: format!("before {pos}"),
+            });
         }
         let e = self.last_pos.entry(lane).or_insert(pos.offset);
         *e = (*e).max(pos.offset);
@@ -347,13 +425,14 @@ impl Fleet {
         host.loss_bound = None;
         host.loss_reason = None;
         host.needs_round = Some(format!("epoch changed from {old} to {epoch}"));
-        host.lane_max.clear();
-        host.reordered.clear();
+        host.pending.clear();
         for d in host.domains.values_mut() {
-            // Counters of the old epoch are closed (DESIGN §3).
+            // Counters of the old epoch are closed (DESIGN §3); the new
+            // epoch's first complete round decides about staleness.
             d.host_seq = 0;
             d.seq_known = false;
             d.stale_bound = None;
+            d.stale_reason = None;
         }
         true
     }
@@ -399,7 +478,7 @@ impl Fleet {
             });
             return Step::Ignored;
         } else {
-            e.seq != dom.seq + 1
+            e.seq != dom.seq.saturating_add(1)
         };
         if jump {
             let (from, to) = (dom.seq, e.seq);
@@ -455,6 +534,7 @@ impl Fleet {
         if d.host_seq <= begin || round.members.contains_key(&d.host_seq) {
             return Step::Ignored;
         }
+        round.observed_at.get_or_insert(d.observed_at);
         round.members.insert(d.host_seq, d.clone());
         Step::RoundMaybe(d.snapshot_id.clone())
     }
@@ -481,7 +561,14 @@ impl Fleet {
             begin,
             ..Round::default()
         });
-        round.count = Some(usize::try_from(h.domain_count).unwrap_or(0));
+        let Ok(count) = usize::try_from(h.domain_count) else {
+            return Step::Ignored; // a negative count: not a round we can use
+        };
+        round.count = Some(count);
+        if h.kind != HostSnapshotKind::HEARTBEAT {
+            // A heartbeat is later than the round it names.
+            round.observed_at = Some(h.observed_at);
+        }
         // A heartbeat names the last *complete* round.
         if matches!(
             h.kind,
@@ -507,7 +594,7 @@ impl Fleet {
     }
 
     /// Applies round `id` when it is complete; true when it was.
-    fn try_complete(host: &mut Host, id: &str) -> bool {
+    fn try_complete(host: &mut Host, id: &str, skew: i64) -> bool {
         let Some(round) = host.rounds.get(id) else {
             return false;
         };
@@ -515,11 +602,14 @@ impl Fleet {
             return false;
         };
         let begin = round.begin;
-        let end = begin + count as u64 + 1;
+        let Some(end) = begin.checked_add(count as u64 + 1) else {
+            return false; // not a round any agent writes
+        };
         let have = round.members.range(begin + 1..end).count();
         if !round.ended || have != count {
             return false;
         }
+        let observed_at = round.observed_at;
         let round = host.rounds.remove(id).expect("present");
         // Older partial rounds can no longer become the base.
         host.rounds.retain(|_, r| r.begin > begin);
@@ -562,7 +652,13 @@ impl Fleet {
             host.loss_reason = None;
         }
         host.needs_round = None;
-        host.last_round = Some(Applied { begin, end });
+        host.last_round = Some(Applied {
+            begin,
+            end,
+            observed_at,
+        });
+        host.pending
+            .retain(|p| !host_covers(begin, observed_at, p, skew));
         true
     }
 
@@ -574,23 +670,21 @@ impl Fleet {
         if let Some(r) = &host.loss_reason {
             return Some(r.clone());
         }
-        // A lane that lost messages and did not keep this host's order:
-        // the loss may be anywhere.
-        if let Some(lane) = host
-            .reordered
-            .iter()
-            .find(|l| self.holes.get(*l).is_some_and(|n| *n > 0))
-        {
-            return Some(format!(
-                "messages missing from {lane}, whose order is not this host's host_seq order: the loss cannot be placed"
-            ));
+        if let Some(p) = host.pending.first() {
+            return Some(p.reason.clone());
         }
-        // A hole after this host's last record in a lane: it may have lost
-        // its newest messages there.
-        for (lane, n) in &self.holes {
-            if host.holes_seen.get(lane).copied().unwrap_or(0) < *n {
+        // Holes this host has no message after: a lost message of its
+        // would have been emitted before the hole's time, so a round taken
+        // after that covers it.
+        let mut per_lane: HashMap<&Lane, usize> = HashMap::new();
+        for hole in &self.holes {
+            let i = per_lane.entry(&hole.lane).or_insert(0);
+            *i += 1;
+            let seen = host.holes_seen.get(&hole.lane).copied().unwrap_or(0);
+            if *i > seen && !host.covered_since(hole.time, self.clock_skew_us) {
                 return Some(format!(
-                    "messages missing from {lane} after this host's last message there"
+                    "messages missing from {} {}, and no complete snapshot round of this host since",
+                    hole.lane, hole.at
                 ));
             }
         }
@@ -674,23 +768,24 @@ enum Step {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{event_id, Detail, DomainRef, HostInfo, Origin, AGENT_VERSION};
     use std::sync::Arc;
 
-    const U1: &str = "00000000-0000-4000-8000-000000000001";
-    const U2: &str = "00000000-0000-4000-8000-000000000002";
+    pub(crate) const U1: &str = "00000000-0000-4000-8000-000000000001";
+    pub(crate) const U2: &str = "00000000-0000-4000-8000-000000000002";
 
-    fn pos(src: &str, offset: u64) -> Position {
+    pub(crate) fn pos(src: &str, offset: u64) -> Position {
         Position {
             source: Arc::from(src),
             partition: None,
             offset,
+            time_us: None,
         }
     }
 
-    fn ev(epoch: &str, hs: u64, uuid: &str, seq: u64, state: DomainState) -> Body {
+    pub(crate) fn ev(epoch: &str, hs: u64, uuid: &str, seq: u64, state: DomainState) -> Body {
         let event = match state {
             DomainState::RUNNING => EventType::STARTED,
             DomainState::PAUSED => EventType::SUSPENDED,
@@ -724,7 +819,13 @@ mod tests {
         })
     }
 
-    fn host_rec(epoch: &str, hs: u64, kind: HostSnapshotKind, round: u64, n: i32) -> Body {
+    pub(crate) fn host_rec(
+        epoch: &str,
+        hs: u64,
+        kind: HostSnapshotKind,
+        round: u64,
+        n: i32,
+    ) -> Body {
         Body::Host(HostSnapshot {
             event_id: event_id("h", epoch, hs),
             host_id: "h".into(),
@@ -741,7 +842,7 @@ mod tests {
     }
 
     /// A complete round at `begin` listing `(uuid, seq, state)`.
-    fn round(epoch: &str, begin: u64, doms: &[(&str, u64, DomainState)]) -> Vec<Body> {
+    pub(crate) fn round(epoch: &str, begin: u64, doms: &[(&str, u64, DomainState)]) -> Vec<Body> {
         let n = doms.len() as i32;
         let mut v = vec![host_rec(
             epoch,
@@ -785,7 +886,7 @@ mod tests {
     }
 
     /// Feeds bodies on a non-contiguous lane (positions say nothing).
-    fn feed(f: &mut Fleet, bodies: impl IntoIterator<Item = Body>) {
+    pub(crate) fn feed(f: &mut Fleet, bodies: impl IntoIterator<Item = Body>) {
         for (i, body) in bodies.into_iter().enumerate() {
             f.apply(
                 &Record {
@@ -797,7 +898,7 @@ mod tests {
         }
     }
 
-    fn view(f: &Fleet, uuid: &str) -> Option<DomainView> {
+    pub(crate) fn view(f: &Fleet, uuid: &str) -> Option<DomainView> {
         f.domains().into_iter().find(|d| d.uuid == uuid)
     }
 
@@ -948,7 +1049,105 @@ mod tests {
         feed(&mut f, round("e", 4, &[(U1, 2, DomainState::PAUSED)]));
         assert!(!view(&f, U1).unwrap().stale);
         // A last message deleted: the stream's end says so.
-        f.lane_end(&pos("EV", 0).lane(), 5);
+        f.lane_end(&pos("EV", 0).lane(), 5, None);
         assert!(view(&f, U1).unwrap().stale);
+    }
+
+    #[test]
+    fn a_host_quiet_after_a_hole_is_stale_until_a_round_taken_after_it() {
+        let mut f = Fleet::new().with_clock_skew(std::time::Duration::from_secs(1));
+        // Host h published at position 1; position 2 is lost (another
+        // host's message after it, at broker time 100 s). h has nothing
+        // after the hole.
+        let rec = |body, offset, t: i64| Record {
+            body,
+            pos: Position {
+                time_us: Some(t * 1_000_000),
+                ..pos("EV", offset)
+            },
+        };
+        f.apply(&rec(ev("e", 1, U1, 1, DomainState::RUNNING), 1, 1), true);
+        let mut other = ev("e", 1, U2, 1, DomainState::RUNNING);
+        if let Body::Event(e) = &mut other {
+            e.host_id = "other".into();
+        }
+        f.apply(&rec(other, 3, 100), true);
+        assert!(view(&f, U1).unwrap().stale, "h may have lost its message");
+        // A complete round of h taken before the hole's time: not enough.
+        feed(&mut f, round("e", 2, &[(U1, 1, DomainState::RUNNING)]));
+        assert!(view(&f, U1).unwrap().stale);
+        // One taken after it (observed at 120 s): covered.
+        let mut r = round("e", 10, &[(U1, 1, DomainState::RUNNING)]);
+        for b in &mut r {
+            match b {
+                Body::Host(h) => h.observed_at = 120_000_000,
+                Body::Domain(d) => d.observed_at = 120_000_000,
+                _ => {}
+            }
+        }
+        feed(&mut f, r);
+        assert!(!view(&f, U1).unwrap().stale);
+        // An undecodable message later in the lane is a loss again.
+        f.lost(&Position {
+            time_us: Some(200_000_000),
+            ..pos("EV", 4)
+        });
+        assert!(view(&f, U1).unwrap().stale);
+    }
+
+    #[test]
+    fn a_kafka_partition_read_from_past_offset_0_lost_its_head() {
+        let mut f = Fleet::new();
+        let p = Position {
+            partition: Some(2),
+            ..pos("topic", 1)
+        };
+        f.apply(
+            &Record {
+                body: ev("e", 1, U1, 1, DomainState::RUNNING),
+                pos: p,
+            },
+            true,
+        );
+        assert!(view(&f, U1).unwrap().stale);
+    }
+
+    #[test]
+    fn hostile_numbers_neither_panic_nor_apply() {
+        let mut f = Fleet::new();
+        // A round whose end would overflow, and one with a negative count.
+        let far = u64::MAX - 1;
+        feed(
+            &mut f,
+            [
+                host_rec("e", 5, HostSnapshotKind::ROUND_END, far, 1),
+                host_rec("e", 6, HostSnapshotKind::ROUND_END, 3, -1),
+                ev("e", u64::MAX, U1, u64::MAX, DomainState::RUNNING),
+                ev("e", 7, U2, 0, DomainState::RUNNING),
+            ],
+        );
+        assert_eq!(f.stats().rounds_applied, 0);
+        assert!(view(&f, U1).is_some());
+    }
+
+    #[test]
+    fn an_old_epochs_staleness_ends_with_the_new_epochs_round() {
+        let mut f = Fleet::new();
+        feed(
+            &mut f,
+            [
+                ev("old", 1, U1, 1, DomainState::RUNNING),
+                ev("old", 2, U1, 5, DomainState::PAUSED),
+            ],
+        );
+        assert!(view(&f, U1).unwrap().stale);
+        let mut first = ev("new", 1, U1, 1, DomainState::RUNNING);
+        if let Body::Event(e) = &mut first {
+            e.observed_at = 100_000_000;
+        }
+        feed(&mut f, [first]);
+        feed(&mut f, round("new", 2, &[(U1, 1, DomainState::RUNNING)]));
+        let v = view(&f, U1).unwrap();
+        assert!(!v.stale, "{:?}", v.stale_reason);
     }
 }

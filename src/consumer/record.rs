@@ -25,6 +25,9 @@ pub struct Position {
     pub partition: Option<i32>,
     /// Stream sequence (NATS) or offset (Kafka).
     pub offset: u64,
+    /// When the broker stored it (NATS), or the record's timestamp (Kafka:
+    /// the agent's time), µs since the Unix epoch.
+    pub time_us: Option<i64>,
 }
 
 impl fmt::Display for Position {

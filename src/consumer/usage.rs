@@ -28,7 +28,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use super::record::{Body, Lane, Record};
+use super::rebuild::lane_origin;
+use super::record::{Body, Lane, Position, Record};
 use crate::model::{DomainState, EventType};
 
 /// One (host, domain) row.
@@ -80,13 +81,27 @@ struct Point {
 #[derive(Debug, Default)]
 struct HostEpoch {
     first_seen: i64,
+    last_seen: i64,
     /// Gap markers: host_seq and why.
     gaps: Vec<(u64, String)>,
-    /// Per lane: host_seq ranges (exclusive) in which a message of this
-    /// host may be missing because the lane has a hole there.
+    /// Holes read past: a message of this host with host_seq in (lo, hi)
+    /// may be missing.
     holes: Vec<(u64, u64, String)>,
-    /// Last host_seq of this host per lane and the lane's hole count then.
-    lane_last: HashMap<Lane, (u64, u64)>,
+    /// Per lane: last host_seq of this host there and how many of the
+    /// lane's holes it has read past.
+    lane_last: HashMap<Lane, (u64, usize)>,
+}
+
+/// Messages missing from a lane.
+#[derive(Debug)]
+struct Hole {
+    lane: Lane,
+    /// Broker time after the hole: lost messages were emitted before it.
+    time: Option<i64>,
+    /// Before the lane's first record read (retention): the missing
+    /// history is handled per domain (see `compute`).
+    head: bool,
+    at: String,
 }
 
 /// Collects records; [`Usage::compute`] then gives the rows.
@@ -95,7 +110,7 @@ pub struct Usage {
     /// (host, epoch, uuid) → host_seq → point.
     timelines: HashMap<(String, String, String), BTreeMap<u64, Point>>,
     hosts: HashMap<(String, String), HostEpoch>,
-    lane_holes: HashMap<Lane, u64>,
+    holes: Vec<Hole>,
     lane_last_pos: HashMap<Lane, u64>,
 }
 
@@ -104,15 +119,29 @@ impl Usage {
         Usage::default()
     }
 
-    /// Notes lost messages in `lane` (e.g. one that could not be decoded).
-    pub fn lane_hole(&mut self, lane: &Lane) {
-        *self.lane_holes.entry(lane.clone()).or_insert(0) += 1;
+    /// Notes a lost message of a contiguous lane at `pos` (one that
+    /// could not be decoded, say).
+    pub fn lost(&mut self, pos: &Position) {
+        let lane = pos.lane();
+        self.holes.push(Hole {
+            lane: lane.clone(),
+            time: pos.time_us,
+            head: false,
+            at: format!("at {pos}"),
+        });
+        let e = self.lane_last_pos.entry(lane).or_insert(pos.offset);
+        *e = (*e).max(pos.offset);
     }
 
     /// Notes where a contiguous lane ended (see `rebuild::Fleet::lane_end`).
-    pub fn lane_end(&mut self, lane: &Lane, last: u64) {
+    pub fn lane_end(&mut self, lane: &Lane, last: u64, time_us: Option<i64>) {
         if self.lane_last_pos.get(lane).is_none_or(|p| *p < last) {
-            self.lane_hole(lane);
+            self.holes.push(Hole {
+                lane: lane.clone(),
+                time: time_us,
+                head: false,
+                at: format!("at its end (position {last})"),
+            });
         }
     }
 
@@ -120,13 +149,17 @@ impl Usage {
     pub fn add(&mut self, rec: &Record, contiguous: bool) {
         let lane = rec.pos.lane();
         if contiguous {
-            let last = self
-                .lane_last_pos
-                .get(&lane)
-                .copied()
-                .unwrap_or(super::rebuild::lane_origin(&rec.pos).saturating_sub(1));
-            if rec.pos.offset > last + 1 {
-                *self.lane_holes.entry(lane.clone()).or_insert(0) += 1;
+            let (hole, head) = match self.lane_last_pos.get(&lane) {
+                None => (rec.pos.offset > lane_origin(&rec.pos), true),
+                Some(last) => (rec.pos.offset > last.saturating_add(1), false),
+            };
+            if hole {
+                self.holes.push(Hole {
+                    lane: lane.clone(),
+                    time: rec.pos.time_us,
+                    head,
+                    at: format!("before {}", rec.pos),
+                });
             }
             let e = self.lane_last_pos.entry(lane.clone()).or_insert(0);
             *e = (*e).max(rec.pos.offset);
@@ -137,22 +170,27 @@ impl Usage {
             .entry((host.to_owned(), epoch.to_owned()))
             .or_insert_with(|| HostEpoch {
                 first_seen: i64::MAX,
+                last_seen: i64::MIN,
                 ..HostEpoch::default()
             });
         if let Some(t) = rec.body.observed_at() {
             he.first_seen = he.first_seen.min(t);
+            he.last_seen = he.last_seen.max(t);
         }
         if contiguous {
-            let holes_now = self.lane_holes.get(&lane).copied().unwrap_or(0);
-            let (last, seen) = he.lane_last.get(&lane).copied().unwrap_or((0, 0));
-            if seen < holes_now {
-                he.holes.push((
-                    last,
-                    host_seq,
-                    format!("messages missing from {lane} before {}", rec.pos),
-                ));
+            let (last, seen) = he.lane_last.get(&lane).cloned().unwrap_or((0, 0));
+            let mut n = seen;
+            for (i, hole) in self.holes.iter().filter(|h| h.lane == lane).enumerate() {
+                n = i + 1;
+                if i >= seen && !hole.head {
+                    he.holes.push((
+                        last,
+                        host_seq,
+                        format!("messages missing from {lane} {}", hole.at),
+                    ));
+                }
             }
-            he.lane_last.insert(lane, (last.max(host_seq), holes_now));
+            he.lane_last.insert(lane, (last.max(host_seq), n));
         }
         match &rec.body {
             Body::Event(e) if e.event == EventType::GAP => {
@@ -198,23 +236,52 @@ impl Usage {
     /// Rows for `[from, to)` (µs since the Unix epoch), sorted by host,
     /// name and uuid. Domains with no time in the window are left out.
     pub fn compute(&self, from: i64, to: i64) -> Vec<UsageRow> {
+        self.compute_with_skew(from, to, super::rebuild::DEFAULT_CLOCK_SKEW_US)
+    }
+
+    /// [`Self::compute`] with the clock skew allowed between agents and
+    /// brokers when a hole is placed in time (µs).
+    pub fn compute_with_skew(&self, from: i64, to: i64, skew: i64) -> Vec<UsageRow> {
+        // The epochs of each host, oldest first: an epoch's timelines end
+        // where the next one begins.
+        let mut epochs: HashMap<&str, Vec<(i64, &str)>> = HashMap::new();
+        for ((host, epoch), he) in &self.hosts {
+            epochs.entry(host).or_default().push((he.first_seen, epoch));
+        }
+        for list in epochs.values_mut() {
+            list.sort();
+        }
+        let next_epoch = |host: &str, epoch: &str| -> Option<i64> {
+            let list = epochs.get(host)?;
+            let i = list.iter().position(|(_, e)| *e == epoch)?;
+            list.get(i + 1).map(|(t, _)| *t)
+        };
         // Per (host, uuid): the stretches of known state and of unknown.
         let mut spans: HashMap<(String, String), HostSpans> = HashMap::new();
         for ((host, epoch, uuid), points) in &self.timelines {
             let he = &self.hosts[&(host.clone(), epoch.clone())];
-            // Holes after this host's last message in a lane: open-ended.
-            let open: Vec<(u64, String)> = self
-                .lane_holes
-                .iter()
-                .filter(|(lane, n)| he.lane_last.get(*lane).map_or(0, |l| l.1) < **n)
-                .map(|(lane, _)| {
-                    let last = he.lane_last.get(lane).map_or(0, |l| l.0);
-                    (
-                        last,
-                        format!("messages missing from {lane} after {host}'s last message there"),
-                    )
-                })
-                .collect();
+            // Holes this host has no message after, in their lanes: its
+            // lost message there would come after its last one and before
+            // the hole's time.
+            let open: Vec<(u64, Option<i64>, String)> = {
+                let mut per_lane: HashMap<&Lane, usize> = HashMap::new();
+                self.holes
+                    .iter()
+                    .filter(|hole| {
+                        let i = per_lane.entry(&hole.lane).or_insert(0);
+                        *i += 1;
+                        !hole.head && he.lane_last.get(&hole.lane).map_or(0, |l| l.1) < *i
+                    })
+                    .map(|hole| {
+                        (
+                            he.lane_last.get(&hole.lane).map_or(0, |l| l.0),
+                            hole.time,
+                            format!("messages missing from {} {}", hole.lane, hole.at),
+                        )
+                    })
+                    .collect()
+            };
+            let epoch_end = next_epoch(host, epoch);
             let out = spans.entry((host.clone(), uuid.clone())).or_default();
             let pts: Vec<(&u64, &Point)> = points.iter().collect();
             if let Some((_, first)) = pts.first() {
@@ -232,49 +299,78 @@ impl Usage {
             }
             for (i, (hs, p)) in pts.iter().enumerate() {
                 let next = pts.get(i + 1);
-                let end_t = next.map_or(to, |(_, q)| q.t);
                 let end_hs = next.map_or(u64::MAX, |(h, _)| **h);
                 out.name.clone_from(&p.name);
                 let doubt = match next {
                     Some((_, q)) => {
-                        let expected = if q.from_snapshot { p.seq } else { p.seq + 1 };
+                        let expected = if q.from_snapshot {
+                            p.seq
+                        } else {
+                            p.seq.saturating_add(1)
+                        };
                         (q.seq != expected).then(|| {
                             format!("seq {} to {} on {host}: events missing", p.seq, q.seq)
                         })
                     }
                     None => None,
                 }
-                .or_else(|| he.loss_between(**hs, end_hs, &open));
-                if let Some(reason) = doubt {
-                    out.unknown.push((p.t, end_t));
-                    out.stale_reason.get_or_insert(reason);
-                } else {
-                    out.known.push(Span {
-                        start: p.t,
-                        end: end_t,
+                .or_else(|| he.loss_between(**hs, end_hs, p.t, &open, skew));
+                let mut push = |start: i64, end: i64, doubt: Option<String>| match doubt {
+                    _ if end <= start => {}
+                    Some(reason) => {
+                        out.unknown.push((start, end));
+                        out.stale_reason.get_or_insert(reason);
+                    }
+                    None => out.known.push(Span {
+                        start,
+                        end,
                         kind: p.kind,
                         vcpus: p.vcpus.unwrap_or(0),
                         memory_kib: p.memory_kib.unwrap_or(0),
-                    });
+                    }),
+                };
+                match (next, epoch_end) {
+                    (Some((_, q)), _) => push(p.t, q.t, doubt),
+                    (None, None) => push(p.t, to, doubt),
+                    (None, Some(new_epoch)) => {
+                        // The journal was recreated: this epoch's agent
+                        // vouches for the state until its last message; what
+                        // happened until the new epoch began is not known.
+                        let vouched = he.last_seen.clamp(p.t, new_epoch);
+                        push(p.t, vouched, doubt);
+                        push(
+                            vouched,
+                            new_epoch,
+                            Some(format!(
+                                "the journal of {host} was recreated (epoch {epoch} ended)"
+                            )),
+                        );
+                    }
                 }
             }
-        }
-        // Epochs of a host follow each other: the last state of an old
-        // epoch ends where the next epoch of that domain begins.
-        for s in spans.values_mut() {
-            s.close_epochs();
         }
         bill(spans, from, to)
     }
 }
 
 impl HostEpoch {
-    /// Why messages of this host with host_seq in (a, b) may be missing.
-    fn loss_between(&self, a: u64, b: u64, open: &[(u64, String)]) -> Option<String> {
+    /// Why messages of this host with host_seq in (a, b), after time
+    /// `a_time`, may be missing.
+    fn loss_between(
+        &self,
+        a: u64,
+        b: u64,
+        a_time: i64,
+        open: &[(u64, Option<i64>, String)],
+        skew: i64,
+    ) -> Option<String> {
         if let Some((_, why)) = self.gaps.iter().find(|(g, _)| *g > a && *g < b) {
             return Some(why.clone());
         }
-        if let Some((_, why)) = open.iter().find(|(last, _)| *last < b) {
+        let open_hit = open.iter().find(|(last, time, _)| {
+            *last < b && time.is_none_or(|t| a_time <= t.saturating_add(skew))
+        });
+        if let Some((_, _, why)) = open_hit {
             return Some(why.clone());
         }
         self.holes
@@ -299,29 +395,6 @@ struct HostSpans {
     known: Vec<Span>,
     unknown: Vec<(i64, i64)>,
     stale_reason: Option<String>,
-}
-
-impl HostSpans {
-    /// With several epochs, a span may run past the start of a later one:
-    /// cut it there, and count the cut-off part as unknown (the journal
-    /// was recreated; what happened in between is not known).
-    fn close_epochs(&mut self) {
-        let mut starts: Vec<i64> = self
-            .known
-            .iter()
-            .map(|s| s.start)
-            .chain(self.unknown.iter().map(|u| u.0))
-            .collect();
-        starts.sort_unstable();
-        for s in &mut self.known {
-            if let Some(next) = starts.iter().find(|t| **t > s.start && **t < s.end) {
-                self.unknown.push((*next, s.end));
-                s.end = *next;
-                self.stale_reason
-                    .get_or_insert_with(|| "an epoch change (journal recreated)".into());
-            }
-        }
-    }
 }
 
 /// Splits every domain's time among its hosts (billed once) and sums.
@@ -360,7 +433,7 @@ fn bill(spans: HashMap<(String, String), HostSpans>, from: i64, to: i64) -> Vec<
         let mut acc = vec![[0f64; 4]; hosts.len()];
         for w in bounds.windows(2) {
             let (a, b) = (w[0], w[1]);
-            let secs = (b - a) as f64 / 1e6;
+            let secs = (b as f64 - a as f64) / 1e6;
             let covering = runs.iter().filter(|(_, s, _)| s.start <= a && s.end >= b);
             let owner = covering
                 .clone()
@@ -388,7 +461,7 @@ fn bill(spans: HashMap<(String, String), HostSpans>, from: i64, to: i64) -> Vec<
             let unknown: f64 = s
                 .unknown
                 .iter()
-                .map(|(a, b)| ((*b).min(to) - (*a).max(from)).max(0) as f64 / 1e6)
+                .map(|(a, b)| ((*b).min(to) as f64 - (*a).max(from) as f64).max(0.0) / 1e6)
                 .sum();
             let a = acc[i];
             let in_window = s
@@ -415,4 +488,72 @@ fn bill(spans: HashMap<(String, String), HostSpans>, from: i64, to: i64) -> Vec<
     }
     rows.sort_by(|a, b| (&a.host_id, &a.name, &a.uuid).cmp(&(&b.host_id, &b.name, &b.uuid)));
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumer::rebuild::tests::{ev, pos, U1, U2};
+    use crate::model::DomainState;
+
+    const S: i64 = 1_000_000;
+
+    fn at(mut b: Body, t: i64) -> Body {
+        if let Body::Event(e) = &mut b {
+            e.observed_at = t * S;
+        }
+        b
+    }
+
+    fn add(u: &mut Usage, bodies: Vec<Body>) {
+        for (i, body) in bodies.into_iter().enumerate() {
+            u.add(
+                &Record {
+                    body,
+                    pos: pos("S", i as u64 + 1),
+                },
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn a_recreated_journal_ends_the_old_epochs_billing() {
+        let mut u = Usage::new();
+        add(
+            &mut u,
+            vec![
+                at(ev("a", 1, U1, 1, DomainState::RUNNING), 0),
+                at(ev("a", 2, U2, 1, DomainState::RUNNING), 10),
+                // The old agent's last word at 50 s; the new epoch starts
+                // at 100 s and knows only U1.
+                at(ev("a", 3, U1, 2, DomainState::RUNNING), 50),
+                at(ev("b", 1, U1, 1, DomainState::RUNNING), 100),
+            ],
+        );
+        let rows = u.compute(0, 1000 * S);
+        let u1 = rows.iter().find(|r| r.uuid == U1).unwrap();
+        let u2 = rows.iter().find(|r| r.uuid == U2).unwrap();
+        // U1: known 0..50 and 100..1000, unknown 50..100.
+        assert_eq!((u1.running_seconds, u1.unknown_seconds), (950.0, 50.0));
+        assert!(u1.stale);
+        // U2: known 10..50, unknown until the new epoch, then not there.
+        assert_eq!((u2.running_seconds, u2.unknown_seconds), (40.0, 50.0));
+        assert_eq!(u2.vcpu_seconds, 80.0);
+    }
+
+    #[test]
+    fn hostile_numbers_do_not_panic() {
+        let mut u = Usage::new();
+        add(
+            &mut u,
+            vec![
+                at(ev("a", 1, U1, u64::MAX, DomainState::RUNNING), 0),
+                at(ev("a", 2, U1, 0, DomainState::PAUSED), i64::MAX / S),
+            ],
+        );
+        let rows = u.compute(i64::MIN, i64::MAX);
+        assert_eq!(rows.len(), 1);
+        assert!(rows[0].stale, "seq MAX then 0 is not continuous");
+    }
 }

@@ -75,6 +75,7 @@ fuzz_target!(|data: &[u8]| {
                         source: source.clone(),
                         partition: (mode & 0x20 != 0).then_some(0),
                         offset,
+                        time_us: Some(offset as i64 * 1_000_000),
                     },
                 };
                 let contiguous = mode & 0x10 != 0;
@@ -82,9 +83,30 @@ fuzz_target!(|data: &[u8]| {
                 audit.add(&rec, contiguous);
                 usage.add(&rec, contiguous);
             }
-            Err(e) => assert!(!e.to_string().is_empty()),
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                let pos = Position {
+                    source: source.clone(),
+                    partition: None,
+                    offset,
+                    time_us: None,
+                };
+                fleet.lost(&pos);
+                usage.lost(&pos);
+                audit.undecodable(&pos, &e.to_string());
+            }
         }
     }
+    let lane = Position {
+        source: source.clone(),
+        partition: None,
+        offset: 0,
+        time_us: None,
+    }
+    .lane();
+    fleet.lane_end(&lane, offset + 2, None);
+    usage.lane_end(&lane, offset + 2, None);
+    audit.lane_end(&lane, offset + 2);
     let _ = fleet.domains();
     let _ = fleet.hosts();
     let report = audit.finish();
