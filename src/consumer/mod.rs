@@ -89,6 +89,57 @@ pub fn read(
     })
 }
 
+/// What the rebuild and usage take from a read: records, losses at a
+/// position of a contiguous lane, and where such a lane ended.
+pub trait Feed {
+    fn record(&mut self, rec: &record::Record, contiguous: bool);
+    fn lost(&mut self, pos: &Position);
+    fn lane_end(&mut self, lane: &record::Lane, last: u64, time_us: Option<i64>);
+
+    /// Hands one item read over (an undecodable message of a contiguous
+    /// lane counts as a lost one).
+    fn feed(&mut self, it: &Item) {
+        match it {
+            Item::Record { record, contiguous } => self.record(record, *contiguous),
+            Item::Undecodable {
+                pos,
+                contiguous: true,
+                ..
+            } => self.lost(pos),
+            Item::Undecodable { .. } => {}
+            Item::LaneEnd {
+                lane,
+                last,
+                time_us,
+            } => self.lane_end(lane, *last, *time_us),
+        }
+    }
+}
+
+impl Feed for rebuild::Fleet {
+    fn record(&mut self, rec: &record::Record, contiguous: bool) {
+        self.apply(rec, contiguous)
+    }
+    fn lost(&mut self, pos: &Position) {
+        rebuild::Fleet::lost(self, pos)
+    }
+    fn lane_end(&mut self, lane: &record::Lane, last: u64, time_us: Option<i64>) {
+        rebuild::Fleet::lane_end(self, lane, last, time_us)
+    }
+}
+
+impl Feed for usage::Usage {
+    fn record(&mut self, rec: &record::Record, contiguous: bool) {
+        self.add(rec, contiguous)
+    }
+    fn lost(&mut self, pos: &Position) {
+        usage::Usage::lost(self, pos)
+    }
+    fn lane_end(&mut self, lane: &record::Lane, last: u64, time_us: Option<i64>) {
+        usage::Usage::lane_end(self, lane, last, time_us)
+    }
+}
+
 /// Clock skew allowed between agents and brokers when placing a hole in
 /// time: the Kafka setting where there is one, else the default.
 fn clock_skew(cfg: &Config, bus: BusKind) -> std::time::Duration {
@@ -102,20 +153,7 @@ fn clock_skew(cfg: &Config, bus: BusKind) -> std::time::Duration {
 /// events lane counts as a lost one.
 pub fn state(cfg: &Config, bus: BusKind) -> Result<(rebuild::Fleet, ReadOutcome), ConsumerError> {
     let mut fleet = rebuild::Fleet::new().with_clock_skew(clock_skew(cfg, bus));
-    let out = read(cfg, bus, &From::Start, &mut |it| match it {
-        Item::Record { record, contiguous } => fleet.apply(record, *contiguous),
-        Item::Undecodable {
-            pos,
-            contiguous: true,
-            ..
-        } => fleet.lost(pos),
-        Item::Undecodable { .. } => {}
-        Item::LaneEnd {
-            lane,
-            last,
-            time_us,
-        } => fleet.lane_end(lane, *last, *time_us),
-    })?;
+    let out = read(cfg, bus, &From::Start, &mut |it| fleet.feed(it))?;
     Ok((fleet, out))
 }
 
@@ -147,19 +185,7 @@ pub fn usage(
     to_us: i64,
 ) -> Result<(Vec<usage::UsageRow>, ReadOutcome), ConsumerError> {
     let mut u = usage::Usage::new();
-    let out = read(cfg, bus, &From::Start, &mut |it| match it {
-        Item::Record { record, contiguous } => u.add(record, *contiguous),
-        Item::Undecodable {
-            pos,
-            contiguous: true,
-            ..
-        } => u.lost(pos),
-        Item::Undecodable { .. } => {}
-        Item::LaneEnd {
-            lane,
-            last,
-            time_us,
-        } => u.lane_end(lane, *last, *time_us),
-    })?;
-    Ok((u.compute(from_us, to_us), out))
+    let out = read(cfg, bus, &From::Start, &mut |it| u.feed(it))?;
+    let skew = i64::try_from(clock_skew(cfg, bus).as_micros()).unwrap_or(i64::MAX);
+    Ok((u.compute_with_skew(from_us, to_us, skew), out))
 }
