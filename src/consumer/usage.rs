@@ -92,6 +92,10 @@ struct HostEpoch {
     lane_last: HashMap<Lane, (u64, usize)>,
 }
 
+/// A hole a host has no message after: its last host_seq in that lane,
+/// the hole's time, and why.
+type OpenHole = (u64, Option<i64>, String);
+
 /// Messages missing from a lane.
 #[derive(Debug)]
 struct Hole {
@@ -258,14 +262,16 @@ impl Usage {
         };
         // Per (host, uuid): the stretches of known state and of unknown.
         let mut spans: HashMap<(String, String), HostSpans> = HashMap::new();
-        for ((host, epoch, uuid), points) in &self.timelines {
-            let he = &self.hosts[&(host.clone(), epoch.clone())];
-            // Holes this host has no message after, in their lanes: its
-            // lost message there would come after its last one and before
-            // the hole's time.
-            let open: Vec<(u64, Option<i64>, String)> = {
+        // Holes each host has no message after, in their lanes: its lost
+        // message there would come after its last one and before the
+        // hole's time. Once per host and epoch, not per domain.
+        let open: HashMap<&(String, String), Vec<OpenHole>> = self
+            .hosts
+            .iter()
+            .map(|(key, he)| {
                 let mut per_lane: HashMap<&Lane, usize> = HashMap::new();
-                self.holes
+                let list = self
+                    .holes
                     .iter()
                     .filter(|hole| {
                         let i = per_lane.entry(&hole.lane).or_insert(0);
@@ -279,8 +285,14 @@ impl Usage {
                             format!("messages missing from {} {}", hole.lane, hole.at),
                         )
                     })
-                    .collect()
-            };
+                    .collect();
+                (key, list)
+            })
+            .collect();
+        for ((host, epoch, uuid), points) in &self.timelines {
+            let key = (host.clone(), epoch.clone());
+            let he = &self.hosts[&key];
+            let open = &open[&key];
             let epoch_end = next_epoch(host, epoch);
             let out = spans.entry((host.clone(), uuid.clone())).or_default();
             let pts: Vec<(&u64, &Point)> = points.iter().collect();
@@ -314,7 +326,7 @@ impl Usage {
                     }
                     None => None,
                 }
-                .or_else(|| he.loss_between(**hs, end_hs, p.t, &open, skew));
+                .or_else(|| he.loss_between(**hs, end_hs, p.t, open, skew));
                 let mut push = |start: i64, end: i64, doubt: Option<String>| match doubt {
                     _ if end <= start => {}
                     Some(reason) => {
@@ -361,7 +373,7 @@ impl HostEpoch {
         a: u64,
         b: u64,
         a_time: i64,
-        open: &[(u64, Option<i64>, String)],
+        open: &[OpenHole],
         skew: i64,
     ) -> Option<String> {
         if let Some((_, why)) = self.gaps.iter().find(|(g, _)| *g > a && *g < b) {
