@@ -2,7 +2,8 @@
 # Installs (Debian, apt) and starts the local environment virtstream runs and
 # is tested against: libvirtd (test driver + QEMU under TCG) with virtlogd,
 # the nats-server binary, and the tansu Kafka-protocol broker (built once
-# with cargo: not in Debian). Idempotent: running it twice is harmless.
+# with cargo: not in Debian), and stunnel (a TLS terminator the Kafka TLS
+# tests put in front of tansu). Idempotent: running it twice is harmless.
 #
 #   deploy/local-env.sh install   # packages only (needs root)
 #   deploy/local-env.sh start     # packages + virtlogd + libvirtd (needs root)
@@ -22,7 +23,7 @@ need_root() {
 
 install_packages() {
   local missing=()
-  for bin in nats-server libvirtd virtlogd virsh qemu-system-x86_64 pkg-config curl python3 setpriv cc make perl; do
+  for bin in nats-server libvirtd virtlogd virsh qemu-system-x86_64 pkg-config curl python3 setpriv cc make perl stunnel4; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
   done
   if ! pkg-config --exists libvirt 2>/dev/null; then missing+=(libvirt-dev); fi
@@ -41,7 +42,7 @@ install_packages() {
   apt-get install -y -qq --no-install-recommends \
     nats-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
     libvirt-dev qemu-system-x86 pkg-config curl python3 util-linux gcc libc6-dev \
-    make perl libssl-dev zlib1g-dev >/dev/null
+    make perl libssl-dev zlib1g-dev stunnel4 >/dev/null
 }
 
 TANSU_VERSION=0.6.0

@@ -38,6 +38,30 @@ fn key_err(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A secret value given in the config or the environment. `Debug` and
+/// `Serialize` never show it; [`Secret::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
 /// A duration written as `500ms`, `5s`, `2m`, `7d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
@@ -181,8 +205,34 @@ pub struct NatsConfig {
     pub encoding: Encoding,
     /// Token read from this file (never from the command line).
     pub token_file: Option<PathBuf>,
-    /// NATS credentials (.creds) file.
+    /// NATS credentials (.creds) file: user JWT + NKey seed.
     pub credentials_file: Option<PathBuf>,
+    /// File holding an NKey user seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// User name for user/password authentication.
+    pub user: Option<String>,
+    /// The password, read from this file.
+    pub password_file: Option<PathBuf>,
+    /// The password itself; set it through the environment
+    /// (`VIRTSTREAM_NATS_PASSWORD`), not in the file.
+    pub password: Option<Secret>,
+    /// Require TLS (a `tls://` URL requires it too).
+    #[serde(default)]
+    pub tls: bool,
+    /// CA bundle (PEM) the server certificate is verified against, in
+    /// addition to the system roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl NatsConfig {
+    /// TLS is required: `nats.tls = true` or a `tls://` URL.
+    pub fn tls_required(&self) -> bool {
+        self.tls || self.url.starts_with("tls://")
+    }
 }
 
 /// Kafka bootstrap brokers: a TOML array, or one comma-separated string
@@ -337,7 +387,7 @@ pub struct KafkaConfig {
     pub sasl_password_file: Option<PathBuf>,
     /// The SASL password itself; set it through the environment
     /// (`VIRTSTREAM_KAFKA_SASL_PASSWORD`), not in the file.
-    pub sasl_password: Option<String>,
+    pub sasl_password: Option<Secret>,
     /// librdkafka properties passed through as they are (e.g.
     /// `"linger.ms" = 5`, `"compression.type" = "lz4"`).
     #[serde(default)]
@@ -555,6 +605,7 @@ const SECRET_KEYS: &[&str] = &[
     "password",
     "credentials_file",
     "token_file",
+    "nkey_seed_file",
     "sasl_password",
     "sasl_password_file",
     "tls_key_password_file",
@@ -691,15 +742,7 @@ impl Config {
                     return Err(key_err(k, format!("`{v}` is not a valid subject prefix")));
                 }
             }
-            for (k, p) in [
-                ("nats.token_file", &n.token_file),
-                ("nats.credentials_file", &n.credentials_file),
-            ] {
-                if let Some(p) = p {
-                    std::fs::metadata(p)
-                        .map_err(|e| key_err(k, format!("cannot read {}: {e}", p.display())))?;
-                }
-            }
+            validate_nats_security(n)?;
         }
         if let Some(k) = &self.kafka {
             validate_kafka(k)?;
@@ -742,6 +785,79 @@ impl Config {
         scrub(&mut v);
         toml::to_string_pretty(&v).expect("toml renders")
     }
+}
+
+/// NATS authentication (one method at most) and TLS files.
+fn validate_nats_security(n: &NatsConfig) -> Result<(), ConfigError> {
+    let methods: Vec<&str> = [
+        ("nats.token_file", n.token_file.is_some()),
+        ("nats.credentials_file", n.credentials_file.is_some()),
+        ("nats.nkey_seed_file", n.nkey_seed_file.is_some()),
+        ("nats.user", n.user.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect();
+    if methods.len() > 1 {
+        return Err(key_err(
+            methods[1],
+            format!(
+                "choose one NATS authentication method; {} is set too",
+                methods[0]
+            ),
+        ));
+    }
+    match (&n.user, &n.password, &n.password_file) {
+        (Some(u), _, _) if u.is_empty() => {
+            return Err(key_err("nats.user", "must not be empty"));
+        }
+        (Some(_), None, None) => {
+            return Err(key_err(
+                "nats.password_file",
+                "is required with nats.user (or set VIRTSTREAM_NATS_PASSWORD)",
+            ))
+        }
+        (Some(_), Some(_), Some(_)) => {
+            return Err(key_err(
+                "nats.password",
+                "set either nats.password or nats.password_file, not both",
+            ))
+        }
+        (None, Some(_), _) => {
+            return Err(key_err("nats.password", "is set but nats.user is not"));
+        }
+        (None, _, Some(_)) => {
+            return Err(key_err("nats.password_file", "is set but nats.user is not"));
+        }
+        _ => {}
+    }
+    if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
+        return Err(key_err(
+            "nats.tls_cert_file",
+            "a client certificate needs both nats.tls_cert_file and nats.tls_key_file",
+        ));
+    }
+    for (key, p) in [
+        ("nats.token_file", &n.token_file),
+        ("nats.credentials_file", &n.credentials_file),
+        ("nats.nkey_seed_file", &n.nkey_seed_file),
+        ("nats.password_file", &n.password_file),
+        ("nats.tls_ca_file", &n.tls_ca_file),
+        ("nats.tls_cert_file", &n.tls_cert_file),
+        ("nats.tls_key_file", &n.tls_key_file),
+    ] {
+        if let Some(p) = p {
+            if key.starts_with("nats.tls_") && !n.tls_required() {
+                return Err(key_err(
+                    key,
+                    "is set but TLS is off (set nats.tls = true or use a tls:// URL)",
+                ));
+            }
+            std::fs::File::open(p)
+                .map_err(|e| key_err(key, format!("cannot read {}: {e}", p.display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// A Kafka topic name: 1..=249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
@@ -938,6 +1054,8 @@ const STRING_KEYS: &[&str] = &[
     "kafka.client_id",
     "kafka.sasl_username",
     "kafka.sasl_password",
+    "nats.user",
+    "nats.password",
 ];
 
 #[cfg(test)]
@@ -973,6 +1091,88 @@ listen = "127.0.0.1:9477"
         assert!(c.libvirt.read_only);
         assert_eq!(c.nats.unwrap().events_stream, "VIRT_EVENTS");
         assert_eq!(c.metrics.listen.port(), 9477);
+    }
+
+    #[test]
+    fn nats_auth_and_tls_are_checked_and_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, body: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            p.display().to_string()
+        };
+        let (seed, ca, pass) = (
+            file("seed", "SUSECRETSEED"),
+            file("ca.pem", "ca"),
+            file("pass", "pw-in-file"),
+        );
+        let with = |extra: &str| SAMPLE.replace("[metrics]", &format!("{extra}\n[metrics]"));
+        let err =
+            |extra: &str, env: &[(&str, &str)]| parse(&with(extra), env).unwrap_err().to_string();
+        // One authentication method.
+        let e = err(
+            &format!("nkey_seed_file = \"{seed}\"\nuser = \"u\"\npassword_file = \"{pass}\""),
+            &[],
+        );
+        assert!(
+            e.contains("nats.user") && e.contains("nats.nkey_seed_file"),
+            "{e}"
+        );
+        // A user needs a password, from a file or the environment.
+        let e = err("user = \"u\"", &[]);
+        assert!(
+            e.contains("nats.password_file") && e.contains("VIRTSTREAM_NATS_PASSWORD"),
+            "{e}"
+        );
+        let c = parse(
+            &with("user = \"u\""),
+            &[("VIRTSTREAM_NATS_PASSWORD", "1234")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.nats.as_ref().unwrap().password.as_ref().map(Secret::expose),
+            Some("1234")
+        );
+        assert_eq!(format!("{:?}", c.nats.as_ref().unwrap().password), "Some(<redacted>)");
+        let e = err(&format!("password_file = \"{pass}\""), &[]);
+        assert!(
+            e.contains("nats.password_file") && e.contains("nats.user is not"),
+            "{e}"
+        );
+        // TLS files need TLS on, and a client certificate needs its key.
+        let e = err(&format!("tls_ca_file = \"{ca}\""), &[]);
+        assert!(
+            e.contains("nats.tls_ca_file") && e.contains("TLS is off"),
+            "{e}"
+        );
+        assert!(parse(&with(&format!("tls = true\ntls_ca_file = \"{ca}\"")), &[]).is_ok());
+        let tls_url = with(&format!("tls_ca_file = \"{ca}\""))
+            .replace("nats://127.0.0.1:4222", "tls://127.0.0.1:4222");
+        assert!(parse(&tls_url, &[]).unwrap().nats.unwrap().tls_required());
+        let e = err(&format!("tls = true\ntls_cert_file = \"{ca}\""), &[]);
+        assert!(
+            e.contains("nats.tls_cert_file") && e.contains("tls_key_file"),
+            "{e}"
+        );
+        let e = err("tls = true\ntls_ca_file = \"/nonexistent/ca.pem\"", &[]);
+        assert!(
+            e.contains("nats.tls_ca_file") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        // Secrets never show in the redacted form.
+        let c = parse(&with(&format!("nkey_seed_file = \"{seed}\"")), &[]).unwrap();
+        let shown = c.redacted();
+        assert!(!shown.contains(&seed), "{shown}");
+        let c = parse(
+            &with("user = \"u\""),
+            &[("VIRTSTREAM_NATS_PASSWORD", "pw-env")],
+        )
+        .unwrap();
+        let shown = c.redacted();
+        assert!(
+            !shown.contains("pw-env") && shown.contains("user = \"u\""),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -1150,7 +1350,8 @@ listen = "127.0.0.1:9477"
         );
         let c = parse(&text, &[("VIRTSTREAM_KAFKA_SASL_PASSWORD", "pa55word")]).unwrap();
         let k = c.kafka.as_ref().unwrap();
-        assert_eq!(k.sasl_password.as_deref(), Some("pa55word"));
+        assert_eq!(k.sasl_password.as_ref().map(Secret::expose), Some("pa55word"));
+        assert!(!format!("{k:?}").contains("pa55word"));
         assert_eq!(k.properties["linger.ms"].to_string(), "5");
         let out = c.redacted();
         assert!(

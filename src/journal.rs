@@ -232,12 +232,20 @@ impl Journal {
     pub fn open(
         opts: OpenOptions<'_>,
     ) -> Result<(Journal, JournalWriter, Recovered), JournalError> {
-        std::fs::create_dir_all(opts.dir).map_err(|source| JournalError::Dir {
+        create_private_dir(opts.dir).map_err(|source| JournalError::Dir {
             path: opts.dir.to_path_buf(),
             source,
         })?;
         let path = opts.dir.join(FILE_NAME);
         let existed = path.exists();
+        if !existed {
+            // Created 0600 before redb opens it, so the journal (domain
+            // names, XML) is never readable by others, not even briefly.
+            create_private_file(&path).map_err(|source| JournalError::Dir {
+                path: opts.dir.to_path_buf(),
+                source,
+            })?;
+        }
         let db = {
             let mut b = Database::builder();
             b.set_cache_size(1 << 20);
@@ -490,10 +498,33 @@ impl Journal {
     }
 }
 
-#[cfg(unix)]
+/// Creates `dir` and missing parents with mode 0700 (an existing
+/// directory keeps the mode its operator gave it).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates an empty file with mode 0600 (redb initializes an empty file).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+}
+
+/// A journal written by an older build may be more open: make it 0600.
 fn restrict_permissions(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot make the journal file mode 0600");
+    }
 }
 
 impl JournalWriter {
@@ -650,6 +681,35 @@ mod tests {
             observed_at: n as i64,
             payload: vec![n as u8; 10],
         }
+    }
+
+    #[test]
+    fn journal_file_is_0600_and_a_new_dir_0700() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state/journal");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        {
+            let (j, t, _) = open(&dir, &["nats"]);
+            j.append(entry(1), None).unwrap();
+            j.sync().unwrap();
+            drop(j);
+            t.join().unwrap();
+        }
+        assert_eq!(mode(&dir), 0o700, "journal dir");
+        assert_eq!(mode(&dir.join(FILE_NAME)), 0o600, "journal file");
+        // A journal left more open by an older build is closed on open.
+        std::fs::set_permissions(dir.join(FILE_NAME), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let (j, t, r) = open(&dir, &["nats"]);
+        assert!(!r.fresh, "the journal is reopened, not re-created");
+        assert_eq!(
+            mode(&dir.join(FILE_NAME)),
+            0o600,
+            "journal file after reopen"
+        );
+        drop(j);
+        t.join().unwrap();
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! never a silent skip.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -64,6 +66,8 @@ pub fn unique(prefix: &str) -> String {
 pub struct NatsServer {
     pub port: u16,
     pub store: tempfile::TempDir,
+    /// Extra command-line arguments (TLS, authentication).
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -73,10 +77,16 @@ impl NatsServer {
     }
 
     pub fn start_on(port: u16) -> NatsServer {
+        Self::start_with(port, Vec::new())
+    }
+
+    /// A server with extra arguments, e.g. `--tls ...` or `-c auth.conf`.
+    pub fn start_with(port: u16, args: Vec<String>) -> NatsServer {
         let store = tempfile::tempdir().unwrap();
         let mut s = NatsServer {
             port,
             store,
+            args,
             child: None,
         };
         s.spawn();
@@ -88,8 +98,9 @@ impl NatsServer {
             .args(["-js", "-sd"])
             .arg(self.store.path())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.store.path().join("server.log")).unwrap())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
@@ -100,8 +111,9 @@ impl NatsServer {
         self.child = Some(child);
         assert!(
             wait_port(self.port, Duration::from_secs(10)),
-            "nats-server did not listen on 127.0.0.1:{} within 10 s",
-            self.port
+            "nats-server did not listen on 127.0.0.1:{} within 10 s: {}",
+            self.port,
+            std::fs::read_to_string(self.store.path().join("server.log")).unwrap_or_default()
         );
     }
 
@@ -159,8 +171,18 @@ pub struct Stored {
 
 /// Every message on `filter` in the stream, in stream order.
 pub fn fetch(url: &str, stream: &str, filter: &str) -> Vec<Stored> {
+    fetch_with(async_nats::ConnectOptions::new(), url, stream, filter)
+}
+
+/// [`fetch`] with connect options (TLS, credentials).
+pub fn fetch_with(
+    opts: async_nats::ConnectOptions,
+    url: &str,
+    stream: &str,
+    filter: &str,
+) -> Vec<Stored> {
     rt().block_on(async {
-        let client = async_nats::connect(url).await.expect("connect to nats");
+        let client = opts.connect(url).await.expect("connect to nats");
         let js = jetstream::new(client);
         let mut st = match js.get_stream(stream).await {
             Ok(s) => s,
@@ -239,6 +261,8 @@ fn tansu_bin() -> PathBuf {
 /// A tansu broker on 127.0.0.1 with in-memory storage.
 pub struct KafkaBroker {
     pub port: u16,
+    /// The port advertised to clients in metadata (a TLS terminator's).
+    pub advertised: u16,
     log: tempfile::NamedTempFile,
     child: Option<Child>,
 }
@@ -249,8 +273,15 @@ impl KafkaBroker {
     }
 
     pub fn start_on(port: u16) -> KafkaBroker {
+        Self::start_advertised(port, port)
+    }
+
+    /// A broker listening on `port` that tells clients to connect to
+    /// `advertised` (where a TLS terminator forwards to `port`).
+    pub fn start_advertised(port: u16, advertised: u16) -> KafkaBroker {
         let mut b = KafkaBroker {
             port,
+            advertised,
             log: tempfile::NamedTempFile::new().unwrap(),
             child: None,
         };
@@ -260,13 +291,14 @@ impl KafkaBroker {
 
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         let child = Command::new(tansu_bin())
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .env_remove("CLUSTER_ID")
@@ -338,10 +370,15 @@ pub struct KafkaRecord {
 
 /// Every record of `topic`, partition by partition in offset order.
 pub fn read_topic(bootstrap: &str, topic: &str) -> Vec<KafkaRecord> {
-    use rdkafka::message::{Headers, Message};
-    use virtstream::sinks::kafka::reader::{read_to_end, Flow, ReadOptions, Start};
     let mut base = rdkafka::ClientConfig::new();
     base.set("bootstrap.servers", bootstrap);
+    read_topic_with(&base, topic)
+}
+
+/// [`read_topic`] with a client configuration (TLS, SASL).
+pub fn read_topic_with(base: &rdkafka::ClientConfig, topic: &str) -> Vec<KafkaRecord> {
+    use rdkafka::message::{Headers, Message};
+    use virtstream::sinks::kafka::reader::{read_to_end, Flow, ReadOptions, Start};
     let probe: rdkafka::consumer::BaseConsumer = base.create().unwrap();
     let md =
         rdkafka::consumer::Consumer::fetch_metadata(&probe, Some(topic), Duration::from_secs(10))
@@ -354,7 +391,7 @@ pub fn read_topic(bootstrap: &str, topic: &str) -> Vec<KafkaRecord> {
         .unwrap_or(0);
     let mut out = Vec::new();
     read_to_end(
-        &base,
+        base,
         ReadOptions {
             topic,
             starts: (0..partitions).map(|p| (p, Start::Earliest)).collect(),
@@ -1073,6 +1110,8 @@ pub struct Agent {
     pub config: PathBuf,
     pub metrics_port: u16,
     pub host_id: String,
+    /// Extra environment for the agent process (e.g. secrets).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     runs: u32,
 }
@@ -1110,6 +1149,7 @@ impl Agent {
             config,
             metrics_port,
             host_id,
+            env: Vec::new(),
             child: None,
             runs: 0,
         }
@@ -1138,6 +1178,7 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("VIRTSTREAM_LOG", "virtstream=debug,info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -30,6 +30,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 use serde::Deserialize;
 
 use crate::config::KafkaConfig;
@@ -177,7 +178,13 @@ impl ClientContext for KafkaContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.inner.errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %error, "Kafka client error: {reason}");
-        *self.inner.last_error.lock().expect("kafka context") = Some(format!("{error}: {reason}"));
+        // "All brokers are down" follows the error that says why; keep
+        // the cause.
+        let all_down = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
+        let mut last = self.inner.last_error.lock().expect("kafka context");
+        if !(all_down && last.is_some()) {
+            *last = Some(format!("{error}: {reason}"));
+        }
     }
 
     fn stats_raw(&self, statistics: &[u8]) {
@@ -214,6 +221,12 @@ impl ClientContext for KafkaContext {
 }
 
 impl ConsumerContext for KafkaContext {}
+
+/// Only for [`diagnose`]'s producer, which sends nothing.
+impl ProducerContext for KafkaContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
 
 fn read_secret(key: &str, path: &std::path::Path) -> Result<String, KafkaSinkError> {
     std::fs::read_to_string(path)
@@ -256,7 +269,7 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> Result<ClientConfig,
             c.set("sasl.username", u);
         }
         let password = match (&cfg.sasl_password, &cfg.sasl_password_file) {
-            (Some(p), _) => p.clone(),
+            (Some(p), _) => p.expose().to_string(),
             (None, Some(f)) => read_secret("kafka.sasl_password_file", f)?,
             (None, None) => String::new(),
         };
@@ -356,10 +369,22 @@ async fn existing_topics(
     cfg: &KafkaConfig,
 ) -> Result<HashMap<String, i32>, KafkaSinkError> {
     let a = admin.clone();
-    let md = tokio::task::spawn_blocking(move || a.inner().fetch_metadata(None, REQUEST_TIMEOUT))
+    let fetched = tokio::task::spawn_blocking(move || a.inner().fetch_metadata(None, REQUEST_TIMEOUT))
         .await
-        .map_err(|e| broker_err(cfg, e))?
-        .map_err(|e| broker_err(cfg, format!("metadata request failed: {e}")))?;
+        .map_err(|e| broker_err(cfg, e))?;
+    let md = match fetched {
+        Ok(md) => md,
+        Err(e) => {
+            let c = cfg.clone();
+            let why = tokio::task::spawn_blocking(move || diagnose(&c))
+                .await
+                .ok()
+                .flatten()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default();
+            return Err(broker_err(cfg, format!("metadata request failed: {e}{why}")));
+        }
+    };
     Ok(md
         .topics()
         .iter()
@@ -463,6 +488,29 @@ pub async fn ensure_topics(
         count(&cfg.domain_snapshots_topic)?,
         count(&cfg.host_snapshots_topic)?,
     ])
+}
+
+/// Why the brokers cannot be reached, as librdkafka reports it (e.g.
+/// `SSL handshake failed: ...`, `SASL authentication error: ...`). The
+/// admin client's own error events go to a queue nobody polls, so a
+/// short-lived producer makes one metadata request and its events are
+/// polled here. Blocks for up to the request timeout.
+fn diagnose(cfg: &KafkaConfig) -> Option<String> {
+    let ctx = KafkaContext::default();
+    let producer: BaseProducer<KafkaContext> = client_config(cfg, "virtstream-diagnose")
+        .ok()?
+        .create_with_context(ctx.clone())
+        .ok()?;
+    let failed = producer
+        .client()
+        .fetch_metadata(None, REQUEST_TIMEOUT)
+        .is_err();
+    producer.poll(Duration::from_millis(100));
+    if failed {
+        ctx.last_error()
+    } else {
+        None
+    }
 }
 
 /// Creates the admin client.

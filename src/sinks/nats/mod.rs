@@ -46,8 +46,18 @@ impl NatsError {
     }
 }
 
+/// Reads a secret file: the whole content without the trailing newline.
+fn read_secret(key: &str, path: &std::path::Path) -> Result<String, NatsError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|e| NatsError::Options(format!("{key} {}: {e}", path.display())))
+}
+
 /// Connection options shared by the agent and the tools: name, timeout,
-/// credentials file or token (read from files, never from flags).
+/// TLS, and one authentication method (token, credentials file, NKey seed
+/// or user/password), secrets read from files or the environment, never
+/// from flags. Secret values never appear in errors or logs; only the key
+/// and the file's path do.
 async fn options(
     cfg: &NatsConfig,
     client_name: &str,
@@ -63,9 +73,43 @@ async fn options(
     .name(client_name)
     .connection_timeout(Duration::from_secs(5));
     if let Some(path) = &cfg.token_file {
-        let token = std::fs::read_to_string(path)
-            .map_err(|e| NatsError::Options(format!("nats.token_file {}: {e}", path.display())))?;
+        let token = read_secret("nats.token_file", path)?;
         opts = opts.token(token.trim().to_string());
+    }
+    if let Some(path) = &cfg.nkey_seed_file {
+        let seed = read_secret("nats.nkey_seed_file", path)?;
+        let seed = seed.trim().to_string();
+        // Check the seed here: the client would only fail at connect time,
+        // with a less helpful message.
+        nkeys::KeyPair::from_seed(&seed).map_err(|e| {
+            NatsError::Options(format!(
+                "nats.nkey_seed_file {}: not an NKey seed ({e})",
+                path.display()
+            ))
+        })?;
+        opts = opts.nkey(seed);
+    }
+    if let Some(user) = &cfg.user {
+        let password = match (&cfg.password, &cfg.password_file) {
+            (Some(p), _) => p.expose().to_string(),
+            (None, Some(path)) => read_secret("nats.password_file", path)?,
+            (None, None) => {
+                return Err(NatsError::Options(
+                    "nats.user is set without nats.password_file or VIRTSTREAM_NATS_PASSWORD"
+                        .into(),
+                ))
+            }
+        };
+        opts = opts.user_and_password(user.clone(), password);
+    }
+    if cfg.tls_required() {
+        opts = opts.require_tls(true);
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
     Ok(opts)
 }
@@ -106,6 +150,25 @@ pub async fn connect_once(
         .connect(cfg.url.as_str())
         .await
         .map_err(connect_error(cfg))
+}
+
+/// Why connecting to the server fails right now, in full: the client's
+/// own connection events say only "IO error" for a refused TLS handshake
+/// or an unreachable server. One attempt; `None` when it succeeds. Used
+/// while the sink is not ready, so the log and `/readyz` name the cause.
+pub async fn diagnose(cfg: &NatsConfig) -> Option<String> {
+    let opts = match options(cfg, "virtstream-diagnose").await {
+        Ok(o) => o,
+        Err(e) => return Some(e.to_string()),
+    };
+    let attempt = opts
+        .connection_timeout(Duration::from_secs(3))
+        .connect(cfg.url.as_str());
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(_client)) => None,
+        Ok(Err(e)) => Some(connect_error(cfg)(e).to_string()),
+        Err(_) => Some(format!("NATS connect to {}: timed out", cfg.url)),
+    }
 }
 
 /// The JetStream context publishes go through.

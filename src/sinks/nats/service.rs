@@ -182,8 +182,16 @@ impl NatsSink {
                         return Err(e);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?delay, "NATS not ready");
-                        self.set_state(SinkState::Failing(e.to_string()));
+                        let mut why = e.to_string();
+                        if self.client.connection_state()
+                            != async_nats::connection::State::Connected
+                        {
+                            if let Some(cause) = super::diagnose(&self.cfg).await {
+                                why = cause;
+                            }
+                        }
+                        tracing::warn!(error = %why, retry_in = ?delay, "NATS not ready");
+                        self.set_state(SinkState::Failing(why));
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
