@@ -23,7 +23,7 @@ need_root() {
 
 install_packages() {
   local missing=()
-  for bin in nats-server libvirtd virtlogd virsh qemu-system-x86_64 pkg-config curl python3 setpriv cc make perl stunnel4; do
+  for bin in nats-server libvirtd virtlogd virsh qemu-system-x86_64 pkg-config curl python3 setpriv cc make perl stunnel4 systemd-analyze readelf; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
   done
   if ! pkg-config --exists libvirt 2>/dev/null; then missing+=(libvirt-dev); fi
@@ -42,7 +42,7 @@ install_packages() {
   apt-get install -y -qq --no-install-recommends \
     nats-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
     libvirt-dev qemu-system-x86 pkg-config curl python3 util-linux gcc libc6-dev \
-    make perl libssl-dev zlib1g-dev stunnel4 >/dev/null
+    make perl libssl-dev zlib1g-dev stunnel4 systemd binutils >/dev/null
 }
 
 TANSU_VERSION=0.6.0
