@@ -172,6 +172,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let mut sink_tasks = Vec::new();
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<AgentError>(4);
     if let Some(ncfg) = &cfg.nats {
+        metrics.register_sink(crate::sinks::nats::service::SINK_NAME);
         let client = nats::connect(ncfg, &format!("virtstream-{}", recovered.host_id)).await?;
         let sink = NatsSink {
             cfg: ncfg.clone(),
@@ -196,6 +197,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }));
     }
     if let Some(kcfg) = &cfg.kafka {
+        metrics.register_sink(crate::sinks::kafka::service::SINK_NAME);
         let sink = KafkaSink {
             cfg: kcfg.clone(),
             client_id: format!("virtstream-{}", recovered.host_id),

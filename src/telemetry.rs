@@ -196,6 +196,17 @@ impl Metrics {
         vec![("sink", sink.to_string())]
     }
 
+    /// Creates an enabled sink's series at zero, so they exist from the
+    /// start (a broker unreachable from start-up still shows
+    /// `sink_published_total{sink} 0`, and rate() and absent() alerts work).
+    pub fn register_sink(&self, sink: &str) {
+        let labels = Self::sink(sink);
+        let _ = self.published.get_or_create(&labels);
+        let _ = self.publish_errors.get_or_create(&labels);
+        let _ = self.publish_latency.get_or_create(&labels);
+        let _ = self.sink_backlog.get_or_create(&labels);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -333,6 +344,21 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_enabled_sinks_series_exist_before_its_first_publish() {
+        let m = Metrics::new();
+        m.register_sink("nats");
+        let text = m.render();
+        for series in [
+            "virtstream_sink_published_total{sink=\"nats\"} 0",
+            "virtstream_sink_publish_errors_total{sink=\"nats\"} 0",
+            "virtstream_publish_latency_seconds_count{sink=\"nats\"} 0",
+            "virtstream_sink_backlog{sink=\"nats\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+    }
 
     #[test]
     fn readiness_needs_every_component() {
