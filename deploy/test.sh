@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs (Debian packages, libvirtd with
-# the test driver and QEMU/TCG, nats-server, tansu, cargo-fuzz) and runs
-# the whole suite: formatting, lints, unit and property tests, the
-# end-to-end tests against real servers, and a short fuzzing run of the
-# message decoders. Needs root (apt-get, libvirtd) and a Rust toolchain
+# the test driver and QEMU/TCG, nats-server, tansu, stunnel, helm,
+# kubernetes-validate, cargo-fuzz) and runs the whole suite: formatting,
+# lints, unit and property tests, the end-to-end tests against real
+# servers (TLS and authentication included), the deployment checks (Helm
+# chart, rendered manifests, container packages, systemd unit, example
+# configs), and a short fuzzing run of the message decoders. Needs root (apt-get, libvirtd) and a Rust toolchain
 # (rustup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,11 @@ LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 cargo test --locked 2>&1 | tee "$LOG"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$LOG"
+
+echo "== Helm chart and Kubernetes manifests (helm lint/template, offline schema validation, check-config of the rendered config)"
+# The debug binary cargo test built is enough for check-config.
+cargo build --locked --bin virtstream --quiet
+VIRTSTREAM_BIN=target/debug/virtstream bash deploy/check-manifests.sh
 
 echo "== cargo fuzz (message decoders and consumer state machines, ${FUZZ_SECONDS:=60} s)"
 if ! cargo fuzz --version >/dev/null 2>&1; then

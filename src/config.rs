@@ -1130,10 +1130,18 @@ listen = "127.0.0.1:9477"
         )
         .unwrap();
         assert_eq!(
-            c.nats.as_ref().unwrap().password.as_ref().map(Secret::expose),
+            c.nats
+                .as_ref()
+                .unwrap()
+                .password
+                .as_ref()
+                .map(Secret::expose),
             Some("1234")
         );
-        assert_eq!(format!("{:?}", c.nats.as_ref().unwrap().password), "Some(<redacted>)");
+        assert_eq!(
+            format!("{:?}", c.nats.as_ref().unwrap().password),
+            "Some(<redacted>)"
+        );
         let e = err(&format!("password_file = \"{pass}\""), &[]);
         assert!(
             e.contains("nats.password_file") && e.contains("nats.user is not"),
@@ -1350,7 +1358,10 @@ listen = "127.0.0.1:9477"
         );
         let c = parse(&text, &[("VIRTSTREAM_KAFKA_SASL_PASSWORD", "pa55word")]).unwrap();
         let k = c.kafka.as_ref().unwrap();
-        assert_eq!(k.sasl_password.as_ref().map(Secret::expose), Some("pa55word"));
+        assert_eq!(
+            k.sasl_password.as_ref().map(Secret::expose),
+            Some("pa55word")
+        );
         assert!(!format!("{k:?}").contains("pa55word"));
         assert_eq!(k.properties["linger.ms"].to_string(), "5");
         let out = c.redacted();

@@ -369,9 +369,10 @@ async fn existing_topics(
     cfg: &KafkaConfig,
 ) -> Result<HashMap<String, i32>, KafkaSinkError> {
     let a = admin.clone();
-    let fetched = tokio::task::spawn_blocking(move || a.inner().fetch_metadata(None, REQUEST_TIMEOUT))
-        .await
-        .map_err(|e| broker_err(cfg, e))?;
+    let fetched =
+        tokio::task::spawn_blocking(move || a.inner().fetch_metadata(None, REQUEST_TIMEOUT))
+            .await
+            .map_err(|e| broker_err(cfg, e))?;
     let md = match fetched {
         Ok(md) => md,
         Err(e) => {
@@ -382,7 +383,10 @@ async fn existing_topics(
                 .flatten()
                 .map(|w| format!(" ({w})"))
                 .unwrap_or_default();
-            return Err(broker_err(cfg, format!("metadata request failed: {e}{why}")));
+            return Err(broker_err(
+                cfg,
+                format!("metadata request failed: {e}{why}"),
+            ));
         }
     };
     Ok(md
