@@ -23,6 +23,8 @@
 #      `virtstream check-config` with the container's VIRTSTREAM_* variables
 #      (secretKeyRef ones get dummy values), the journal in a temporary
 #      directory and every referenced secret file created as a dummy file.
+# Bad values (no sink, a journal outside its hostPath, two NATS auth
+# methods, ...) must be refused with their reason.
 # deploy/kubernetes/namespace.yaml is validated too, and
 # deploy/kubernetes/virtstream.yaml must equal a fresh render.
 #
@@ -202,6 +204,30 @@ for i in "${!names[@]}"; do
     log "lint + render: $label"
 done
 ((failures == 0)) || fail "$failures values file(s) do not lint or render"
+
+# Values the chart must refuse, each with a message naming the problem.
+refused=0
+refuse() { # refuse EXPECTED_TEXT HELM_SET_ARGS...
+    local want=$1
+    shift
+    if helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@" >/dev/null 2>"$WORK/refused.err"; then
+        echo "check-manifests: the chart accepted $* (expected: $want)" >&2
+        refused=$((refused + 1))
+    elif ! grep -qF -- "$want" "$WORK/refused.err"; then
+        cat "$WORK/refused.err" >&2
+        echo "check-manifests: refusing $* did not say: $want" >&2
+        refused=$((refused + 1))
+    fi
+}
+refuse "/nats/enabled': value must be true" --set nats.enabled=false
+refuse "must be inside journal.hostPath" --set config.journal.path=/tmp/journal
+refuse "set at most one of credentials, token, nkeySeed" \
+    --set nats.auth.token.secretName=t --set nats.auth.nkeySeed.secretName=n
+refuse "nats.auth.user needs nats.auth.password.secretName" --set nats.auth.user=u
+refuse "runAsNonRoot is true but runAsUser is 0" --set podSecurityContext.runAsUser=0
+refuse "values don't meet the specifications of the schema" --set metrics.port=not-a-port
+((refused == 0)) || fail "$refused bad values set(s) were not refused as expected"
+log "bad values are refused with their reason (6 cases)"
 
 # --------------------------------------------------------- schema checks
 

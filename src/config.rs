@@ -40,9 +40,19 @@ fn key_err(key: &str, reason: impl Into<String>) -> ConfigError {
 
 /// A secret value given in the config or the environment. `Debug` and
 /// `Serialize` never show it; [`Secret::expose`] is the one way to read it.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+/// A trailing newline (a Kubernetes Secret made from a file) is dropped,
+/// as it is from secret files.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Never echo the value in the error.
+        let s = String::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a string (value not shown)"))?;
+        Ok(Secret(s.trim_end_matches(['\n', '\r']).to_string()))
+    }
+}
 
 impl Secret {
     pub fn expose(&self) -> &str {
@@ -219,8 +229,9 @@ pub struct NatsConfig {
     /// Require TLS (a `tls://` URL requires it too).
     #[serde(default)]
     pub tls: bool,
-    /// CA bundle (PEM) the server certificate is verified against, in
-    /// addition to the system roots.
+    /// CA bundle (PEM) the server certificate is verified against. It
+    /// replaces the system roots (the NATS client loads those only when no
+    /// CA file is given).
     pub tls_ca_file: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS; needs `tls_key_file`.
     pub tls_cert_file: Option<PathBuf>,
@@ -231,7 +242,7 @@ pub struct NatsConfig {
 impl NatsConfig {
     /// TLS is required: `nats.tls = true` or a `tls://` URL.
     pub fn tls_required(&self) -> bool {
-        self.tls || self.url.starts_with("tls://")
+        self.tls || self.url.starts_with("tls://") || self.url.starts_with("wss://")
     }
 }
 
@@ -333,6 +344,22 @@ pub const KAFKA_RESERVED_PROPERTIES: &[(&str, &str)] = &[
     ),
     ("sasl.mechanism", "use kafka.sasl_mechanism"),
     ("sasl.mechanisms", "use kafka.sasl_mechanism"),
+    (
+        "sasl.password",
+        "secrets come from files or the environment: use kafka.sasl_password_file or VIRTSTREAM_KAFKA_SASL_PASSWORD",
+    ),
+    ("sasl.username", "use kafka.sasl_username"),
+    (
+        "ssl.key.password",
+        "secrets come from files: use kafka.tls_key_password_file",
+    ),
+    (
+        "sasl.oauthbearer.client.secret",
+        "secrets come from files or the environment, not the config",
+    ),
+    ("ssl.ca.location", "use kafka.tls_ca_file"),
+    ("ssl.certificate.location", "use kafka.tls_cert_file"),
+    ("ssl.key.location", "use kafka.tls_key_file"),
 ];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -698,6 +725,16 @@ impl Config {
                     format!("`{}` is not a NATS URL (nats://host:port)", n.url),
                 ));
             }
+            if n.url
+                .split(',')
+                .any(|u| u.split_once("://").map_or(u, |x| x.1).contains('@'))
+            {
+                return Err(key_err(
+                    "nats.url",
+                    "must not carry credentials (user:password@): URLs are logged; \
+                     use nats.user with nats.password_file, or nats.token_file",
+                ));
+            }
             if n.max_in_flight == 0 {
                 return Err(key_err("nats.max_in_flight", "must be at least 1"));
             }
@@ -760,7 +797,15 @@ impl Config {
                 format!("{} is not a writable directory: {e}", dir.display()),
             )
         };
-        std::fs::create_dir_all(dir).map_err(fail)?;
+        // 0700: the journal holds domain names and, optionally, XML.
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(fail)?;
+        }
         let probe = dir.join(format!(".virtstream-probe-{}", std::process::id()));
         std::fs::write(&probe, b"probe").map_err(fail)?;
         std::fs::remove_file(&probe).map_err(fail)?;
@@ -853,9 +898,18 @@ fn validate_nats_security(n: &NatsConfig) -> Result<(), ConfigError> {
                     "is set but TLS is off (set nats.tls = true or use a tls:// URL)",
                 ));
             }
-            std::fs::File::open(p)
-                .map_err(|e| key_err(key, format!("cannot read {}: {e}", p.display())))?;
+            check_secret_file(key, p)?;
         }
+    }
+    Ok(())
+}
+
+/// A file the agent reads at start: it must be readable and not empty.
+fn check_secret_file(key: &str, p: &Path) -> Result<(), ConfigError> {
+    let data =
+        std::fs::read(p).map_err(|e| key_err(key, format!("cannot read {}: {e}", p.display())))?;
+    if data.iter().all(u8::is_ascii_whitespace) {
+        return Err(key_err(key, format!("{} is empty", p.display())));
     }
     Ok(())
 }
@@ -932,8 +986,7 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
             if !k.tls && key.starts_with("kafka.tls_") {
                 return Err(key_err(key, "is set but kafka.tls = false"));
             }
-            std::fs::metadata(p)
-                .map_err(|e| key_err(key, format!("cannot read {}: {e}", p.display())))?;
+            check_secret_file(key, p)?;
         }
     }
     if k.tls_cert_file.is_some() != k.tls_key_file.is_some() {
@@ -1026,12 +1079,10 @@ fn apply_env(
                 .map_err(|_| key_err(&full, format!("{name}=`{raw}` is not true/false")))?,
             Some(_) => toml::Value::String(raw),
             None => {
-                if let Ok(i) = raw.parse::<i64>() {
-                    if STRING_KEYS.contains(&full.as_str()) {
-                        toml::Value::String(raw)
-                    } else {
-                        toml::Value::Integer(i)
-                    }
+                if STRING_KEYS.contains(&full.as_str()) {
+                    toml::Value::String(raw)
+                } else if let Ok(i) = raw.parse::<i64>() {
+                    toml::Value::Integer(i)
                 } else if let Ok(b) = raw.parse::<bool>() {
                     toml::Value::Boolean(b)
                 } else {
@@ -1181,6 +1232,70 @@ listen = "127.0.0.1:9477"
             !shown.contains("pw-env") && shown.contains("user = \"u\""),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn secrets_have_one_way_in_and_never_echo() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |extra: &str| SAMPLE.replace("[metrics]", &format!("{extra}\n[metrics]"));
+        // Credentials in the URL would be logged with it.
+        let e = parse(
+            &SAMPLE.replace("nats://127.0.0.1", "nats://u:pw-in-url@127.0.0.1"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nats.url") && !e.contains("pw-in-url"), "{e}");
+        // An empty secret file is refused before anything starts.
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let e = parse(&with(&format!("token_file = \"{}\"", empty.display())), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nats.token_file") && e.contains("is empty"),
+            "{e}"
+        );
+        // A password that looks like a boolean or a number stays a string,
+        // and a trailing newline (a Secret made from a file) is dropped.
+        for (raw, want) in [("true", "true"), ("007", "007"), ("pw\n", "pw")] {
+            let c = parse(&with("user = \"u\""), &[("VIRTSTREAM_NATS_PASSWORD", raw)]).unwrap();
+            let pw = c.nats.unwrap().password.unwrap();
+            assert_eq!(pw.expose(), want);
+        }
+        // A wrong type never shows the value.
+        let e = parse(&with("user = \"u\"\npassword = 12345"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nats.password") && !e.contains("12345"), "{e}");
+        // Kafka secrets cannot be passed inline as librdkafka properties.
+        let e = parse(
+            &format!("{SAMPLE}{KAFKA}[kafka.properties]\n\"sasl.password\" = \"pw\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sasl.password") && e.contains("sasl_password_file"),
+            "{e}"
+        );
+        // wss:// requires TLS like tls:// does.
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "ca").unwrap();
+        let text = with(&format!("tls_ca_file = \"{}\"", ca.display()))
+            .replace("nats://127.0.0.1:4222", "wss://127.0.0.1:443");
+        assert!(parse(&text, &[]).unwrap().nats.unwrap().tls_required());
+    }
+
+    #[test]
+    fn a_new_journal_dir_is_made_0700_by_the_writability_check() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("state/journal");
+        let text = SAMPLE.replace("/var/lib/virtstream", journal.to_str().unwrap());
+        parse(&text, &[]).unwrap().check_journal_writable().unwrap();
+        let mode = std::fs::metadata(&journal).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]
@@ -1354,7 +1469,7 @@ listen = "127.0.0.1:9477"
     #[test]
     fn kafka_secrets_are_redacted() {
         let text = format!(
-            "{SAMPLE}{KAFKA}sasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"agent\"\n[kafka.properties]\n\"ssl.key.password\" = \"hunter2\"\n\"linger.ms\" = 5\n"
+            "{SAMPLE}{KAFKA}sasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"agent\"\n[kafka.properties]\n\"ssl.keystore.password\" = \"hunter2\"\n\"linger.ms\" = 5\n"
         );
         let c = parse(&text, &[("VIRTSTREAM_KAFKA_SASL_PASSWORD", "pa55word")]).unwrap();
         let k = c.kafka.as_ref().unwrap();

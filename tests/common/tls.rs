@@ -101,10 +101,11 @@ impl Stunnel {
             ),
         )
         .unwrap();
+        let log = dir.path().join("stunnel.log");
         let child = Command::new("stunnel")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
@@ -114,7 +115,8 @@ impl Stunnel {
             });
         assert!(
             super::wait_port(port, Duration::from_secs(10)),
-            "stunnel did not listen on 127.0.0.1:{port} within 10 s"
+            "stunnel did not listen on 127.0.0.1:{port} within 10 s: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
         Stunnel {
             port,

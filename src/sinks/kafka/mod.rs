@@ -374,15 +374,31 @@ async fn existing_topics(
             .await
             .map_err(|e| broker_err(cfg, e))?;
     let md = match fetched {
-        Ok(md) => md,
+        Ok(md) => {
+            *DIAGNOSIS.lock().expect("kafka diagnosis") = None;
+            md
+        }
         Err(e) => {
-            let c = cfg.clone();
-            let why = tokio::task::spawn_blocking(move || diagnose(&c))
-                .await
-                .ok()
-                .flatten()
-                .map(|w| format!(" ({w})"))
-                .unwrap_or_default();
+            let cached = DIAGNOSIS
+                .lock()
+                .expect("kafka diagnosis")
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < DIAGNOSE_EVERY)
+                .map(|(_, why)| why.clone());
+            let why = match cached {
+                Some(why) => why,
+                None => {
+                    let c = cfg.clone();
+                    let why = tokio::task::spawn_blocking(move || diagnose(&c))
+                        .await
+                        .ok()
+                        .flatten();
+                    *DIAGNOSIS.lock().expect("kafka diagnosis") =
+                        Some((std::time::Instant::now(), why.clone()));
+                    why
+                }
+            };
+            let why = why.map(|w| format!(" ({w})")).unwrap_or_default();
             return Err(broker_err(
                 cfg,
                 format!("metadata request failed: {e}{why}"),
@@ -493,6 +509,15 @@ pub async fn ensure_topics(
         count(&cfg.host_snapshots_topic)?,
     ])
 }
+
+/// At most one diagnostic connection this often while the brokers cannot
+/// be reached.
+const DIAGNOSE_EVERY: Duration = Duration::from_secs(30);
+
+/// The last diagnosis and when it was made (one Kafka sink per process;
+/// cleared by a successful metadata request).
+static DIAGNOSIS: std::sync::Mutex<Option<(std::time::Instant, Option<String>)>> =
+    std::sync::Mutex::new(None);
 
 /// Why the brokers cannot be reached, as librdkafka reports it (e.g.
 /// `SSL handshake failed: ...`, `SASL authentication error: ...`). The

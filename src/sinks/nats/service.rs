@@ -39,6 +39,9 @@ use crate::tracker::now_micros;
 /// The sink's name in the journal's cursor table and in metrics.
 pub const SINK_NAME: &str = "nats";
 
+/// At most one diagnostic connection attempt this often while not ready.
+const DIAGNOSE_EVERY: Duration = Duration::from_secs(30);
+
 /// Entries read ahead of the in-flight window.
 const READ_AHEAD: usize = 8192;
 
@@ -172,8 +175,12 @@ impl NatsSink {
         let js = super::context(self.client.clone(), &self.cfg);
         // Provision / check the stream, retrying transient failures.
         let mut delay = Duration::from_millis(200);
+        // The client's own events say only "IO error" for a refused TLS
+        // handshake; a one-shot connect tells why. It costs a connection
+        // attempt, so at most one per DIAGNOSE_EVERY while not ready.
+        let mut diagnosis: Option<(Instant, String)> = None;
         let stream = loop {
-            tokio::select! {
+            let e = tokio::select! {
                 _ = shutdown.recv() => return Ok(()),
                 r = ensure_streams(&js, &self.cfg) => match r {
                     Ok(s) => break s,
@@ -181,22 +188,32 @@ impl NatsSink {
                         self.set_state(SinkState::Failing(e.to_string()));
                         return Err(e);
                     }
-                    Err(e) => {
-                        let mut why = e.to_string();
-                        if self.client.connection_state()
-                            != async_nats::connection::State::Connected
-                        {
-                            if let Some(cause) = super::diagnose(&self.cfg).await {
-                                why = cause;
-                            }
-                        }
-                        tracing::warn!(error = %why, retry_in = ?delay, "NATS not ready");
-                        self.set_state(SinkState::Failing(why));
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
+                    Err(e) => e,
+                }
+            };
+            let mut why = e.to_string();
+            if self.client.connection_state() != async_nats::connection::State::Connected {
+                let stale = diagnosis
+                    .as_ref()
+                    .is_none_or(|(at, _)| at.elapsed() >= DIAGNOSE_EVERY);
+                if stale {
+                    let cause = tokio::select! {
+                        _ = shutdown.recv() => return Ok(()),
+                        c = super::diagnose(&self.cfg) => c,
+                    };
+                    diagnosis = cause.map(|c| (Instant::now(), c));
+                }
+                if let Some((_, cause)) = &diagnosis {
+                    why = cause.clone();
                 }
             }
+            tracing::warn!(error = %why, retry_in = ?delay, "NATS not ready");
+            self.set_state(SinkState::Failing(why));
+            tokio::select! {
+                _ = shutdown.recv() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
         };
         let (events_stream, snapshots_stream) = (Arc::new(stream.0), Arc::new(stream.1));
         self.set_state(SinkState::Ready);
