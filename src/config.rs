@@ -798,14 +798,7 @@ impl Config {
             )
         };
         // 0700: the journal holds domain names and, optionally, XML.
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(fail)?;
-        }
+        crate::journal::create_private_dir(dir).map_err(fail)?;
         let probe = dir.join(format!(".virtstream-probe-{}", std::process::id()));
         std::fs::write(&probe, b"probe").map_err(fail)?;
         std::fs::remove_file(&probe).map_err(fail)?;

@@ -499,8 +499,9 @@ impl Journal {
 }
 
 /// Creates `dir` and missing parents with mode 0700 (an existing
-/// directory keeps the mode its operator gave it).
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+/// directory keeps the mode its operator gave it). The config check of
+/// `journal.path` creates it the same way.
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -21,6 +21,14 @@ use crate::config::Encoding;
 use crate::journal::{Entry, Kind};
 use crate::model::event_id;
 
+/// Reads a secret file named by config key `key`: its content without the
+/// trailing newline. The error names the key and the path, never content.
+pub(crate) fn read_secret(key: &str, path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|e| format!("{key} {}: {e}", path.display()))
+}
+
 /// The bus-independent parts of a message: its id, CloudEvents binary-mode
 /// headers (plus schema name and fingerprint) and body. Both sinks build
 /// their messages from these, so NATS and Kafka carry the same bytes.

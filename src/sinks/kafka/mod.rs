@@ -229,9 +229,7 @@ impl ProducerContext for KafkaContext {
 }
 
 fn read_secret(key: &str, path: &std::path::Path) -> Result<String, KafkaSinkError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-        .map_err(|e| KafkaSinkError::Config(format!("{key} {}: {e}", path.display())))
+    super::read_secret(key, path).map_err(KafkaSinkError::Config)
 }
 
 /// The configuration shared by the producer, the admin client and the

@@ -48,9 +48,7 @@ impl NatsError {
 
 /// Reads a secret file: the whole content without the trailing newline.
 fn read_secret(key: &str, path: &std::path::Path) -> Result<String, NatsError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-        .map_err(|e| NatsError::Options(format!("{key} {}: {e}", path.display())))
+    super::read_secret(key, path).map_err(NatsError::Options)
 }
 
 /// Connection options shared by the agent and the tools: name, timeout,
