@@ -126,13 +126,13 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
         },
     );
     let (items_tx, items_rx) = std::sync::mpsc::sync_channel(16384);
-    let (resync_tx, _resync_rx) = std::sync::mpsc::sync_channel(1);
+    let resync = std::sync::Arc::new(virtstream::tracker::ResyncRequests::default());
     let stop = Arc::new(AtomicBool::new(false));
     let task = TrackerTask {
         tracker,
         items: items_rx,
         overflow: Arc::new(AtomicBool::new(false)),
-        resync: resync_tx,
+        resync,
         journal: journal.clone(),
         metrics: metrics.clone(),
         restarted: false,

@@ -116,7 +116,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
 
     // Source → tracker queue.
     let (items_tx, items_rx) = std::sync::mpsc::sync_channel(cfg.libvirt.queue_capacity);
-    let (resync_tx, resync_rx) = std::sync::mpsc::sync_channel(1);
+    let resync = Arc::new(crate::tracker::ResyncRequests::default());
     let overflow = Arc::new(AtomicBool::new(false));
     let conn_slot = Arc::new(RwLock::new(None));
     let src = Source {
@@ -127,7 +127,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             dropped: metrics.events_dropped.clone(),
         },
         items: items_tx,
-        resync: resync_rx,
+        resync: resync.clone(),
         conn: conn_slot.clone(),
         health: health.clone(),
         metrics: metrics.clone(),
@@ -154,7 +154,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         tracker,
         items: items_rx,
         overflow,
-        resync: resync_tx,
+        resync,
         journal: journal.clone(),
         metrics: metrics.clone(),
         restarted: !recovered.fresh,

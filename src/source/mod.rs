@@ -17,7 +17,7 @@ pub mod ffi;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use virt::domain::Domain;
 
 use crate::model::{HostInfo, StateReason};
 use crate::telemetry::{Health, Metrics};
-use crate::tracker::{now_micros, Facts, Inspector, Item, LookupError};
+use crate::tracker::{now_micros, Facts, Inspector, Item, LookupError, ResyncRequests};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -291,8 +291,8 @@ pub struct Source {
     pub callbacks: ffi::CallbackTarget,
     /// Blocking sender for control items (listings, disconnects).
     pub items: SyncSender<Item>,
-    /// Listing requests; `true` asks for a full one (with config hashes).
-    pub resync: Receiver<bool>,
+    /// Listing requests (merged: a full one absorbs a light one).
+    pub resync: Arc<ResyncRequests>,
     pub conn: ConnSlot,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
@@ -363,7 +363,13 @@ impl Source {
         }
     }
 
+    /// A list + watch step: the barrier goes on the queue first, behind
+    /// every event delivered so far, then the listing is taken; events
+    /// delivered meanwhile queue between the two, and the tracker does
+    /// not let the (possibly older) listing undo them.
     fn send_listing(&self, session: &Session, full: bool) -> Result<(), SourceError> {
+        // Blocking sends: this is not the libvirt event loop.
+        let _ = self.items.send(Item::ListingBegin);
         let observed_at = now_micros();
         let started = Instant::now();
         let listing =
@@ -372,7 +378,6 @@ impl Source {
                 message: e.message().to_string(),
             })?;
         tracing::debug!(domains = listing.len(), full, took = ?started.elapsed(), "listed domains");
-        // Blocking send: this is not the libvirt event loop.
         let _ = self.items.send(Item::Resync {
             listing,
             observed_at,
@@ -413,6 +418,13 @@ impl Source {
                             Err(e) => {
                                 tracing::warn!(error = %e, "listing after connect failed");
                                 self.set_connected(None);
+                                drop(session);
+                                // Events since the connect may be lost with
+                                // the callbacks: say so before the next
+                                // listing (this also ends the barrier).
+                                let _ = self.items.send(Item::Disconnected {
+                                    observed_at: now_micros(),
+                                });
                                 State::Backoff {
                                     attempt: attempt + 1,
                                 }
@@ -446,21 +458,20 @@ impl Source {
                 tracing::warn!(reason, "libvirt connection closed");
                 return self.lost(session);
             }
-            match self.resync.recv_timeout(Duration::from_millis(100)) {
-                Ok(full) => {
+            match self.resync.wait(Duration::from_millis(100)) {
+                Some(full) => {
                     if let Err(e) = self.send_listing(&session, full) {
                         tracing::warn!(error = %e, "resync listing failed; reconnecting");
                         return self.lost(session);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {
+                None => {
                     // Without a close callback, notice a dead connection here.
                     if !session.conn.is_alive().unwrap_or(false) {
                         tracing::warn!("libvirt connection is no longer alive");
                         return self.lost(session);
                     }
                 }
-                Err(RecvTimeoutError::Disconnected) => return State::Connected(session),
             }
         }
     }

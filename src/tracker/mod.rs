@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,8 +113,14 @@ impl GapCause {
 pub enum Item {
     /// Boxed so the queue's slots stay small (the queue preallocates).
     Event(Box<RawEvent>),
+    /// The barrier of a list + watch: the source is about to take a
+    /// listing. Every event after this item on the queue was delivered
+    /// after the listing began, so the listing that follows may be older
+    /// than it and must not undo it.
+    ListingBegin,
     /// A complete listing of the host's domains (after connect, or on
-    /// request); the tracker emits RECONCILE events for every difference.
+    /// request), taken after the last `ListingBegin`; the tracker emits
+    /// RECONCILE events for every difference it may repair.
     Resync {
         listing: Vec<(String, Facts)>,
         observed_at: i64,
@@ -123,6 +129,47 @@ pub enum Item {
     },
     /// The libvirt connection was lost: events may be missing from here on.
     Disconnected { observed_at: i64 },
+}
+
+/// What the events applied since a listing began settled about one
+/// domain: the listing may be older than them, so it does not override
+/// what they settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Touch {
+    /// An event fixed the state (STARTED, SUSPENDED, STOPPED, …).
+    pub state: bool,
+    /// DEFINED or UNDEFINED fixed the persistence.
+    pub persistence: bool,
+    /// DEFINED showed the domain exists.
+    pub defined: bool,
+}
+
+/// Listing requests from the tracker to the source. Requests merge (a
+/// full one absorbs a light one) instead of queueing, so a full listing
+/// asked for after a gap is never lost behind a pending light one.
+#[derive(Debug, Default)]
+pub struct ResyncRequests {
+    pending: std::sync::Mutex<Option<bool>>,
+    wake: std::sync::Condvar,
+}
+
+impl ResyncRequests {
+    /// Asks for a listing; `full` for one with config hashes.
+    pub fn request(&self, full: bool) {
+        let mut p = self.pending.lock().expect("resync requests");
+        *p = Some(p.unwrap_or(false) || full);
+        self.wake.notify_one();
+    }
+
+    /// Waits up to `timeout` for a request; `Some(full)` takes it.
+    pub fn wait(&self, timeout: Duration) -> Option<bool> {
+        let p = self.pending.lock().expect("resync requests");
+        let (mut p, _) = self
+            .wake
+            .wait_timeout_while(p, timeout, |p| p.is_none())
+            .expect("resync requests");
+        p.take()
+    }
 }
 
 /// The tracker's memory of one domain (persisted in the journal).
@@ -194,6 +241,24 @@ pub fn derive_state(
         ) => return None,
     };
     Some(r)
+}
+
+/// A listing's facts for a domain that events touched since the listing
+/// began: what those events settled (state, persistence) is the tracker's,
+/// the rest is the listing's.
+fn merge_touched(rec: &DomainRecord, listed: &Facts, touch: Touch) -> Facts {
+    let mut f = listed.clone();
+    if touch.state {
+        f.state = rec.state();
+        f.id = rec.id;
+    }
+    if touch.persistence {
+        f.persistent = rec.persistent;
+        if !rec.persistent {
+            f.autostart = Some(false);
+        }
+    }
+    f
 }
 
 /// The event a reconcile emits to bring a consumer to `facts`' state.
@@ -314,6 +379,9 @@ pub struct Tracker<I: Inspector> {
     /// by heartbeats, so a reader of the compacted snapshot stream can tell
     /// whether it holds all of that round).
     last_round: Option<(String, usize)>,
+    /// Between `begin_listing` and the round after the listing: the
+    /// domains events touched since the listing began.
+    barrier: Option<HashMap<String, Touch>>,
 }
 
 /// A snapshot-round or heartbeat record, with the domain record it updates.
@@ -359,6 +427,7 @@ impl<I: Inspector> Tracker<I> {
             opts,
             missing_since: HashMap::new(),
             last_round: None,
+            barrier: None,
         }
     }
 
@@ -399,25 +468,43 @@ impl<I: Inspector> Tracker<I> {
     }
 
     /// A complete snapshot round: ROUND_BEGIN, one DomainSnapshot per
-    /// domain of `listing`, ROUND_END, then a tombstone for every domain of
-    /// the previous complete round that this one no longer has. Call it
-    /// right after [`Tracker::on_resync`] with the same listing, so the
-    /// records it reads are libvirt's truth.
+    /// domain the tracker holds live, ROUND_END, then a tombstone for every
+    /// domain of the previous complete round that this one no longer has.
+    /// Call it right after [`Tracker::on_resync`] with the same listing:
+    /// the records then are libvirt's truth as the listing + watch rule
+    /// leaves it (a domain an event changed after the listing began is
+    /// snapshotted as the event left it, not as listed). The listing
+    /// supplies only the XML of domains no event touched. Ends the
+    /// listing's barrier.
     pub fn round(
         &mut self,
         listing: &[(String, Facts)],
         info: &HostInfo,
         observed_at: i64,
     ) -> Vec<Snap> {
-        let mut out = Vec::with_capacity(listing.len() + 2);
-        let domains: Vec<&(String, Facts)> = listing
+        let barrier = self.barrier.take().unwrap_or_default();
+        let live = |d: &HashMap<String, DomainRecord>, u: &str| d.get(u).is_some_and(|r| !r.gone());
+        // Listing order first, then live domains the listing could not
+        // show (created after it was read).
+        let listed: HashSet<&str> = listing.iter().map(|(u, _)| u.as_str()).collect();
+        let mut uuids: Vec<(String, Option<&Facts>)> = listing
             .iter()
-            .filter(|(u, _)| self.domains.get(u).is_some_and(|r| !r.gone()))
+            .filter(|(u, _)| live(&self.domains, u))
+            .map(|(u, f)| (u.clone(), (!barrier.contains_key(u)).then_some(f)))
             .collect();
+        let mut extra: Vec<String> = self
+            .domains
+            .iter()
+            .filter(|(u, r)| !r.gone() && !listed.contains(u.as_str()))
+            .map(|(u, _)| u.clone())
+            .collect();
+        extra.sort();
+        uuids.extend(extra.into_iter().map(|u| (u, None)));
+        let mut out = Vec::with_capacity(uuids.len() + 2);
         let begin = self.host_snapshot(
             HostSnapshotKind::ROUND_BEGIN,
             None,
-            domains.len(),
+            uuids.len(),
             info,
             observed_at,
         );
@@ -425,8 +512,8 @@ impl<I: Inspector> Tracker<I> {
         let mut begin = begin;
         begin.snapshot_id = Some(snapshot_id.clone());
         out.push(Snap::Host(begin));
-        let mut present = HashSet::with_capacity(domains.len());
-        for (uuid, facts) in domains {
+        let mut present = HashSet::with_capacity(uuids.len());
+        for (uuid, facts) in &uuids {
             present.insert(uuid.as_str());
             let host_seq = self.next_host_seq();
             let rec = self.domains.get_mut(uuid).expect("filtered above");
@@ -445,23 +532,23 @@ impl<I: Inspector> Tracker<I> {
                 seq: rec.seq,
                 domain: DomainRef {
                     uuid: uuid.clone(),
-                    name: facts.name.clone(),
-                    id: facts.id,
+                    name: facts.map_or_else(|| rec.name.clone(), |f| f.name.clone()),
+                    id: facts.map_or(rec.id, |f| f.id),
                 },
-                state: facts.state.clone(),
-                persistent: facts.persistent,
-                autostart: facts.autostart,
-                vcpus: facts.vcpus.or(rec.vcpus),
-                memory_kib: facts.memory_kib.or(rec.memory_kib),
+                // Untouched: the listing, which on_resync just matched.
+                state: facts.map_or_else(|| rec.state(), |f| f.state.clone()),
+                persistent: facts.map_or(rec.persistent, |f| f.persistent),
+                autostart: facts.map_or(rec.autostart, |f| f.autostart),
+                vcpus: facts.and_then(|f| f.vcpus).or(rec.vcpus),
+                memory_kib: facts.and_then(|f| f.memory_kib).or(rec.memory_kib),
                 config_hash: facts
-                    .config_hash
-                    .clone()
+                    .and_then(|f| f.config_hash.clone())
                     .or_else(|| rec.config_hash.clone()),
                 observed_at,
                 xml: if self.opts.xml == XmlMode::Off {
                     None
                 } else {
-                    facts.xml.clone()
+                    facts.and_then(|f| f.xml.clone())
                 },
             };
             out.push(Snap::Domain(snap, update));
@@ -730,10 +817,33 @@ impl<I: Inspector> Tracker<I> {
             xml,
         };
         self.domains.insert(raw.uuid.clone(), record.clone());
+        if let Some(barrier) = self.barrier.as_mut() {
+            let t = barrier.entry(raw.uuid.clone()).or_default();
+            t.state |= derived.is_some();
+            t.persistence |= matches!(event, EventType::DEFINED | EventType::UNDEFINED);
+            t.defined |= event == EventType::DEFINED;
+        }
         Output {
             event: out,
             record: Some((raw.uuid.clone(), record)),
         }
+    }
+
+    /// The barrier of a list + watch: a listing begins now. Events applied
+    /// from here on until the round after the listing are remembered, and
+    /// the listing does not override what they settled.
+    pub fn begin_listing(&mut self) {
+        self.barrier = Some(HashMap::new());
+    }
+
+    /// The listing that began will not come (disconnect, full journal).
+    pub fn cancel_listing(&mut self) {
+        self.barrier = None;
+    }
+
+    /// What events settled about `uuid` since the listing began.
+    fn touch(&self, uuid: &str) -> Option<Touch> {
+        self.barrier.as_ref().and_then(|b| b.get(uuid)).copied()
     }
 
     fn xml_for(
@@ -757,12 +867,36 @@ impl<I: Inspector> Tracker<I> {
 
     /// A complete listing: RECONCILE events for every difference from what
     /// the tracker last knew, including domains that vanished.
+    ///
+    /// The listing may be older than events applied since the listing
+    /// began (`begin_listing`): for a domain they touched, the state an
+    /// event fixed, and the persistence DEFINED/UNDEFINED fixed, are kept;
+    /// the listing only repairs what those events could not tell. A domain
+    /// the listing lacks is vanished unless such an event shows it exists
+    /// (it came after the listing read).
     pub fn on_resync(&mut self, listing: &[(String, Facts)], observed_at: i64) -> Vec<Output> {
         let mut out = Vec::new();
         let mut seen = HashSet::with_capacity(listing.len());
-        for (uuid, facts) in listing {
+        for (uuid, listed) in listing {
             seen.insert(uuid.as_str());
             let prev = self.domains.get(uuid).cloned();
+            let merged;
+            let facts = match (self.touch(uuid), prev.as_ref()) {
+                (Some(t), Some(p)) => {
+                    merged = merge_touched(p, listed, t);
+                    &merged
+                }
+                _ => listed,
+            };
+            let target_gone = !facts.persistent && facts.state.state == DomainState::SHUTOFF;
+            if target_gone {
+                // Only a merge leads here (libvirt lists no gone domain):
+                // an event after the listing ended what the listing showed.
+                if let Some(p) = prev.filter(|p| !p.gone()) {
+                    out.push(self.vanish(uuid, p, observed_at));
+                }
+                continue;
+            }
             let Some((event, detail)) = reconcile_event(prev.as_ref(), facts) else {
                 continue;
             };
@@ -788,30 +922,37 @@ impl<I: Inspector> Tracker<I> {
             };
             out.push(self.reconcile_output(uuid, record, event, detail, observed_at, xml));
         }
-        let vanished: Vec<(String, DomainRecord)> = self
+        let mut vanished: Vec<(String, DomainRecord)> = self
             .domains
             .iter()
             .filter(|(u, d)| !d.gone() && !seen.contains(u.as_str()))
+            .filter(|(u, _)| !self.touch(u).is_some_and(|t| t.state || t.defined))
             .map(|(u, d)| (u.clone(), d.clone()))
             .collect();
+        vanished.sort_by(|a, b| a.0.cmp(&b.0));
         for (uuid, prev) in vanished {
-            let (event, detail) = if prev.persistent {
-                (EventType::UNDEFINED, Detail::REMOVED)
-            } else {
-                (EventType::STOPPED, Detail::UNKNOWN)
-            };
-            let state = StateReason::named(DomainState::SHUTOFF, "UNKNOWN");
-            let record = DomainRecord {
-                id: None,
-                state_code: state.state_code,
-                reason_code: state.reason_code,
-                persistent: false,
-                seq: prev.seq + 1,
-                ..prev
-            };
-            out.push(self.reconcile_output(&uuid, record, event, detail, observed_at, None));
+            out.push(self.vanish(&uuid, prev, observed_at));
         }
         out
+    }
+
+    /// The RECONCILE event of a domain that left the host.
+    fn vanish(&mut self, uuid: &str, prev: DomainRecord, observed_at: i64) -> Output {
+        let (event, detail) = if prev.persistent {
+            (EventType::UNDEFINED, Detail::REMOVED)
+        } else {
+            (EventType::STOPPED, Detail::UNKNOWN)
+        };
+        let state = StateReason::named(DomainState::SHUTOFF, "UNKNOWN");
+        let record = DomainRecord {
+            id: None,
+            state_code: state.state_code,
+            reason_code: state.reason_code,
+            persistent: false,
+            seq: prev.seq + 1,
+            ..prev
+        };
+        self.reconcile_output(uuid, record, event, detail, observed_at, None)
     }
 
     fn reconcile_output(
@@ -889,8 +1030,7 @@ pub struct TrackerTask<I: Inspector> {
     /// Set by the libvirt callback when the queue was full.
     pub overflow: Arc<AtomicBool>,
     /// Asks the source for a fresh listing (after overflow or a full journal).
-    /// `true` asks for a full listing (with config hashes).
-    pub resync: SyncSender<bool>,
+    pub resync: Arc<ResyncRequests>,
     pub journal: Journal,
     pub metrics: Arc<Metrics>,
     /// Emit an AGENT_RESTART gap marker first (the journal existed).
@@ -996,6 +1136,7 @@ impl<I: Inspector> TrackerTask<I> {
                     if full {
                         // Reconcile and round wait for space: the gap marker
                         // that follows asks for a new listing then.
+                        self.tracker.cancel_listing();
                         full_gap_pending = true;
                         self.metrics.journal_full_drops.inc();
                         info = Some(host);
@@ -1032,7 +1173,9 @@ impl<I: Inspector> TrackerTask<I> {
                     next_round = Instant::now() + self.snapshot.interval;
                     next_heartbeat = Instant::now() + self.snapshot.heartbeat;
                 }
+                Item::ListingBegin => self.tracker.begin_listing(),
                 Item::Disconnected { observed_at } => {
+                    self.tracker.cancel_listing();
                     let o = self.tracker.gap(GapCause::Disconnected, observed_at);
                     self.emit_gap(o, GapCause::Disconnected);
                 }
@@ -1046,12 +1189,7 @@ impl<I: Inspector> TrackerTask<I> {
     /// Asks the source for a listing; `full` after gaps (config changes
     /// may have been missed), light for periodic rounds.
     fn request_resync(&self, full: bool) {
-        match self.resync.try_send(full) {
-            Ok(()) | Err(TrySendError::Full(_)) => {}
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::debug!("no source to resync (shutting down)")
-            }
-        }
+        self.resync.request(full);
     }
 
     fn emit_gap(&mut self, o: Output, cause: GapCause) {
@@ -1510,3 +1648,6 @@ pub(crate) mod tests {
         assert_eq!(g.event.origin, Origin::AGENT);
     }
 }
+
+#[cfg(test)]
+mod listing_tests;
