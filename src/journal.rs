@@ -462,6 +462,17 @@ impl Journal {
         Ok((cursor, state))
     }
 
+    /// The committed record of one domain (the tracker reads back a
+    /// record it forgot from memory when the domain returns).
+    pub fn domain_record(&self, uuid: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let domains = read.open_table(DOMAINS).map_err(storage)?;
+        Ok(domains
+            .get(uuid)
+            .map_err(storage)?
+            .map(|v| v.value().to_vec()))
+    }
+
     /// Up to `max` committed entries with `host_seq > after`, in order.
     pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<Entry>, JournalError> {
         let read = self.db.begin_read().map_err(storage)?;

@@ -205,3 +205,47 @@ fn resync_requests_merge_and_a_full_one_is_never_lost() {
     r.request(false);
     assert_eq!(r.wait(Duration::from_millis(1)), Some(false));
 }
+
+#[test]
+fn gone_domains_are_forgotten_once_durable_and_continue_their_seq_when_back() {
+    let mut t = tracker();
+    // What the journal holds: the last record written per domain.
+    let mut journal: HashMap<String, DomainRecord> = HashMap::new();
+    let mut peak = 0;
+    for i in 0..10_000u32 {
+        let uuid = format!("{i:08x}-2222-0000-0000-000000000000");
+        for ty in [STARTED, STOPPED] {
+            let o = t.on_event(&ev(&uuid, ty, if ty == STOPPED { 1 } else { 0 }));
+            let (u, r) = o.record.expect("a record");
+            journal.insert(u, r);
+        }
+        if i % 100 == 99 {
+            // Everything so far is durable.
+            t.sweep(t.host_seq());
+            peak = peak.max(t.records_in_memory());
+        }
+    }
+    assert!(peak <= 300, "records held: {peak}");
+    // Nothing is forgotten before the journal committed it.
+    let u = "ffffffff-2222-0000-0000-000000000000";
+    t.on_event(&ev(u, STARTED, 0));
+    t.on_event(&ev(u, STOPPED, 1));
+    t.sweep(0);
+    t.sweep(0);
+    assert!(t.knows(u), "not durable yet");
+    // A forgotten domain that returns continues its seq.
+    let back = "00000000-2222-0000-0000-000000000000";
+    assert!(!t.knows(back));
+    t.restore(back, journal[back].clone());
+    let o = t.on_event(&ev(back, STARTED, 0));
+    assert_eq!(o.event.seq, 3);
+    // A live domain and one awaiting its tombstone are never forgotten.
+    let mut t = known_running();
+    t.begin_listing();
+    t.on_event(&ev(A, STOPPED, 1));
+    t.on_event(&ev(A, UNDEFINED, 0));
+    for _ in 0..3 {
+        t.sweep(u64::MAX);
+    }
+    assert!(t.knows(A), "the tombstone of A is still due");
+}

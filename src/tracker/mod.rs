@@ -14,8 +14,10 @@
 //!   the journal and start at 1 in a new epoch;
 //! - a domain that cannot be looked up is still published with what is
 //!   known;
-//! - a domain record is never forgotten within an epoch (a UUID that comes
-//!   back continues its `seq`).
+//! - a domain record is kept for the whole epoch (a UUID that comes back
+//!   continues its `seq`): in memory while the domain lives or a tombstone
+//!   is pending, in the journal only once it is gone and that is durable
+//!   (`Tracker::sweep`), restored from there when it returns.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -382,6 +384,11 @@ pub struct Tracker<I: Inspector> {
     /// Between `begin_listing` and the round after the listing: the
     /// domains events touched since the listing began.
     barrier: Option<HashMap<String, Touch>>,
+    /// Gone domains (not in a round, so no tombstone pending) seen by the
+    /// last sweep, with their seq, and the host_seq every write of their
+    /// records is at or below: forgotten from memory once the journal has
+    /// committed that far (`sweep`).
+    forget: (Vec<(String, u64)>, u64),
 }
 
 /// A snapshot-round or heartbeat record, with the domain record it updates.
@@ -428,6 +435,7 @@ impl<I: Inspector> Tracker<I> {
             missing_since: HashMap::new(),
             last_round: None,
             barrier: None,
+            forget: (Vec::new(), 0),
         }
     }
 
@@ -588,6 +596,56 @@ impl<I: Inspector> Tracker<I> {
 
     pub fn host_seq(&self) -> u64 {
         self.host_seq
+    }
+
+    /// Whether the tracker holds `uuid` in memory.
+    pub fn knows(&self, uuid: &str) -> bool {
+        self.domains.contains_key(uuid)
+    }
+
+    /// Puts back the journaled record of a domain `sweep` forgot (it came
+    /// back): its `seq` continues.
+    pub fn restore(&mut self, uuid: &str, record: DomainRecord) {
+        self.domains.entry(uuid.to_string()).or_insert(record);
+    }
+
+    /// Bounds memory under transient-domain churn: forgets the gone domains
+    /// found by the previous sweep once `committed` (the journal's durable
+    /// host_seq) covers every write of their records, then notes the gone
+    /// domains of now for the next sweep. A forgotten domain that returns
+    /// is restored from the journal (`restore`), so its `seq` continues.
+    /// Returns how many records were forgotten.
+    pub fn sweep(&mut self, committed: u64) -> usize {
+        let mut forgotten = 0;
+        if committed >= self.forget.1 {
+            for (uuid, seq) in std::mem::take(&mut self.forget.0) {
+                let unchanged = self
+                    .domains
+                    .get(&uuid)
+                    .is_some_and(|r| r.gone() && !r.in_round && r.seq == seq);
+                if unchanged {
+                    self.domains.remove(&uuid);
+                    self.missing_since.remove(&uuid);
+                    forgotten += 1;
+                }
+            }
+            self.forget.0 = self
+                .domains
+                .iter()
+                .filter(|(_, r)| r.gone() && !r.in_round)
+                .map(|(u, r)| (u.clone(), r.seq))
+                .collect();
+            self.forget.1 = self.host_seq;
+            if forgotten > 0 {
+                self.domains.shrink_to_fit();
+            }
+        }
+        forgotten
+    }
+
+    /// Domain records held in memory (live and not yet forgotten).
+    pub fn records_in_memory(&self) -> usize {
+        self.domains.len()
     }
 
     pub fn domain(&self, uuid: &str) -> Option<&DomainRecord> {
@@ -1000,10 +1058,12 @@ impl<I: Inspector> Tracker<I> {
     }
 }
 
-/// Decodes the domain records the journal recovered.
+/// Decodes the domain records the journal recovered. Gone domains with no
+/// tombstone pending stay in the journal only (restored if they return).
 pub fn decode_records(raw: &HashMap<String, Vec<u8>>) -> HashMap<String, DomainRecord> {
     raw.iter()
         .filter_map(|(k, v)| match serde_json::from_slice::<DomainRecord>(v) {
+            Ok(r) if r.gone() && !r.in_round => None,
             Ok(r) => Some((k.clone(), r)),
             Err(e) => {
                 // The domain's seq restarts from the journal's view; a
@@ -1041,6 +1101,9 @@ pub struct TrackerTask<I: Inspector> {
     pub snapshot: SnapshotOptions,
 }
 
+/// How often the tracker forgets gone domains (`Tracker::sweep`).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// When snapshot rounds and heartbeats happen (besides the rounds after
 /// every libvirt listing: at start, after reconnects and after gaps).
 #[derive(Debug, Clone, Copy)]
@@ -1061,6 +1124,7 @@ impl<I: Inspector> TrackerTask<I> {
         let mut info: Option<HostInfo> = None;
         let mut next_round = Instant::now() + self.snapshot.interval;
         let mut next_heartbeat = Instant::now() + self.snapshot.heartbeat;
+        let mut next_sweep = Instant::now() + SWEEP_EVERY;
         loop {
             let now = Instant::now();
             // While the journal is full nothing new is journaled: no
@@ -1084,6 +1148,18 @@ impl<I: Inspector> TrackerTask<I> {
                 // What a round's burst left behind (listing, records, sink
                 // buffers) goes back to the system.
                 crate::source::ffi::trim_heap();
+            }
+            if now >= next_sweep {
+                next_sweep = now + SWEEP_EVERY;
+                let committed = *self.journal.committed().borrow();
+                let forgotten = self.tracker.sweep(committed);
+                if forgotten > 0 {
+                    tracing::debug!(
+                        forgotten,
+                        in_memory = self.tracker.records_in_memory(),
+                        "forgot gone domains"
+                    );
+                }
             }
             if self.overflow.swap(false, Ordering::AcqRel) {
                 let o = self.tracker.gap(GapCause::QueueOverflow, now_micros());
@@ -1124,6 +1200,7 @@ impl<I: Inspector> TrackerTask<I> {
                         self.metrics.journal_full_drops.inc();
                         continue;
                     }
+                    self.recall(&raw.uuid);
                     let o = self.tracker.on_event(&raw);
                     self.metrics.count_received(o.event.event.as_str());
                     self.append(o);
@@ -1143,6 +1220,9 @@ impl<I: Inspector> TrackerTask<I> {
                         continue;
                     }
                     let started = Instant::now();
+                    for (uuid, _) in &listing {
+                        self.recall(uuid);
+                    }
                     let outs = self.tracker.on_resync(&listing, observed_at);
                     let changes = outs.len();
                     self.metrics.reconcile_events.inc_by(outs.len() as u64);
@@ -1183,6 +1263,26 @@ impl<I: Inspector> TrackerTask<I> {
         }
         if let Err(e) = self.journal.sync() {
             tracing::error!(error = %e, "final journal sync failed");
+        }
+    }
+
+    /// Restores a domain's record from the journal when the tracker
+    /// forgot it (see `Tracker::sweep`), so its `seq` continues.
+    fn recall(&mut self, uuid: &str) {
+        if self.tracker.knows(uuid) {
+            return;
+        }
+        match self.journal.domain_record(uuid) {
+            Ok(Some(raw)) => match serde_json::from_slice::<DomainRecord>(&raw) {
+                Ok(r) => self.tracker.restore(uuid, r),
+                Err(e) => {
+                    tracing::warn!(uuid, error = %e, "unreadable tracker record in journal; domain seq restarts")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(uuid, error = %e, "reading a tracker record from the journal failed")
+            }
         }
     }
 
