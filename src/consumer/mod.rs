@@ -13,6 +13,8 @@
 
 pub mod audit;
 pub mod bus;
+pub mod epochs;
+pub mod liveness;
 pub mod rebuild;
 pub mod record;
 pub mod replay;

@@ -28,6 +28,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
+use super::epochs::EpochOrder;
+use super::liveness::{LastWord, Liveness};
 use super::record::{Body, Lane, Position, Record, Tombstone};
 use crate::model::{
     parse_event_id, DomainEvent, DomainSnapshot, DomainState, EventType, HostSnapshot,
@@ -66,7 +68,8 @@ pub struct RebuildStats {
     pub records: u64,
     /// Records that carried nothing newer (duplicates, late arrivals).
     pub ignored: u64,
-    /// Records of an epoch older than the host's newest.
+    /// Records of an epoch older than the host's newest (kept: a domain
+    /// the newest epoch has said nothing of yet is shown from them).
     pub old_epoch: u64,
     pub rounds_applied: u64,
 }
@@ -169,20 +172,20 @@ struct Pending {
     reason: String,
 }
 
+/// One epoch of one host.
 #[derive(Debug)]
 struct Host {
     epoch: String,
-    /// Newest agent time seen in this epoch.
-    last_observed: i64,
+    /// Records read of this epoch.
+    records: u64,
+    /// The host's last word in this epoch (see `liveness`).
+    last_word: LastWord,
     domains: HashMap<String, Dom>,
     rounds: HashMap<String, Round>,
     last_round: Option<Applied>,
     /// Host-wide loss: stale until a complete round beginning after it.
     loss_bound: Option<u64>,
     loss_reason: Option<String>,
-    /// A new epoch (or a first sight that needs one): stale until a
-    /// complete round of this epoch.
-    needs_round: Option<String>,
     /// Per lane, how many position holes of that lane this host has
     /// accounted for (holes after its last record there are open).
     holes_seen: HashMap<Lane, usize>,
@@ -192,16 +195,16 @@ struct Host {
 }
 
 impl Host {
-    fn new(epoch: &str, observed_at: i64) -> Host {
+    fn new(epoch: &str) -> Host {
         Host {
             epoch: epoch.to_owned(),
-            last_observed: observed_at,
+            records: 0,
+            last_word: LastWord::default(),
             domains: HashMap::new(),
             rounds: HashMap::new(),
             last_round: None,
             loss_bound: None,
             loss_reason: None,
-            needs_round: None,
             holes_seen: HashMap::new(),
             pending: Vec::new(),
             last_heartbeat: None,
@@ -246,7 +249,8 @@ pub fn lane_origin(pos: &Position) -> u64 {
 /// The rebuild. See the module documentation for the rules.
 #[derive(Debug)]
 pub struct Fleet {
-    hosts: HashMap<String, Host>,
+    /// Per host, every epoch read (each rebuilt on its own) and their order.
+    hosts: HashMap<String, Epochs>,
     /// Position holes (messages missing from a stream/partition).
     holes: Vec<Hole>,
     /// Last position read per contiguous lane.
@@ -254,7 +258,16 @@ pub struct Fleet {
     /// Largest difference allowed between an agent's clock and a broker's
     /// (µs), when a hole is placed in time.
     clock_skew_us: i64,
+    /// The silence rule and the time it is judged at.
+    liveness: Option<(Liveness, i64)>,
     stats: RebuildStats,
+}
+
+/// The epochs of one host.
+#[derive(Debug, Default)]
+struct Epochs {
+    epochs: HashMap<String, Host>,
+    order: EpochOrder,
 }
 
 impl Default for Fleet {
@@ -264,6 +277,7 @@ impl Default for Fleet {
             holes: Vec::new(),
             last_pos: HashMap::new(),
             clock_skew_us: DEFAULT_CLOCK_SKEW_US,
+            liveness: None,
             stats: RebuildStats::default(),
         }
     }
@@ -291,8 +305,27 @@ impl Fleet {
         self
     }
 
+    /// Judges hosts silent by `liveness` at `now_us` (µs; the wall clock,
+    /// or the end of the read): a silent host's domains are stale.
+    pub fn with_liveness(mut self, liveness: Liveness, now_us: i64) -> Fleet {
+        self.liveness = Some((liveness, now_us));
+        self
+    }
+
     pub fn stats(&self) -> RebuildStats {
-        self.stats
+        let mut s = self.stats;
+        s.old_epoch = self
+            .hosts
+            .values()
+            .flat_map(|e| {
+                let newest = e.order.newest();
+                e.epochs
+                    .values()
+                    .filter(move |h| Some(h.epoch.as_str()) != newest)
+            })
+            .map(|h| h.records)
+            .sum();
+        s
     }
 
     /// Notes that a message of a contiguous lane is lost at `pos` (it
@@ -335,16 +368,17 @@ impl Fleet {
         }
         let (host_id, epoch, host_seq) = rec.body.origin();
         let observed = rec.body.observed_at();
-        if !self.enter_epoch(host_id, epoch, observed) {
-            self.stats.old_epoch += 1;
-            return;
-        }
         let lane = rec.pos.lane();
         let skew = self.clock_skew_us;
-        let host = self.hosts.get_mut(host_id).expect("entered above");
-        if let Some(t) = observed {
-            host.last_observed = host.last_observed.max(t);
-        }
+        let epochs = self.hosts.entry(host_id.to_owned()).or_default();
+        epochs.order.note(epoch, &rec.pos, observed);
+        let host = epochs
+            .epochs
+            .entry(epoch.to_owned())
+            .or_insert_with(|| Host::new(epoch));
+        host.records += 1;
+        host.last_word
+            .note(host_seq, observed, matches!(rec.body, Body::Host(_)));
         if contiguous {
             // Holes of this lane read past for the first time: this host's
             // lost messages there, if any, come before this one.
@@ -398,43 +432,6 @@ impl Fleet {
         }
         let e = self.last_pos.entry(lane).or_insert(pos.offset);
         *e = (*e).max(pos.offset);
-    }
-
-    /// Makes `epoch` the host's current one when it is newer; false when
-    /// the record belongs to an older epoch.
-    fn enter_epoch(&mut self, host_id: &str, epoch: &str, observed: Option<i64>) -> bool {
-        let Some(host) = self.hosts.get_mut(host_id) else {
-            self.hosts.insert(
-                host_id.to_owned(),
-                Host::new(epoch, observed.unwrap_or(i64::MIN)),
-            );
-            return true;
-        };
-        if host.epoch == epoch {
-            return true;
-        }
-        // A tombstone has no time: it cannot tell which epoch is newer.
-        let Some(t) = observed else { return false };
-        if t < host.last_observed {
-            return false;
-        }
-        let old = std::mem::replace(&mut host.epoch, epoch.to_owned());
-        host.last_observed = t;
-        host.rounds.clear();
-        host.last_round = None;
-        host.loss_bound = None;
-        host.loss_reason = None;
-        host.needs_round = Some(format!("epoch changed from {old} to {epoch}"));
-        host.pending.clear();
-        for d in host.domains.values_mut() {
-            // Counters of the old epoch are closed (DESIGN §3); the new
-            // epoch's first complete round decides about staleness.
-            d.host_seq = 0;
-            d.seq_known = false;
-            d.stale_bound = None;
-            d.stale_reason = None;
-        }
-        true
     }
 
     fn event(host: &mut Host, e: &DomainEvent, pos: &Position) -> Step {
@@ -651,7 +648,6 @@ impl Fleet {
             host.loss_bound = None;
             host.loss_reason = None;
         }
-        host.needs_round = None;
         host.last_round = Some(Applied {
             begin,
             end,
@@ -662,10 +658,31 @@ impl Fleet {
         true
     }
 
-    /// Why a host is stale, if it is.
-    fn host_stale(&self, host: &Host) -> Option<String> {
-        if let Some(r) = &host.needs_round {
-            return Some(format!("{r}; waiting for a complete snapshot round"));
+    /// A host's newest epoch and the one before it, if any.
+    fn newest(epochs: &Epochs) -> Option<(&Host, Option<&str>)> {
+        let order = epochs.order.oldest_first();
+        let (newest, older) = order.split_last()?;
+        Some((&epochs.epochs[*newest], older.last().copied()))
+    }
+
+    /// Why a host (its newest epoch `host`) is stale, if it is.
+    fn host_stale(
+        &self,
+        id: &str,
+        epochs: &Epochs,
+        host: &Host,
+        prev: Option<&str>,
+    ) -> Option<String> {
+        if let (Some((rule, now)), Some(last)) = (self.liveness, host.last_word.time()) {
+            if let Some(since) = rule.silent_since(last, now) {
+                return Some(rule.reason(id, last, since));
+            }
+        }
+        if let (Some(old), None) = (prev, host.last_round) {
+            return Some(format!(
+                "epoch changed from {old} to {}; waiting for a complete snapshot round",
+                host.epoch
+            ));
         }
         if let Some(r) = &host.loss_reason {
             return Some(r.clone());
@@ -673,14 +690,20 @@ impl Fleet {
         if let Some(p) = host.pending.first() {
             return Some(p.reason.clone());
         }
-        // Holes this host has no message after: a lost message of its
+        // Holes this host has no message after (in any of its epochs: an
+        // older epoch's loss is closed with it): a lost message of its
         // would have been emitted before the hole's time, so a round taken
         // after that covers it.
         let mut per_lane: HashMap<&Lane, usize> = HashMap::new();
         for hole in &self.holes {
             let i = per_lane.entry(&hole.lane).or_insert(0);
             *i += 1;
-            let seen = host.holes_seen.get(&hole.lane).copied().unwrap_or(0);
+            let seen = epochs
+                .epochs
+                .values()
+                .filter_map(|h| h.holes_seen.get(&hole.lane).copied())
+                .max()
+                .unwrap_or(0);
             if *i > seen && !host.covered_since(hole.time, self.clock_skew_us) {
                 return Some(format!(
                     "messages missing from {} {}, and no complete snapshot round of this host since",
@@ -692,15 +715,40 @@ impl Fleet {
     }
 
     /// Every domain present on some host, sorted by host, name and uuid.
+    /// Until a host's newest epoch has a complete round, the domains it
+    /// has said nothing of are shown from its older epochs (stale).
     pub fn domains(&self) -> Vec<DomainView> {
         let mut out = Vec::new();
-        for (host_id, host) in &self.hosts {
-            let host_stale = self.host_stale(host);
-            for (uuid, d) in &host.domains {
+        for (host_id, epochs) in &self.hosts {
+            let Some((host, prev)) = Self::newest(epochs) else {
+                continue;
+            };
+            let host_stale = self.host_stale(host_id, epochs, host, prev);
+            let mut shown: Vec<(&String, &Dom, bool)> =
+                host.domains.iter().map(|(u, d)| (u, d, false)).collect();
+            if host.last_round.is_none() {
+                // Newest epoch first, so the newest word on a domain wins.
+                let mut older = epochs.order.oldest_first();
+                older.pop();
+                let mut seen: std::collections::HashSet<&String> = host.domains.keys().collect();
+                for e in older.iter().rev() {
+                    for (u, d) in &epochs.epochs[*e].domains {
+                        if seen.insert(u) {
+                            shown.push((u, d, true));
+                        }
+                    }
+                }
+            }
+            for (uuid, d, carried) in shown {
                 if d.deleted {
                     continue;
                 }
-                let stale_reason = d.stale_reason.clone().or_else(|| host_stale.clone());
+                let own = if carried {
+                    None
+                } else {
+                    d.stale_reason.clone()
+                };
+                let stale_reason = own.or_else(|| host_stale.clone());
                 out.push(DomainView {
                     host_id: host_id.clone(),
                     uuid: uuid.clone(),
@@ -724,21 +772,22 @@ impl Fleet {
         out
     }
 
-    /// Hosts seen, with their epoch and whether they are stale.
+    /// Hosts seen, with their newest epoch and whether they are stale.
     pub fn hosts(&self) -> Vec<HostView> {
         let mut out: Vec<HostView> = self
             .hosts
             .iter()
-            .map(|(id, h)| {
-                let stale_reason = self.host_stale(h);
-                HostView {
+            .filter_map(|(id, epochs)| {
+                let (h, prev) = Self::newest(epochs)?;
+                let stale_reason = self.host_stale(id, epochs, h, prev);
+                Some(HostView {
                     host_id: id.clone(),
                     epoch: h.epoch.clone(),
                     complete_round: h.last_round.is_some(),
                     last_heartbeat: h.last_heartbeat.as_ref().map(|b| b.observed_at),
                     stale: stale_reason.is_some(),
                     stale_reason,
-                }
+                })
             })
             .collect();
         out.sort_by(|a, b| a.host_id.cmp(&b.host_id));

@@ -2,6 +2,7 @@
 //! the audit and usage tests).
 
 use super::*;
+use crate::consumer::liveness::Liveness;
 use crate::model::{event_id, Detail, DomainRef, HostInfo, Origin, AGENT_VERSION};
 use std::sync::Arc;
 
@@ -251,7 +252,7 @@ fn an_epoch_change_is_stale_until_a_round_of_the_new_epoch() {
         e.observed_at = 0;
     }
     feed(&mut f, [old]);
-    assert_eq!(f.stats().old_epoch, 1);
+    assert_eq!(f.stats().old_epoch, 4, "the old round and the straggler");
     feed(&mut f, round("new", 2, &[(U1, 1, DomainState::PAUSED)]));
     assert!(!view(&f, U1).unwrap().stale);
 }
@@ -375,4 +376,106 @@ fn an_old_epochs_staleness_ends_with_the_new_epochs_round() {
     feed(&mut f, round("new", 2, &[(U1, 1, DomainState::RUNNING)]));
     let v = view(&f, U1).unwrap();
     assert!(!v.stale, "{:?}", v.stale_reason);
+}
+
+/// Feeds bodies at explicit positions of lane `src`.
+fn feed_at(f: &mut Fleet, src: &str, bodies: impl IntoIterator<Item = (u64, Body)>) {
+    for (offset, body) in bodies {
+        f.apply(
+            &Record {
+                body,
+                pos: pos(src, offset),
+            },
+            false,
+        );
+    }
+}
+
+fn stamped(mut b: Body, t: i64) -> Body {
+    match &mut b {
+        Body::Event(e) => e.observed_at = t,
+        Body::Domain(d) => d.observed_at = t,
+        Body::Host(h) => h.observed_at = t,
+        Body::Tombstone(_) => {}
+    }
+    b
+}
+
+#[test]
+fn a_new_epoch_stamped_before_the_old_one_still_replaces_it() {
+    // The old epoch ran at ~1000 s; its journal was recreated and the
+    // clock stepped back an hour, so the new epoch stamps ~1000 s - 3600 s.
+    let back = |b: Body| {
+        let t = b.observed_at().unwrap() - 3_600_000_000 + 1_000_000_000;
+        stamped(b, t)
+    };
+    let fwd = |b: Body| {
+        let t = b.observed_at().unwrap() + 1_000_000_000;
+        stamped(b, t)
+    };
+    let mut f = Fleet::new();
+    // Snapshots first: the new epoch's complete round (compacted stream).
+    let r = round("new", 2, &[(U1, 1, DomainState::PAUSED)]);
+    feed_at(
+        &mut f,
+        "SNAP",
+        r.into_iter().map(back).zip(10..).map(|(b, o)| (o, b)),
+    );
+    // Then the events partition: the old epoch's events, then the new's.
+    feed_at(
+        &mut f,
+        "EV",
+        [
+            (1, fwd(ev("old", 1, U1, 1, DomainState::RUNNING))),
+            (2, fwd(ev("old", 2, U2, 1, DomainState::RUNNING))),
+            (3, back(ev("new", 1, U1, 1, DomainState::PAUSED))),
+        ],
+    );
+    let v = view(&f, U1).unwrap();
+    assert_eq!(
+        (v.epoch.as_str(), v.state.as_str(), v.stale),
+        ("new", "PAUSED", false),
+        "{:?}",
+        v.stale_reason
+    );
+    assert!(view(&f, U2).is_none(), "absent from the new epoch's round");
+    assert_eq!(f.stats().old_epoch, 2);
+    let h = &f.hosts()[0];
+    assert_eq!((h.epoch.as_str(), h.stale), ("new", false));
+}
+
+#[test]
+fn a_silent_host_makes_its_domains_stale_from_its_last_heartbeat() {
+    let rule = Liveness::new(std::time::Duration::from_secs(1), 3);
+    let bodies = || {
+        let mut v = round("e", 1, &[(U1, 1, DomainState::RUNNING)]);
+        v.push(host_rec("e", 10, HostSnapshotKind::HEARTBEAT, 1, 1));
+        // Read late: an older heartbeat stamped later (clock stepped back
+        // since) does not count as the last word.
+        v.push(stamped(
+            host_rec("e", 5, HostSnapshotKind::HEARTBEAT, 1, 1),
+            99_000_000,
+        ));
+        v
+    };
+    let mut live = Fleet::new().with_liveness(rule, 13_000_000);
+    feed(&mut live, bodies());
+    assert!(
+        !view(&live, U1).unwrap().stale,
+        "3 s after the heartbeat: live"
+    );
+    let mut silent = Fleet::new().with_liveness(rule, 14_000_000);
+    feed(&mut silent, bodies());
+    let v = view(&silent, U1).unwrap();
+    assert_eq!(v.state, "RUNNING", "the last known state is kept");
+    let why = v.stale_reason.expect("stale");
+    assert!(
+        why.contains("host h is silent since 1970-01-01T00:00:13"),
+        "{why}"
+    );
+    assert!(silent.hosts()[0].stale);
+    // Without the rule (a library user that did not ask): not stale.
+    let mut f = Fleet::new();
+    feed(&mut f, bodies());
+    assert!(!view(&f, U1).unwrap().stale);
 }
