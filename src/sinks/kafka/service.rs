@@ -125,6 +125,8 @@ type Delivery = (Entry, usize, Result<(i32, i64), String>);
 
 /// Where an entry was found or acknowledged: (topic index, partition, offset).
 type Placed = (usize, i32, i64);
+/// Per topic: partition → the highest `host_seq` of the backlog there.
+type PartitionChecks = [BTreeMap<i32, u64>; 3];
 
 impl KafkaSink {
     fn set_state(&self, s: SinkState) {
@@ -178,7 +180,7 @@ impl KafkaSink {
         cursor: u64,
         enc: &EncodingContext,
         priors: [Option<i32>; 3],
-    ) -> Result<([BTreeMap<i32, u64>; 3], Option<i64>), KafkaSinkError> {
+    ) -> Result<(PartitionChecks, Option<i64>), KafkaSinkError> {
         let mut out: [BTreeMap<i32, u64>; 3] = Default::default();
         let mut newest: Option<i64> = None;
         let mut after = cursor;
