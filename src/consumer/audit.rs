@@ -575,6 +575,43 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_pair_by_host_seq_when_the_clock_steps_back() {
+        use crate::consumer::rebuild::tests::host_rec;
+        use crate::model::HostSnapshotKind;
+        let mut a = Auditor::new(AuditOptions {
+            now_us: 7_000_000,
+            ..auditor().opts
+        });
+        // host_seq 1 at 10 s, then the clock steps back: 2 at 5 s, 3 at 6 s.
+        for (hs, t) in [(1u64, 10i64), (2, 5), (3, 6)] {
+            let mut body = host_rec("e", hs, HostSnapshotKind::HEARTBEAT, 1, 0);
+            if let Body::Host(h) = &mut body {
+                h.observed_at = t * 1_000_000;
+            }
+            a.add(
+                &Record {
+                    body,
+                    pos: pos("HS", hs),
+                },
+                false,
+            );
+        }
+        let r = a.finish();
+        assert!(
+            r.problems
+                .iter()
+                .all(|p| p.kind != ProblemKind::MissingHeartbeat),
+            "{:?}",
+            r.problems
+        );
+        assert_eq!(
+            r.hosts[0].last_heartbeat,
+            Some(6_000_000),
+            "newest by host_seq"
+        );
+    }
+
+    #[test]
     fn hostile_numbers_are_reported_not_panics() {
         let mut a = auditor();
         for (i, (hs, seq)) in [(1, 0u64), (2, u64::MAX), (3, 1), (4, u64::MAX)]
