@@ -332,7 +332,7 @@ fn main() {
     );
     let start = Instant::now();
     let mut a = Auditor::new(AuditOptions {
-        heartbeat_us: 30_000_000,
+        liveness: virtstream::consumer::liveness::Liveness::new(Duration::from_secs(30), 3),
         now_us: 1_800_000_000_000_000,
         from_start: true,
     });

@@ -52,6 +52,8 @@ enum Command {
     State {
         #[command(flatten)]
         target: BusArgs,
+        #[command(flatten)]
+        silence: SilenceArgs,
         #[arg(long, value_enum, default_value = "json")]
         format: StateFormat,
     },
@@ -59,6 +61,8 @@ enum Command {
     Audit {
         #[command(flatten)]
         target: BusArgs,
+        #[command(flatten)]
+        silence: SilenceArgs,
         #[command(flatten)]
         start: StartArgs,
         #[arg(long, value_enum, default_value = "text")]
@@ -68,6 +72,8 @@ enum Command {
     Usage {
         #[command(flatten)]
         target: BusArgs,
+        #[command(flatten)]
+        silence: SilenceArgs,
         /// Window start (RFC 3339).
         #[arg(long)]
         from: String,
@@ -86,6 +92,16 @@ struct BusArgs {
     config: PathBuf,
     #[arg(long, value_enum)]
     bus: Bus,
+}
+
+/// When a host counts as silent (`state`, `audit`, `usage`).
+#[derive(clap::Args)]
+struct SilenceArgs {
+    /// A host with no heartbeat for this many `snapshot.heartbeat`
+    /// periods is silent: its domains are stale and its time from then on
+    /// is unknown, never billed.
+    #[arg(long, default_value_t = consumer::liveness::DEFAULT_SILENT_AFTER_HEARTBEATS, value_parser = clap::value_parser!(u32).range(1..))]
+    silent_after_heartbeats: u32,
 }
 
 /// Where a tool starts reading the events.
@@ -266,8 +282,13 @@ fn write_out(text: &str) -> ExitCode {
     }
 }
 
-fn state_cmd(cfg: &Config, bus: BusKind, table: bool) -> ExitCode {
-    let (fleet, out) = match consumer::state(cfg, bus) {
+/// The wall clock, µs since the Unix epoch.
+fn now_us() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
+fn state_cmd(cfg: &Config, bus: BusKind, silent_after: u32, table: bool) -> ExitCode {
+    let (fleet, out) = match consumer::state(cfg, bus, silent_after, now_us()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
@@ -328,9 +349,8 @@ fn state_cmd(cfg: &Config, bus: BusKind, table: bool) -> ExitCode {
     write_out(&text)
 }
 
-fn audit_cmd(cfg: &Config, bus: BusKind, from: &From, json: bool) -> ExitCode {
-    let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
-    let report = match consumer::audit(cfg, bus, from, now) {
+fn audit_cmd(cfg: &Config, bus: BusKind, from: &From, silent_after: u32, json: bool) -> ExitCode {
+    let report = match consumer::audit(cfg, bus, from, silent_after, now_us()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
@@ -349,8 +369,14 @@ fn audit_cmd(cfg: &Config, bus: BusKind, from: &From, json: bool) -> ExitCode {
     }
 }
 
-fn usage_cmd(cfg: &Config, bus: BusKind, from_us: i64, to_us: i64, csv: bool) -> ExitCode {
-    let (rows, out) = match consumer::usage(cfg, bus, from_us, to_us) {
+fn usage_cmd(
+    cfg: &Config,
+    bus: BusKind,
+    (from_us, to_us): (i64, i64),
+    silent_after: u32,
+    csv: bool,
+) -> ExitCode {
+    let (rows, out) = match consumer::usage(cfg, bus, from_us, to_us, silent_after, now_us()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
@@ -419,12 +445,22 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::State { target, format } => match load(&target.config) {
-            Ok(cfg) => state_cmd(&cfg, target.bus.into(), format == StateFormat::Table),
+        Command::State {
+            target,
+            silence,
+            format,
+        } => match load(&target.config) {
+            Ok(cfg) => state_cmd(
+                &cfg,
+                target.bus.into(),
+                silence.silent_after_heartbeats,
+                format == StateFormat::Table,
+            ),
             Err(code) => code,
         },
         Command::Audit {
             target,
+            silence,
             start,
             format,
         } => {
@@ -432,10 +468,17 @@ fn main() -> ExitCode {
                 (Ok(c), Ok(f)) => (c, f),
                 (Err(code), _) | (_, Err(code)) => return code,
             };
-            audit_cmd(&cfg, target.bus.into(), &from, format == AuditFormat::Json)
+            audit_cmd(
+                &cfg,
+                target.bus.into(),
+                &from,
+                silence.silent_after_heartbeats,
+                format == AuditFormat::Json,
+            )
         }
         Command::Usage {
             target,
+            silence,
             from,
             to,
             format,
@@ -456,8 +499,8 @@ fn main() -> ExitCode {
             usage_cmd(
                 &cfg,
                 target.bus.into(),
-                us(from),
-                us(to),
+                (us(from), us(to)),
+                silence.silent_after_heartbeats,
                 format == UsageFormat::Csv,
             )
         }

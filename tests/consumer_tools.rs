@@ -393,3 +393,112 @@ fn audit_names_a_message_deleted_from_the_stream() {
     );
     assert!(o.status.success(), "{}", stdout(&o));
 }
+
+/// The agent (heartbeat 1 s) is killed with SIGKILL and not restarted;
+/// its domain keeps running in libvirt. After more than the allowance
+/// (3 heartbeats), `state` shows the domain stale, naming the silent host,
+/// and `usage` bills nothing of the silent time as running.
+fn a_silent_host_is_stale_and_unbilled(bus: &str) {
+    ensure_libvirtd();
+    let nats = (bus == "nats").then(NatsServer::start);
+    let kafka = (bus == "kafka").then(KafkaBroker::start);
+    let mut extra = String::new();
+    if let Some(k) = &kafka {
+        extra.push_str(&kafka_section(&k.bootstrap()));
+    }
+    extra.push_str("[snapshot]\nheartbeat = \"1s\"\n");
+    let mut agent = Agent::ready(TEST_URI, nats.as_ref().map(|n| n.url()).as_deref(), &extra);
+    // Held open for the whole test: the test driver keeps the domain only
+    // while a connection is open, and virsh reads it through it.
+    let conn = Connect::open(Some(TEST_URI)).unwrap();
+    let name = unique("silent");
+    let d = conn
+        .define_domain_xml(&test_domain_xml(&name, &new_uuid()))
+        .unwrap();
+    let t0 = now_s();
+    let (_, started, _) = timed(|| d.create().unwrap());
+    // Live: the domain is RUNNING and not stale once a round follows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = state_of(&agent, bus);
+        if s.get(&name)
+            .is_some_and(|v| v["state"] == "RUNNING" && v["stale"] == false)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{bus}: never live and RUNNING: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (_, _, killed) = timed(|| agent.kill9());
+    std::thread::sleep(Duration::from_secs(8));
+    let t_end = now_s();
+    assert_eq!(
+        virsh_state(&name).map(|s| s.0),
+        Some("RUNNING".into()),
+        "libvirt still runs it"
+    );
+
+    let s = state_of(&agent, bus);
+    let v = &s[&name];
+    assert_eq!(v["state"], "RUNNING", "{bus}: the last known state: {v}");
+    assert_eq!(v["stale"], true, "{bus}: a silent host's domain: {v}");
+    let why = v["stale_reason"].as_str().unwrap();
+    assert!(
+        why.contains(&format!("host {} is silent since", agent.host_id)),
+        "{bus}: {why}"
+    );
+    // A larger allowance: not silent yet.
+    let o = tool(
+        &agent,
+        &["state", "--bus", bus, "--silent-after-heartbeats", "1000"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let all: Vec<Value> = serde_json::from_str(&stdout(&o)).unwrap();
+    let v = all.iter().find(|d| d["name"] == name.as_str()).unwrap();
+    assert_eq!(v["stale"], false, "{bus}: {v}");
+    // audit agrees.
+    let o = tool(&agent, &["audit", "--bus", bus, "--format", "json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("missing_heartbeat"), "{}", stdout(&o));
+
+    // Usage over [t0, t_end): running until at most the kill plus the
+    // allowance (3 s) and a tolerance; the rest is unknown.
+    let (from, to) = (rfc3339(t0), rfc3339(t_end));
+    let o = tool(
+        &agent,
+        &["usage", "--bus", bus, "--from", &from, "--to", &to],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<Value> = serde_json::from_str(&stdout(&o)).unwrap();
+    let r = rows
+        .iter()
+        .find(|r| r["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{bus}: no row: {rows:?}"));
+    let running = r["running_seconds"].as_f64().unwrap();
+    let unknown = r["unknown_seconds"].as_f64().unwrap();
+    let billable = killed + 3.0 - started;
+    assert!(
+        running <= billable + 1.0 && running >= billable - 2.5,
+        "{bus}: running {running} s, expected about {billable:.2} s (until the kill + 3 s): {r}"
+    );
+    let silent = t_end - (killed + 3.0);
+    assert!(
+        unknown >= silent - 1.0 && unknown <= silent + 2.5,
+        "{bus}: unknown {unknown} s, expected about {silent:.2} s: {r}"
+    );
+    assert_eq!(r["stale"], true, "{r}");
+    drop(conn);
+}
+
+#[test]
+fn a_silent_host_is_stale_and_unbilled_on_nats() {
+    a_silent_host_is_stale_and_unbilled("nats");
+}
+
+#[test]
+fn a_silent_host_is_stale_and_unbilled_on_kafka() {
+    a_silent_host_is_stale_and_unbilled("kafka");
+}

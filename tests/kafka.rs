@@ -428,3 +428,91 @@ fn a_non_compacted_snapshot_topic_is_refused() {
         "the refusal names the topic and the setting:\n{log}"
     );
 }
+
+/// The read-back's end of a partition under a clock stepped backward: this
+/// host stamped its records an hour ahead of its clock now. Records of the
+/// reading host (marked `Flow::Earlier`) or the newest time it stamped
+/// (`not_before_ms`) keep them from looking "appended after the read began".
+#[test]
+fn read_back_reaches_own_records_stamped_before_a_clock_step_back() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use virtstream::sinks::kafka::reader::{read_to_end, Flow, ReadOptions, Start};
+
+    let kafka = KafkaBroker::start();
+    let mut base = rdkafka::ClientConfig::new();
+    base.set("bootstrap.servers", kafka.bootstrap());
+    let topic = "clock.step.v1";
+    let admin: AdminClient<_> = base.create().unwrap();
+    rt().block_on(async {
+        let r = admin
+            .create_topics(
+                [&NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap();
+        assert!(r[0].is_ok(), "{r:?}");
+    });
+    let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let ahead = now_ms + 3_600_000;
+    let producer: BaseProducer = base.create().unwrap();
+    let mut keys: Vec<(String, i64)> = (0..5).map(|i| (format!("own-{i}"), ahead + i)).collect();
+    // Another host's record in between, stamped 2 s after ours.
+    keys.push(("other".into(), ahead + 2_000));
+    keys.extend((5..10).map(|i| (format!("own-{i}"), ahead + i)));
+    for (k, ts) in &keys {
+        producer
+            .send(
+                BaseRecord::to(topic)
+                    .key(k.as_str())
+                    .payload("x")
+                    .timestamp(*ts),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let read = |mark_own: bool, not_before_ms: Option<i64>| -> Vec<String> {
+        let mut seen = Vec::new();
+        read_to_end(
+            &base,
+            ReadOptions {
+                topic,
+                starts: vec![(0, Start::Earliest)],
+                idle: Duration::from_secs(2),
+                max_clock_skew: Duration::from_secs(10),
+                not_before_ms,
+                stall: Duration::from_secs(30),
+                stop: None,
+                lookback: 0,
+            },
+            |m| {
+                let k = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                let done = k == "own-9";
+                let own = k.starts_with("own-");
+                seen.push(k);
+                match () {
+                    _ if done => Flow::PartitionDone,
+                    _ if own && mark_own => Flow::Earlier,
+                    _ => Flow::Continue,
+                }
+            },
+        )
+        .unwrap();
+        seen
+    };
+    let all: Vec<String> = keys.iter().map(|(k, _)| k.clone()).collect();
+    // What the read-back did before: its own records looked late, and the
+    // partition ended at the first one (the rest would be sent again).
+    assert_eq!(
+        read(false, None),
+        ["own-0"],
+        "unmarked future stamps end it"
+    );
+    // Its own records marked: read to the last one.
+    assert_eq!(read(true, None), all);
+    // The newest time it stamped given up front: the same.
+    assert_eq!(read(false, Some(ahead + 9)), all);
+}

@@ -14,12 +14,15 @@
 //!   back (`duplicate`, `reordering`); a domain's first seq must be 1 when
 //!   its lane was read from its very beginning; a snapshot carrying a seq
 //!   beyond the domain's last event before it reveals missing events too;
-//! - epochs: a host with more than one epoch (`epoch_change`);
+//! - epochs: a host with more than one epoch (`epoch_change`), ordered by
+//!   stream position (see `epochs`), not by agent time;
 //! - gap markers: a problem (`reported_gap`) unless a complete snapshot
 //!   round of the same epoch follows, which repairs it (then a notice);
-//! - heartbeats: a host of its newest epoch with no heartbeat (or round)
-//!   for more than three heartbeat periods before the end of the read, or
-//!   between two consecutive heartbeats (`missing_heartbeat`).
+//! - heartbeats: a host of its newest epoch silent at the end of the
+//!   audit (see `liveness`: no heartbeat or round for more than the
+//!   configured multiple of the heartbeat period), or the same silence
+//!   between two consecutive heartbeats by `host_seq`
+//!   (`missing_heartbeat`).
 //!
 //! Invariant: every problem names the host (and domain) and the position
 //! of the message where it was found.
@@ -28,6 +31,8 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
+use super::epochs::EpochOrder;
+use super::liveness::{LastWord, Liveness};
 use super::record::{Body, Lane, Position, Record};
 use crate::model::{parse_event_id, EventType, HostSnapshotKind};
 
@@ -87,8 +92,8 @@ pub struct AuditReport {
 /// Settings of an audit.
 #[derive(Debug, Clone)]
 pub struct AuditOptions {
-    /// The agents' heartbeat period (`snapshot.heartbeat`).
-    pub heartbeat_us: i64,
+    /// When a host is silent (`snapshot.heartbeat` and the multiple).
+    pub liveness: Liveness,
     /// End of the audited period (µs; normally now).
     pub now_us: i64,
     /// Lanes were read from their first retained message.
@@ -111,7 +116,7 @@ struct HostTrack {
     snapshot_records: u64,
     first_host_seq: u64,
     last_host_seq: u64,
-    first_observed: i64,
+    last_word: LastWord,
     seen: HashMap<u64, Position>,
     domains: HashMap<String, DomainTrack>,
     /// Newest DomainSnapshot per domain: (host_seq, seq, position).
@@ -119,7 +124,8 @@ struct HostTrack {
     gaps: Vec<(u64, Position, String)>,
     /// ROUND_BEGIN host_seq of rounds known complete.
     complete_rounds: Vec<u64>,
-    heartbeats: Vec<(i64, Position)>,
+    /// (host_seq, agent time, position) of heartbeats and round records.
+    heartbeats: Vec<(u64, i64, Position)>,
 }
 
 /// Feed records with [`Auditor::add`], then [`Auditor::finish`].
@@ -127,6 +133,7 @@ struct HostTrack {
 pub struct Auditor {
     opts: AuditOptions,
     hosts: HashMap<(String, String), HostTrack>,
+    epochs: HashMap<String, EpochOrder>,
     lane_last: HashMap<Lane, Position>,
     lane_origin: HashSet<Lane>,
     problems: Vec<Problem>,
@@ -138,6 +145,7 @@ impl Auditor {
         Auditor {
             opts,
             hosts: HashMap::new(),
+            epochs: HashMap::new(),
             lane_last: HashMap::new(),
             lane_origin: HashSet::new(),
             problems: Vec::new(),
@@ -218,14 +226,14 @@ impl Auditor {
         }
         let (host, epoch, host_seq) = rec.body.origin();
         let key = (host.to_owned(), epoch.to_owned());
+        self.epochs
+            .entry(key.0.clone())
+            .or_default()
+            .note(epoch, pos, rec.body.observed_at());
         let h = self.hosts.entry(key.clone()).or_insert_with(|| HostTrack {
             first_host_seq: u64::MAX,
-            first_observed: i64::MAX,
             ..HostTrack::default()
         });
-        if let Some(t) = rec.body.observed_at() {
-            h.first_observed = h.first_observed.min(t);
-        }
         let problem = |kind, uuid: Option<&str>, message: String| Problem {
             kind,
             host_id: Some(key.0.clone()),
@@ -243,6 +251,11 @@ impl Auditor {
             return;
         }
         h.seen.insert(host_seq, pos.clone());
+        h.last_word.note(
+            host_seq,
+            rec.body.observed_at(),
+            matches!(rec.body, Body::Host(_)),
+        );
         h.first_host_seq = h.first_host_seq.min(host_seq);
         h.last_host_seq = h.last_host_seq.max(host_seq);
         match &rec.body {
@@ -325,7 +338,7 @@ impl Auditor {
                         h.complete_rounds.push(begin);
                     }
                 }
-                h.heartbeats.push((hs.observed_at, pos.clone()));
+                h.heartbeats.push((host_seq, hs.observed_at, pos.clone()));
             }
             Body::Tombstone(_) => h.snapshot_records += 1,
         }
@@ -335,27 +348,20 @@ impl Auditor {
     pub fn finish(mut self) -> AuditReport {
         let mut notices = Vec::new();
         // Epochs per host, oldest first.
-        let mut epochs: HashMap<&str, Vec<(i64, &str)>> = HashMap::new();
-        for ((host, epoch), h) in &self.hosts {
-            epochs
-                .entry(host)
-                .or_default()
-                .push((h.first_observed, epoch));
-        }
         let mut newest: HashMap<&str, &str> = HashMap::new();
-        for (host, list) in &mut epochs {
-            list.sort();
-            newest.insert(host, list.last().expect("non-empty").1);
+        for (host, order) in &self.epochs {
+            let list = order.oldest_first();
+            newest.insert(host, list.last().expect("non-empty"));
             for w in list.windows(2) {
                 self.problems.push(Problem {
                     kind: ProblemKind::EpochChange,
                     host_id: Some((*host).to_owned()),
-                    epoch: Some(w[1].1.to_owned()),
+                    epoch: Some(w[1].to_owned()),
                     uuid: None,
                     at: None,
                     message: format!(
                         "host {host}: epoch {} replaced by {} (journal recreated; counters restarted, state is known again from its next complete round)",
-                        w[0].1, w[1].1
+                        w[0], w[1]
                     ),
                 });
             }
@@ -412,41 +418,48 @@ impl Auditor {
                         .push(who(None, Some(pos), ProblemKind::ReportedGap, msg));
                 }
             }
+            // In emission order (host_seq): a clock stepped back between
+            // two heartbeats cannot pair the wrong ones.
             let mut beats = h.heartbeats.clone();
             beats.sort_by_key(|b| b.0);
-            let limit = self.opts.heartbeat_us.saturating_mul(3);
+            let rule = self.opts.liveness;
             for w in beats.windows(2) {
-                if w[1].0.saturating_sub(w[0].0) > limit {
+                if rule.silent_between(w[0].1, w[1].1) {
                     self.problems.push(who(
                         None,
-                        Some(&w[1].1),
+                        Some(&w[1].2),
                         ProblemKind::MissingHeartbeat,
                         format!(
                             "host {host}: no heartbeat between {} ({}) and {} ({})",
-                            crate::codec::rfc3339_micros(w[0].0),
-                            w[0].1,
-                            crate::codec::rfc3339_micros(w[1].0),
-                            w[1].1
+                            crate::codec::rfc3339_micros(w[0].1),
+                            w[0].2,
+                            crate::codec::rfc3339_micros(w[1].1),
+                            w[1].2
                         ),
                     ));
                 }
             }
             if newest.get(host.as_str()) == Some(&epoch.as_str()) {
-                match beats.last() {
-                    Some((t, pos)) if self.opts.now_us.saturating_sub(*t) > limit => {
+                let silent = h
+                    .last_word
+                    .time()
+                    .and_then(|t| rule.silent_since(t, self.opts.now_us).map(|_| t));
+                match (beats.last(), silent) {
+                    (Some((_, _, pos)), Some(t)) => {
                         self.problems.push(who(
                             None,
                             Some(pos),
                             ProblemKind::MissingHeartbeat,
                             format!(
-                                "host {host}: last heartbeat at {} ({pos}), {} s before the audit; expected every {} s",
-                                crate::codec::rfc3339_micros(*t),
-                                self.opts.now_us.saturating_sub(*t) / 1_000_000,
-                                self.opts.heartbeat_us as f64 / 1e6
+                                "host {host}: last heartbeat at {} ({pos}), {} s before the audit; expected every {} s, silent after {} missed",
+                                crate::codec::rfc3339_micros(t),
+                                self.opts.now_us.saturating_sub(t) / 1_000_000,
+                                rule.heartbeat_us as f64 / 1e6,
+                                rule.multiple
                             ),
                         ));
                     }
-                    None => self.problems.push(who(
+                    (None, _) => self.problems.push(who(
                         None,
                         None,
                         ProblemKind::MissingHeartbeat,
@@ -467,7 +480,7 @@ impl Auditor {
                     h.first_host_seq
                 },
                 last_host_seq: h.last_host_seq,
-                last_heartbeat: beats.last().map(|b| b.0),
+                last_heartbeat: beats.last().map(|b| b.1),
             });
         }
         hosts.sort_by(|a, b| (&a.host_id, &a.epoch).cmp(&(&b.host_id, &b.epoch)));
@@ -529,7 +542,7 @@ mod tests {
 
     fn auditor() -> Auditor {
         Auditor::new(AuditOptions {
-            heartbeat_us: 1_000_000,
+            liveness: Liveness::new(std::time::Duration::from_secs(1), 3),
             now_us: 0,
             from_start: true,
         })
@@ -558,6 +571,43 @@ mod tests {
                 .contains("positions 2..=3 are missing at its end"),
             "{}",
             hole.message
+        );
+    }
+
+    #[test]
+    fn heartbeats_pair_by_host_seq_when_the_clock_steps_back() {
+        use crate::consumer::rebuild::tests::host_rec;
+        use crate::model::HostSnapshotKind;
+        let mut a = Auditor::new(AuditOptions {
+            now_us: 7_000_000,
+            ..auditor().opts
+        });
+        // host_seq 1 at 10 s, then the clock steps back: 2 at 5 s, 3 at 6 s.
+        for (hs, t) in [(1u64, 10i64), (2, 5), (3, 6)] {
+            let mut body = host_rec("e", hs, HostSnapshotKind::HEARTBEAT, 1, 0);
+            if let Body::Host(h) = &mut body {
+                h.observed_at = t * 1_000_000;
+            }
+            a.add(
+                &Record {
+                    body,
+                    pos: pos("HS", hs),
+                },
+                false,
+            );
+        }
+        let r = a.finish();
+        assert!(
+            r.problems
+                .iter()
+                .all(|p| p.kind != ProblemKind::MissingHeartbeat),
+            "{:?}",
+            r.problems
+        );
+        assert_eq!(
+            r.hosts[0].last_heartbeat,
+            Some(6_000_000),
+            "newest by host_seq"
         );
     }
 

@@ -336,6 +336,7 @@ fn read_topic(
             starts,
             idle: cfg.readback_idle.0,
             max_clock_skew: cfg.readback_max_clock_skew.0,
+            not_before_ms: None,
             stall: Duration::from_secs(30),
             stop: None,
             lookback: reader::DEFAULT_LOOKBACK,

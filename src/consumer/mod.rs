@@ -6,6 +6,8 @@
 //! - `rebuild`: fleet state from snapshot rounds and events (DESIGN §6);
 //! - `audit`: continuity per host and domain;
 //! - `usage`: running/paused seconds, vCPU·s and GiB·s over a window;
+//! - `liveness`: when a host counts as silent (shared by the three);
+//! - `epochs`: which of a host's epochs is newest, by stream position;
 //! - `replay`: decoded messages as JSON lines.
 //!
 //! `rebuild`, `audit` and `usage` are pure: they take records in the order
@@ -13,6 +15,8 @@
 
 pub mod audit;
 pub mod bus;
+pub mod epochs;
+pub mod liveness;
 pub mod rebuild;
 pub mod record;
 pub mod replay;
@@ -149,10 +153,24 @@ fn clock_skew(cfg: &Config, bus: BusKind) -> std::time::Duration {
     }
 }
 
-/// `virtstream state`: the rebuilt fleet. An undecodable message in an
-/// events lane counts as a lost one.
-pub fn state(cfg: &Config, bus: BusKind) -> Result<(rebuild::Fleet, ReadOutcome), ConsumerError> {
-    let mut fleet = rebuild::Fleet::new().with_clock_skew(clock_skew(cfg, bus));
+/// The silence rule of the agents configured in `cfg`: silent after
+/// `multiple` heartbeat periods without a word.
+pub fn liveness(cfg: &Config, multiple: u32) -> liveness::Liveness {
+    liveness::Liveness::new(cfg.snapshot.heartbeat.0, multiple)
+}
+
+/// `virtstream state`: the rebuilt fleet at `now_us` (hosts silent then
+/// are stale). An undecodable message in an events lane counts as a lost
+/// one.
+pub fn state(
+    cfg: &Config,
+    bus: BusKind,
+    silent_after: u32,
+    now_us: i64,
+) -> Result<(rebuild::Fleet, ReadOutcome), ConsumerError> {
+    let mut fleet = rebuild::Fleet::new()
+        .with_clock_skew(clock_skew(cfg, bus))
+        .with_liveness(liveness(cfg, silent_after), now_us);
     let out = read(cfg, bus, &From::Start, &mut |it| fleet.feed(it))?;
     Ok((fleet, out))
 }
@@ -162,10 +180,11 @@ pub fn audit(
     cfg: &Config,
     bus: BusKind,
     from: &From,
+    silent_after: u32,
     now_us: i64,
 ) -> Result<audit::AuditReport, ConsumerError> {
     let mut auditor = audit::Auditor::new(audit::AuditOptions {
-        heartbeat_us: cfg.snapshot.heartbeat.0.as_micros() as i64,
+        liveness: liveness(cfg, silent_after),
         now_us,
         from_start: matches!(from, From::Start),
     });
@@ -177,14 +196,18 @@ pub fn audit(
     Ok(auditor.finish())
 }
 
-/// `virtstream usage` over `[from_us, to_us)`.
+/// `virtstream usage` over `[from_us, to_us)`; hosts silent at the earlier
+/// of `to_us` and `now_us` bill nothing after their last word plus the
+/// allowance.
 pub fn usage(
     cfg: &Config,
     bus: BusKind,
     from_us: i64,
     to_us: i64,
+    silent_after: u32,
+    now_us: i64,
 ) -> Result<(Vec<usage::UsageRow>, ReadOutcome), ConsumerError> {
-    let mut u = usage::Usage::new();
+    let mut u = usage::Usage::new().with_liveness(liveness(cfg, silent_after), now_us);
     let out = read(cfg, bus, &From::Start, &mut |it| u.feed(it))?;
     let skew = i64::try_from(clock_skew(cfg, bus).as_micros()).unwrap_or(i64::MAX);
     Ok((u.compute_with_skew(from_us, to_us, skew), out))

@@ -230,6 +230,7 @@ pub fn replay_kafka(
             starts,
             idle: cfg.readback_idle.0,
             max_clock_skew: cfg.readback_max_clock_skew.0,
+            not_before_ms: None,
             stall: std::time::Duration::from_secs(30),
             stop: None,
             lookback: reader::DEFAULT_LOOKBACK,

@@ -15,11 +15,16 @@
 //!   the destination's RESUMED/MIGRATED (DESIGN §6), and the destination's
 //!   PAUSED/MIGRATION time while the source still runs is not billed;
 //! - intervals are clipped to `[from, to)`; the state after a domain's last
-//!   record lasts until `to`;
+//!   record lasts until `to`, unless its host fell silent (see `liveness`,
+//!   judged at the earlier of `to` and now): from its last word plus the
+//!   allowance on, the time is unknown, never billed;
 //! - where messages are missing (a seq jump, a gap marker, a hole in a
 //!   stream, an epoch change) nothing is guessed: that stretch counts as
 //!   `unknown_seconds` and the row is `stale`, until the next record that
 //!   states the domain's state again.
+//!
+//! - a host's epochs are ordered by stream position (see `epochs`), not by
+//!   agent time; an epoch's timelines end where the next one begins.
 //!
 //! Invariant: usage does not depend on the order or multiplicity in which
 //! records were read (they are deduplicated and ordered by `host_seq`).
@@ -28,6 +33,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
+use super::epochs::EpochOrder;
+use super::liveness::{LastWord, Liveness};
 use super::rebuild::lane_origin;
 use super::record::{Body, Lane, Position, Record};
 use crate::model::{DomainState, EventType};
@@ -90,6 +97,7 @@ struct HostEpoch {
     /// Per lane: last host_seq of this host there and how many of the
     /// lane's holes it has read past.
     lane_last: HashMap<Lane, (u64, usize)>,
+    last_word: LastWord,
 }
 
 /// A hole a host has no message after: its last host_seq in that lane,
@@ -116,11 +124,23 @@ pub struct Usage {
     hosts: HashMap<(String, String), HostEpoch>,
     holes: Vec<Hole>,
     lane_last_pos: HashMap<Lane, u64>,
+    /// Per host, its epochs' order.
+    epochs: HashMap<String, EpochOrder>,
+    /// The silence rule and the time it is judged at (µs).
+    liveness: Option<(Liveness, i64)>,
 }
 
 impl Usage {
     pub fn new() -> Usage {
         Usage::default()
+    }
+
+    /// Judges hosts silent by `liveness` at the earlier of `to` and
+    /// `now_us`: a silent host's time after its last word plus the
+    /// allowance is unknown.
+    pub fn with_liveness(mut self, liveness: Liveness, now_us: i64) -> Usage {
+        self.liveness = Some((liveness, now_us));
+        self
     }
 
     /// Notes a lost message of a contiguous lane at `pos` (one that
@@ -169,6 +189,11 @@ impl Usage {
             *e = (*e).max(rec.pos.offset);
         }
         let (host, epoch, host_seq) = rec.body.origin();
+        self.epochs.entry(host.to_owned()).or_default().note(
+            epoch,
+            &rec.pos,
+            rec.body.observed_at(),
+        );
         let he = self
             .hosts
             .entry((host.to_owned(), epoch.to_owned()))
@@ -181,6 +206,11 @@ impl Usage {
             he.first_seen = he.first_seen.min(t);
             he.last_seen = he.last_seen.max(t);
         }
+        he.last_word.note(
+            host_seq,
+            rec.body.observed_at(),
+            matches!(rec.body, Body::Host(_)),
+        );
         if contiguous {
             let (last, seen) = he.lane_last.get(&lane).cloned().unwrap_or((0, 0));
             let mut n = seen;
@@ -246,19 +276,32 @@ impl Usage {
     /// [`Self::compute`] with the clock skew allowed between agents and
     /// brokers when a hole is placed in time (µs).
     pub fn compute_with_skew(&self, from: i64, to: i64, skew: i64) -> Vec<UsageRow> {
-        // The epochs of each host, oldest first: an epoch's timelines end
-        // where the next one begins.
-        let mut epochs: HashMap<&str, Vec<(i64, &str)>> = HashMap::new();
-        for ((host, epoch), he) in &self.hosts {
-            epochs.entry(host).or_default().push((he.first_seen, epoch));
-        }
-        for list in epochs.values_mut() {
-            list.sort();
-        }
+        // The epochs of each host, oldest first (by position): an epoch's
+        // timelines end where the next one begins.
+        let epochs: HashMap<&str, Vec<&str>> = self
+            .epochs
+            .iter()
+            .map(|(h, o)| (h.as_str(), o.oldest_first()))
+            .collect();
         let next_epoch = |host: &str, epoch: &str| -> Option<i64> {
             let list = epochs.get(host)?;
-            let i = list.iter().position(|(_, e)| *e == epoch)?;
-            list.get(i + 1).map(|(t, _)| *t)
+            let i = list.iter().position(|e| *e == epoch)?;
+            let next = list.get(i + 1)?;
+            self.hosts
+                .get(&(host.to_owned(), (*next).to_owned()))
+                .map(|he| he.first_seen)
+        };
+        // Silent hosts (their newest epoch): since when, and why.
+        let silent = |host: &str, epoch: &str| -> Option<(i64, String)> {
+            let (rule, now) = self.liveness?;
+            if epochs.get(host)?.last() != Some(&epoch) {
+                return None;
+            }
+            let last = self.hosts[&(host.to_owned(), epoch.to_owned())]
+                .last_word
+                .time()?;
+            let since = rule.silent_since(last, now.min(to))?;
+            Some((since, rule.reason(host, last, since)))
         };
         // Per (host, uuid): the stretches of known state and of unknown.
         let mut spans: HashMap<(String, String), HostSpans> = HashMap::new();
@@ -294,6 +337,7 @@ impl Usage {
             let he = &self.hosts[&key];
             let open = &open[&key];
             let epoch_end = next_epoch(host, epoch);
+            let silence = silent(host, epoch);
             let out = spans.entry((host.clone(), uuid.clone())).or_default();
             let pts: Vec<(&u64, &Point)> = points.iter().collect();
             if let Some((_, first)) = pts.first() {
@@ -343,16 +387,28 @@ impl Usage {
                 };
                 match (next, epoch_end) {
                     (Some((_, q)), _) => push(p.t, q.t, doubt),
-                    (None, None) => push(p.t, to, doubt),
+                    (None, None) => match &silence {
+                        // The host fell silent: known until its last word
+                        // plus the allowance, unknown after.
+                        Some((since, why)) => {
+                            let since = (*since).max(p.t);
+                            push(p.t, since, doubt);
+                            push(since, to, Some(why.clone()));
+                        }
+                        None => push(p.t, to, doubt),
+                    },
                     (None, Some(new_epoch)) => {
                         // The journal was recreated: this epoch's agent
                         // vouches for the state until its last message; what
                         // happened until the new epoch began is not known.
-                        let vouched = he.last_seen.clamp(p.t, new_epoch);
+                        // (With a clock stepped back across the recreation,
+                        // the new epoch may seem to begin before this point:
+                        // nothing is billed for such an overlap.)
+                        let vouched = he.last_seen.min(new_epoch).max(p.t);
                         push(p.t, vouched, doubt);
                         push(
                             vouched,
-                            new_epoch,
+                            new_epoch.max(vouched),
                             Some(format!(
                                 "the journal of {host} was recreated (epoch {epoch} ended)"
                             )),
@@ -552,6 +608,76 @@ mod tests {
         // U2: known 10..50, unknown until the new epoch, then not there.
         assert_eq!((u2.running_seconds, u2.unknown_seconds), (40.0, 50.0));
         assert_eq!(u2.vcpu_seconds, 80.0);
+    }
+
+    #[test]
+    fn a_new_epoch_stamped_before_the_old_one_is_still_the_newest() {
+        // Old epoch "a" at 0 s and 10 s; its journal is recreated and the
+        // clock stepped back: new epoch "b" stamps -100 s, later in the
+        // same partition. "b" lists only U1.
+        let mut u = Usage::new();
+        for (offset, body) in [
+            (1, at(ev("a", 1, U1, 1, DomainState::RUNNING), 0)),
+            (2, at(ev("a", 2, U2, 1, DomainState::RUNNING), 10)),
+            (3, at(ev("b", 1, U1, 1, DomainState::RUNNING), -100)),
+        ] {
+            u.add(
+                &Record {
+                    body,
+                    pos: pos("EV", offset),
+                },
+                true,
+            );
+        }
+        let rows = u.compute(0, 1000 * S);
+        let u1 = rows.iter().find(|r| r.uuid == U1).unwrap();
+        assert_eq!(u1.running_seconds, 1000.0);
+        let u2 = rows.iter().find(|r| r.uuid == U2);
+        assert!(
+            u2.is_none_or(|r| r.running_seconds == 0.0),
+            "the old epoch ended when the new one began: {u2:?}"
+        );
+    }
+
+    #[test]
+    fn a_silent_hosts_time_after_its_last_word_is_unknown() {
+        let rule = Liveness::new(std::time::Duration::from_secs(1), 3);
+        let bodies = || {
+            vec![
+                at(ev("e", 1, U1, 1, DomainState::RUNNING), 0),
+                crate::consumer::rebuild::tests::host_rec(
+                    "e",
+                    5,
+                    crate::model::HostSnapshotKind::HEARTBEAT,
+                    1,
+                    1,
+                ),
+            ]
+        };
+        // Judged at 7 s (the earlier of --to and now): 2 s after the
+        // heartbeat at 5 s, live; billed to --to.
+        let mut u = Usage::new().with_liveness(rule, 7 * S);
+        add(&mut u, bodies());
+        let r = &u.compute(0, 1000 * S)[0];
+        assert_eq!((r.running_seconds, r.unknown_seconds), (1000.0, 0.0));
+        // Judged at 100 s: silent since 5 s + 3 × 1 s.
+        let mut u = Usage::new().with_liveness(rule, 100 * S);
+        add(&mut u, bodies());
+        let r = &u.compute(0, 50 * S)[0];
+        assert_eq!((r.running_seconds, r.unknown_seconds), (8.0, 42.0));
+        assert_eq!(r.vcpu_seconds, 16.0);
+        assert!(r.stale);
+        assert!(
+            r.stale_reason
+                .as_deref()
+                .unwrap()
+                .contains("host h is silent since"),
+            "{:?}",
+            r.stale_reason
+        );
+        // A window ending before the silence is all known.
+        let r = &u.compute(0, 8 * S)[0];
+        assert_eq!((r.running_seconds, r.unknown_seconds), (8.0, 0.0));
     }
 
     #[test]

@@ -397,6 +397,7 @@ pub fn read_topic_with(base: &rdkafka::ClientConfig, topic: &str) -> Vec<KafkaRe
             starts: (0..partitions).map(|p| (p, Start::Earliest)).collect(),
             idle: Duration::from_millis(800),
             max_clock_skew: Duration::from_secs(10),
+            not_before_ms: None,
             stall: Duration::from_secs(20),
             stop: None,
             lookback: 0,

@@ -8,7 +8,12 @@
 //! - the caller says so (it found what it was looking for);
 //! - a record stamped later than the read's start plus `max_clock_skew`
 //!   arrives: it was appended after the read began, so everything appended
-//!   before is behind it (this ends a partition other producers keep busy);
+//!   before is behind it (this ends a partition other producers keep busy).
+//!   The start is the latest of this host's clock, `not_before_ms` and the
+//!   stamps of records the caller marks as [`Flow::Earlier`] (records it
+//!   knows were appended before the read began, such as the reading agent's
+//!   own): a clock stepped backward, which makes older records look late,
+//!   cannot end a partition before those records (see [`Lateness`]);
 //! - no record has arrived for `idle`, and two Fetch requests were sent
 //!   after a statistics report that came after the last record, with no
 //!   client error in between. librdkafka sends the next Fetch to a broker
@@ -61,6 +66,10 @@ pub struct ReadOptions<'a> {
     pub idle: Duration,
     /// Largest clock difference between this host and record timestamps.
     pub max_clock_skew: Duration,
+    /// The read began no earlier than this record time (ms), whatever
+    /// this host's clock says now (e.g. the newest time this host stamped
+    /// before a restart).
+    pub not_before_ms: Option<i64>,
     /// No Fetch progress for this long is an error.
     pub stall: Duration,
     /// Set to stop early (the read then returns `Interrupted`).
@@ -73,12 +82,48 @@ pub struct ReadOptions<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
     Continue,
+    /// Continue; this record was appended before the read began (the
+    /// caller knows: e.g. it is the reading agent's own), so its stamp
+    /// never ends the partition and later records are judged against it.
+    Earlier,
     /// Stop reading this record's partition.
     PartitionDone,
 }
 
+/// When a record counts as appended after the read began: stamped later
+/// than the read's start plus the allowed skew. The start only moves
+/// forward: to `not_before_ms`, and to the stamp of every record known to
+/// be earlier, so this host's clock being behind (stepped backward since
+/// it stamped them) cannot end a partition before its own records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lateness {
+    start_ms: i64,
+    skew_ms: i64,
+}
+
+impl Lateness {
+    pub fn new(now_ms: i64, not_before_ms: Option<i64>, skew: Duration) -> Lateness {
+        Lateness {
+            start_ms: not_before_ms.map_or(now_ms, |n| n.max(now_ms)),
+            skew_ms: i64::try_from(skew.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Whether the record stamped `ts_ms`, of which the caller said
+    /// `flow`, ends its partition as appended after the read began.
+    pub fn ends(&mut self, ts_ms: Option<i64>, flow: Flow) -> bool {
+        let Some(t) = ts_ms else { return false };
+        if flow == Flow::Earlier {
+            self.start_ms = self.start_ms.max(t);
+            return false;
+        }
+        t > self.start_ms.saturating_add(self.skew_ms)
+    }
+}
+
 /// Per-partition progress.
 struct Progress {
+    lateness: Lateness,
     /// Where fetching started (an earlier record means the log was reset).
     fetch_start: i64,
     /// Records below this offset are look-back, not shown to the caller.
@@ -119,7 +164,7 @@ pub fn read_to_end(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let late_ms = started_ms + opts.max_clock_skew.as_millis() as i64;
+    let lateness = Lateness::new(started_ms, opts.not_before_ms, opts.max_clock_skew);
     let consumer: BaseConsumer<KafkaContext> = base
         .clone()
         // librdkafka wants a group id even for assigned partitions; with
@@ -150,6 +195,7 @@ pub fn read_to_end(
         parts.insert(
             *p,
             Progress {
+                lateness,
                 fetch_start,
                 skip_below,
                 done: false,
@@ -197,7 +243,7 @@ pub fn read_to_end(
                     flow = on_record(&m);
                     summary.records += 1;
                 }
-                let late = m.timestamp().to_millis().is_some_and(|t| t > late_ms);
+                let late = st.lateness.ends(m.timestamp().to_millis(), flow);
                 if flow == Flow::PartitionDone || late {
                     st.done = true;
                     finish(&consumer, m.partition());
@@ -259,5 +305,47 @@ pub fn read_to_end(
                 opts.topic, opts.stall
             )));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: i64 = 3_600_000;
+
+    #[test]
+    fn a_clock_stepped_back_does_not_make_own_records_late() {
+        let skew = Duration::from_secs(10);
+        // This host stamped its records at 10 h, then its clock stepped
+        // back an hour: the read starts at 9 h by its clock.
+        let now = 9 * H;
+        let mut l = Lateness::new(now, None, skew);
+        assert!(
+            l.ends(Some(10 * H), Flow::Continue),
+            "a record not known to be earlier: late"
+        );
+        let mut l = Lateness::new(now, None, skew);
+        assert!(!l.ends(Some(10 * H), Flow::Earlier), "its own: never late");
+        assert!(
+            !l.ends(Some(10 * H + 5_000), Flow::Continue),
+            "another host's record within the skew of the last own one"
+        );
+        assert!(l.ends(Some(10 * H + 11_000), Flow::Continue));
+        // The newest time this host stamped, given up front.
+        let mut l = Lateness::new(now, Some(10 * H), skew);
+        assert!(!l.ends(Some(10 * H + 9_000), Flow::Continue));
+        assert!(l.ends(Some(10 * H + 10_001), Flow::Continue));
+        // A floor in the past changes nothing.
+        let mut l = Lateness::new(now, Some(0), skew);
+        assert!(l.ends(Some(now + 10_001), Flow::Continue));
+        assert!(!l.ends(None, Flow::Continue), "no timestamp: not late");
+    }
+
+    #[test]
+    fn hostile_stamps_do_not_overflow() {
+        let mut l = Lateness::new(i64::MAX, Some(i64::MIN), Duration::MAX);
+        assert!(!l.ends(Some(i64::MAX), Flow::Continue));
+        assert!(!l.ends(Some(i64::MIN), Flow::Earlier));
     }
 }

@@ -125,6 +125,8 @@ type Delivery = (Entry, usize, Result<(i32, i64), String>);
 
 /// Where an entry was found or acknowledged: (topic index, partition, offset).
 type Placed = (usize, i32, i64);
+/// Per topic: partition → the highest `host_seq` of the backlog there.
+type PartitionChecks = [BTreeMap<i32, u64>; 3];
 
 impl KafkaSink {
     fn set_state(&self, s: SinkState) {
@@ -171,21 +173,24 @@ impl KafkaSink {
 
     /// Per topic, for every partition the entries after `cursor` map to
     /// (under the current count and, after a change, the prior one), the
-    /// highest `host_seq` mapping there. Reads the whole backlog: run it on
-    /// the blocking pool.
+    /// highest `host_seq` mapping there; and the newest record time (ms)
+    /// of the backlog. Reads the whole backlog: run it on the blocking pool.
     fn partitions_to_check(
         journal: &Journal,
         cursor: u64,
         enc: &EncodingContext,
         priors: [Option<i32>; 3],
-    ) -> Result<[BTreeMap<i32, u64>; 3], KafkaSinkError> {
+    ) -> Result<(PartitionChecks, Option<i64>), KafkaSinkError> {
         let mut out: [BTreeMap<i32, u64>; 3] = Default::default();
+        let mut newest: Option<i64> = None;
         let mut after = cursor;
         loop {
             let batch = journal.read_after(after, 4096).map_err(Self::journal_err)?;
             let Some(last) = batch.last() else { break };
             after = last.host_seq;
             for e in &batch {
+                let ms = e.observed_at.div_euclid(1000);
+                newest = Some(newest.map_or(ms, |n| n.max(ms)));
                 let (t, key, p) = enc.route(e);
                 out[t].insert(p, e.host_seq);
                 if let Some(n) = priors[t] {
@@ -196,7 +201,7 @@ impl KafkaSink {
                 }
             }
         }
-        Ok(out)
+        Ok((out, newest))
     }
 
     /// Reads back this host's records above `cursor` in every topic;
@@ -229,7 +234,7 @@ impl KafkaSink {
             }
             priors[t] = o.prior.map(|(n, _)| n);
         }
-        let checks = {
+        let (checks, newest_ms) = {
             let journal = self.journal.clone();
             let enc = enc.clone();
             tokio::task::spawn_blocking(move || {
@@ -246,7 +251,7 @@ impl KafkaSink {
             let name = enc.topics[t].0.clone();
             let o = offsets.topics.get_mut(&name).expect("entry made above");
             let (in_topic, records) = self
-                .recover_topic(base, &name, cursor, o, check, shutdown)
+                .recover_topic(base, &name, (cursor, newest_ms), o, check, shutdown)
                 .await?;
             tracing::info!(topic = %name, records_read = records, already_stored = in_topic.len(), "read-back done");
             found.extend(in_topic.into_iter().map(|(s, (p, off))| (s, (t, p, off))));
@@ -259,7 +264,7 @@ impl KafkaSink {
         &self,
         base: &rdkafka::config::ClientConfig,
         topic: &str,
-        cursor: u64,
+        (cursor, newest_ms): (u64, Option<i64>),
         offsets: &mut TopicOffsets,
         check: BTreeMap<i32, u64>,
         shutdown: &mut broadcast::Receiver<()>,
@@ -308,6 +313,9 @@ impl KafkaSink {
                         starts,
                         idle,
                         max_clock_skew: skew,
+                        // This host stamped its backlog by then: a clock
+                        // stepped back since cannot make it look late.
+                        not_before_ms: newest_ms,
                         stall: (idle * 10).max(Duration::from_secs(30)),
                         stop: Some(&stop),
                         lookback,
@@ -320,10 +328,17 @@ impl KafkaSink {
                                 .and_then(|h| h.value)
                                 .and_then(|v| std::str::from_utf8(v).ok())
                                 .and_then(|v| {
-                                    parse_event_id(v).map(|(h, e, s)| (h == host && e == epoch, s))
+                                    parse_event_id(v).map(|(h, e, s)| (h == host, e == epoch, s))
                                 })
                         });
-                        if let Some((true, s)) = id {
+                        // Our own records, of any epoch, were all appended
+                        // before this read: their stamps never end it.
+                        let own = if id.is_some_and(|(h, _, _)| h) {
+                            Flow::Earlier
+                        } else {
+                            Flow::Continue
+                        };
+                        if let Some((true, true, s)) = id {
                             if s > cursor {
                                 found.insert(s, (m.partition(), m.offset()));
                                 if last_of.get(&m.partition()) == Some(&s) {
@@ -333,7 +348,7 @@ impl KafkaSink {
                                 }
                             }
                         }
-                        Flow::Continue
+                        own
                     },
                 );
                 r.map(|sum| (found, seen_end, sum.records))

@@ -17,19 +17,22 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use virtstream::codec;
 use virtstream::consumer::audit::{AuditOptions, Auditor};
+use virtstream::consumer::liveness::Liveness;
 use virtstream::consumer::rebuild::Fleet;
 use virtstream::consumer::record::{self, Headers, Position, Record};
 use virtstream::consumer::usage::Usage;
 
 fuzz_target!(|data: &[u8]| {
     let schemas = codec::schemas();
-    let mut fleet = Fleet::new();
+    let now_us = 1_800_000_000_000_000;
+    let rule = Liveness::new(std::time::Duration::from_secs(30), 3);
+    let mut fleet = Fleet::new().with_liveness(rule, now_us);
     let mut audit = Auditor::new(AuditOptions {
-        heartbeat_us: 30_000_000,
-        now_us: 1_800_000_000_000_000,
+        liveness: rule,
+        now_us,
         from_start: true,
     });
-    let mut usage = Usage::new();
+    let mut usage = Usage::new().with_liveness(rule, now_us);
     let source: Arc<str> = Arc::from("FUZZ");
     let mut rest = data;
     let mut offset = 0u64;

@@ -20,6 +20,12 @@
 //!   is bounded by the `host_seq` of the first record that revealed it);
 //! - a domain absent from a complete round, or tombstoned, is deleted; a
 //!   transient domain that stopped is gone.
+//! - each epoch of a host is rebuilt on its own; the newest by stream
+//!   position (see `epochs`, never by agent time alone) is shown, and until
+//!   it has a complete round, domains it has said nothing of are shown from
+//!   older epochs, stale;
+//! - with [`Fleet::with_liveness`], a host silent at the given time (see
+//!   `liveness`) makes all its domains stale.
 //!
 //! Invariant: the result never depends on how many times a record was
 //! read, and a record that lost nothing never makes anything stale.
@@ -28,6 +34,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
+use super::epochs::EpochOrder;
+use super::liveness::{LastWord, Liveness};
 use super::record::{Body, Lane, Position, Record, Tombstone};
 use crate::model::{
     parse_event_id, DomainEvent, DomainSnapshot, DomainState, EventType, HostSnapshot,
@@ -66,7 +74,8 @@ pub struct RebuildStats {
     pub records: u64,
     /// Records that carried nothing newer (duplicates, late arrivals).
     pub ignored: u64,
-    /// Records of an epoch older than the host's newest.
+    /// Records of an epoch older than the host's newest (kept: a domain
+    /// the newest epoch has said nothing of yet is shown from them).
     pub old_epoch: u64,
     pub rounds_applied: u64,
 }
@@ -169,20 +178,20 @@ struct Pending {
     reason: String,
 }
 
+/// One epoch of one host.
 #[derive(Debug)]
 struct Host {
     epoch: String,
-    /// Newest agent time seen in this epoch.
-    last_observed: i64,
+    /// Records read of this epoch.
+    records: u64,
+    /// The host's last word in this epoch (see `liveness`).
+    last_word: LastWord,
     domains: HashMap<String, Dom>,
     rounds: HashMap<String, Round>,
     last_round: Option<Applied>,
     /// Host-wide loss: stale until a complete round beginning after it.
     loss_bound: Option<u64>,
     loss_reason: Option<String>,
-    /// A new epoch (or a first sight that needs one): stale until a
-    /// complete round of this epoch.
-    needs_round: Option<String>,
     /// Per lane, how many position holes of that lane this host has
     /// accounted for (holes after its last record there are open).
     holes_seen: HashMap<Lane, usize>,
@@ -192,16 +201,16 @@ struct Host {
 }
 
 impl Host {
-    fn new(epoch: &str, observed_at: i64) -> Host {
+    fn new(epoch: &str) -> Host {
         Host {
             epoch: epoch.to_owned(),
-            last_observed: observed_at,
+            records: 0,
+            last_word: LastWord::default(),
             domains: HashMap::new(),
             rounds: HashMap::new(),
             last_round: None,
             loss_bound: None,
             loss_reason: None,
-            needs_round: None,
             holes_seen: HashMap::new(),
             pending: Vec::new(),
             last_heartbeat: None,
@@ -246,7 +255,8 @@ pub fn lane_origin(pos: &Position) -> u64 {
 /// The rebuild. See the module documentation for the rules.
 #[derive(Debug)]
 pub struct Fleet {
-    hosts: HashMap<String, Host>,
+    /// Per host, every epoch read (each rebuilt on its own) and their order.
+    hosts: HashMap<String, Epochs>,
     /// Position holes (messages missing from a stream/partition).
     holes: Vec<Hole>,
     /// Last position read per contiguous lane.
@@ -254,7 +264,16 @@ pub struct Fleet {
     /// Largest difference allowed between an agent's clock and a broker's
     /// (µs), when a hole is placed in time.
     clock_skew_us: i64,
+    /// The silence rule and the time it is judged at.
+    liveness: Option<(Liveness, i64)>,
     stats: RebuildStats,
+}
+
+/// The epochs of one host.
+#[derive(Debug, Default)]
+struct Epochs {
+    epochs: HashMap<String, Host>,
+    order: EpochOrder,
 }
 
 impl Default for Fleet {
@@ -264,6 +283,7 @@ impl Default for Fleet {
             holes: Vec::new(),
             last_pos: HashMap::new(),
             clock_skew_us: DEFAULT_CLOCK_SKEW_US,
+            liveness: None,
             stats: RebuildStats::default(),
         }
     }
@@ -291,8 +311,27 @@ impl Fleet {
         self
     }
 
+    /// Judges hosts silent by `liveness` at `now_us` (µs; the wall clock,
+    /// or the end of the read): a silent host's domains are stale.
+    pub fn with_liveness(mut self, liveness: Liveness, now_us: i64) -> Fleet {
+        self.liveness = Some((liveness, now_us));
+        self
+    }
+
     pub fn stats(&self) -> RebuildStats {
-        self.stats
+        let mut s = self.stats;
+        s.old_epoch = self
+            .hosts
+            .values()
+            .flat_map(|e| {
+                let newest = e.order.newest();
+                e.epochs
+                    .values()
+                    .filter(move |h| Some(h.epoch.as_str()) != newest)
+            })
+            .map(|h| h.records)
+            .sum();
+        s
     }
 
     /// Notes that a message of a contiguous lane is lost at `pos` (it
@@ -335,16 +374,17 @@ impl Fleet {
         }
         let (host_id, epoch, host_seq) = rec.body.origin();
         let observed = rec.body.observed_at();
-        if !self.enter_epoch(host_id, epoch, observed) {
-            self.stats.old_epoch += 1;
-            return;
-        }
         let lane = rec.pos.lane();
         let skew = self.clock_skew_us;
-        let host = self.hosts.get_mut(host_id).expect("entered above");
-        if let Some(t) = observed {
-            host.last_observed = host.last_observed.max(t);
-        }
+        let epochs = self.hosts.entry(host_id.to_owned()).or_default();
+        epochs.order.note(epoch, &rec.pos, observed);
+        let host = epochs
+            .epochs
+            .entry(epoch.to_owned())
+            .or_insert_with(|| Host::new(epoch));
+        host.records += 1;
+        host.last_word
+            .note(host_seq, observed, matches!(rec.body, Body::Host(_)));
         if contiguous {
             // Holes of this lane read past for the first time: this host's
             // lost messages there, if any, come before this one.
@@ -398,43 +438,6 @@ impl Fleet {
         }
         let e = self.last_pos.entry(lane).or_insert(pos.offset);
         *e = (*e).max(pos.offset);
-    }
-
-    /// Makes `epoch` the host's current one when it is newer; false when
-    /// the record belongs to an older epoch.
-    fn enter_epoch(&mut self, host_id: &str, epoch: &str, observed: Option<i64>) -> bool {
-        let Some(host) = self.hosts.get_mut(host_id) else {
-            self.hosts.insert(
-                host_id.to_owned(),
-                Host::new(epoch, observed.unwrap_or(i64::MIN)),
-            );
-            return true;
-        };
-        if host.epoch == epoch {
-            return true;
-        }
-        // A tombstone has no time: it cannot tell which epoch is newer.
-        let Some(t) = observed else { return false };
-        if t < host.last_observed {
-            return false;
-        }
-        let old = std::mem::replace(&mut host.epoch, epoch.to_owned());
-        host.last_observed = t;
-        host.rounds.clear();
-        host.last_round = None;
-        host.loss_bound = None;
-        host.loss_reason = None;
-        host.needs_round = Some(format!("epoch changed from {old} to {epoch}"));
-        host.pending.clear();
-        for d in host.domains.values_mut() {
-            // Counters of the old epoch are closed (DESIGN §3); the new
-            // epoch's first complete round decides about staleness.
-            d.host_seq = 0;
-            d.seq_known = false;
-            d.stale_bound = None;
-            d.stale_reason = None;
-        }
-        true
     }
 
     fn event(host: &mut Host, e: &DomainEvent, pos: &Position) -> Step {
@@ -651,7 +654,6 @@ impl Fleet {
             host.loss_bound = None;
             host.loss_reason = None;
         }
-        host.needs_round = None;
         host.last_round = Some(Applied {
             begin,
             end,
@@ -661,103 +663,6 @@ impl Fleet {
             .retain(|p| !host_covers(begin, observed_at, p, skew));
         true
     }
-
-    /// Why a host is stale, if it is.
-    fn host_stale(&self, host: &Host) -> Option<String> {
-        if let Some(r) = &host.needs_round {
-            return Some(format!("{r}; waiting for a complete snapshot round"));
-        }
-        if let Some(r) = &host.loss_reason {
-            return Some(r.clone());
-        }
-        if let Some(p) = host.pending.first() {
-            return Some(p.reason.clone());
-        }
-        // Holes this host has no message after: a lost message of its
-        // would have been emitted before the hole's time, so a round taken
-        // after that covers it.
-        let mut per_lane: HashMap<&Lane, usize> = HashMap::new();
-        for hole in &self.holes {
-            let i = per_lane.entry(&hole.lane).or_insert(0);
-            *i += 1;
-            let seen = host.holes_seen.get(&hole.lane).copied().unwrap_or(0);
-            if *i > seen && !host.covered_since(hole.time, self.clock_skew_us) {
-                return Some(format!(
-                    "messages missing from {} {}, and no complete snapshot round of this host since",
-                    hole.lane, hole.at
-                ));
-            }
-        }
-        None
-    }
-
-    /// Every domain present on some host, sorted by host, name and uuid.
-    pub fn domains(&self) -> Vec<DomainView> {
-        let mut out = Vec::new();
-        for (host_id, host) in &self.hosts {
-            let host_stale = self.host_stale(host);
-            for (uuid, d) in &host.domains {
-                if d.deleted {
-                    continue;
-                }
-                let stale_reason = d.stale_reason.clone().or_else(|| host_stale.clone());
-                out.push(DomainView {
-                    host_id: host_id.clone(),
-                    uuid: uuid.clone(),
-                    name: d.name.clone(),
-                    state: d.state.state.as_str().to_owned(),
-                    reason: d.state.reason.clone(),
-                    persistent: d.persistent,
-                    autostart: d.autostart,
-                    vcpus: d.vcpus,
-                    memory_kib: d.memory_kib,
-                    config_hash: d.config_hash.clone(),
-                    seq: d.seq,
-                    epoch: host.epoch.clone(),
-                    observed_at: d.observed_at,
-                    stale: stale_reason.is_some(),
-                    stale_reason,
-                });
-            }
-        }
-        out.sort_by(|a, b| (&a.host_id, &a.name, &a.uuid).cmp(&(&b.host_id, &b.name, &b.uuid)));
-        out
-    }
-
-    /// Hosts seen, with their epoch and whether they are stale.
-    pub fn hosts(&self) -> Vec<HostView> {
-        let mut out: Vec<HostView> = self
-            .hosts
-            .iter()
-            .map(|(id, h)| {
-                let stale_reason = self.host_stale(h);
-                HostView {
-                    host_id: id.clone(),
-                    epoch: h.epoch.clone(),
-                    complete_round: h.last_round.is_some(),
-                    last_heartbeat: h.last_heartbeat.as_ref().map(|b| b.observed_at),
-                    stale: stale_reason.is_some(),
-                    stale_reason,
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| a.host_id.cmp(&b.host_id));
-        out
-    }
-}
-
-/// One host, as rebuilt.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct HostView {
-    pub host_id: String,
-    pub epoch: String,
-    /// A complete snapshot round was found.
-    pub complete_round: bool,
-    /// Agent time of the newest heartbeat read (µs).
-    pub last_heartbeat: Option<i64>,
-    pub stale: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stale_reason: Option<String>,
 }
 
 enum Step {
@@ -767,387 +672,8 @@ enum Step {
     RoundMaybe(String),
 }
 
+mod view;
+pub use view::HostView;
+
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::model::{event_id, Detail, DomainRef, HostInfo, Origin, AGENT_VERSION};
-    use std::sync::Arc;
-
-    pub(crate) const U1: &str = "00000000-0000-4000-8000-000000000001";
-    pub(crate) const U2: &str = "00000000-0000-4000-8000-000000000002";
-
-    pub(crate) fn pos(src: &str, offset: u64) -> Position {
-        Position {
-            source: Arc::from(src),
-            partition: None,
-            offset,
-            time_us: None,
-        }
-    }
-
-    pub(crate) fn ev(epoch: &str, hs: u64, uuid: &str, seq: u64, state: DomainState) -> Body {
-        let event = match state {
-            DomainState::RUNNING => EventType::STARTED,
-            DomainState::PAUSED => EventType::SUSPENDED,
-            _ => EventType::STOPPED,
-        };
-        Body::Event(DomainEvent {
-            event_id: event_id("h", epoch, hs),
-            host_id: "h".into(),
-            epoch: epoch.into(),
-            host_seq: hs,
-            seq,
-            domain: DomainRef {
-                uuid: uuid.into(),
-                name: format!("vm-{}", &uuid[uuid.len() - 1..]),
-                id: None,
-            },
-            event,
-            libvirt_event_id: 0,
-            event_code: event.lifecycle_code().unwrap_or(-1),
-            detail: Detail::UNKNOWN,
-            detail_code: -1,
-            origin: Origin::LIBVIRT,
-            state_after: StateReason::named(state, "UNKNOWN"),
-            persistent: true,
-            autostart: None,
-            vcpus: Some(2),
-            memory_kib: Some(1024),
-            config_hash: None,
-            observed_at: hs as i64 * 1_000_000,
-            xml: None,
-        })
-    }
-
-    pub(crate) fn host_rec(
-        epoch: &str,
-        hs: u64,
-        kind: HostSnapshotKind,
-        round: u64,
-        n: i32,
-    ) -> Body {
-        Body::Host(HostSnapshot {
-            event_id: event_id("h", epoch, hs),
-            host_id: "h".into(),
-            epoch: epoch.into(),
-            host_seq: hs,
-            kind,
-            snapshot_id: Some(event_id("h", epoch, round)),
-            domain_count: n,
-            host_seq_watermark: hs - 1,
-            info: HostInfo::default(),
-            agent_version: AGENT_VERSION.into(),
-            observed_at: hs as i64 * 1_000_000,
-        })
-    }
-
-    /// A complete round at `begin` listing `(uuid, seq, state)`.
-    pub(crate) fn round(epoch: &str, begin: u64, doms: &[(&str, u64, DomainState)]) -> Vec<Body> {
-        let n = doms.len() as i32;
-        let mut v = vec![host_rec(
-            epoch,
-            begin,
-            HostSnapshotKind::ROUND_BEGIN,
-            begin,
-            n,
-        )];
-        for (i, (u, seq, st)) in doms.iter().enumerate() {
-            let hs = begin + 1 + i as u64;
-            v.push(Body::Domain(DomainSnapshot {
-                event_id: event_id("h", epoch, hs),
-                host_id: "h".into(),
-                epoch: epoch.into(),
-                host_seq: hs,
-                snapshot_id: event_id("h", epoch, begin),
-                seq: *seq,
-                domain: DomainRef {
-                    uuid: (*u).into(),
-                    name: "vm".into(),
-                    id: None,
-                },
-                state: StateReason::named(*st, "UNKNOWN"),
-                persistent: true,
-                autostart: None,
-                vcpus: Some(2),
-                memory_kib: Some(1024),
-                config_hash: None,
-                observed_at: hs as i64 * 1_000_000,
-                xml: None,
-            }));
-        }
-        v.push(host_rec(
-            epoch,
-            begin + n as u64 + 1,
-            HostSnapshotKind::ROUND_END,
-            begin,
-            n,
-        ));
-        v
-    }
-
-    /// Feeds bodies on a non-contiguous lane (positions say nothing).
-    pub(crate) fn feed(f: &mut Fleet, bodies: impl IntoIterator<Item = Body>) {
-        for (i, body) in bodies.into_iter().enumerate() {
-            f.apply(
-                &Record {
-                    body,
-                    pos: pos("S", i as u64 + 1),
-                },
-                false,
-            );
-        }
-    }
-
-    pub(crate) fn view(f: &Fleet, uuid: &str) -> Option<DomainView> {
-        f.domains().into_iter().find(|d| d.uuid == uuid)
-    }
-
-    #[test]
-    fn a_seq_jump_makes_only_that_domain_stale_until_a_later_round() {
-        let mut f = Fleet::new();
-        feed(
-            &mut f,
-            [
-                ev("e", 1, U1, 1, DomainState::SHUTOFF),
-                ev("e", 2, U2, 1, DomainState::SHUTOFF),
-                ev("e", 10, U1, 4, DomainState::RUNNING),
-            ],
-        );
-        let v = view(&f, U1).unwrap();
-        assert!(v.stale, "seq 1 → 4");
-        assert_eq!(
-            (v.state.as_str(), v.seq),
-            ("RUNNING", 4),
-            "the newest state applies"
-        );
-        assert!(v.stale_reason.unwrap().contains("seq jumps from 1 to 4"));
-        assert!(
-            !view(&f, U2).unwrap().stale,
-            "the other domain is not touched"
-        );
-        // A round that began before the jump's event does not clear it.
-        feed(
-            &mut f,
-            round(
-                "e",
-                4,
-                &[(U1, 3, DomainState::PAUSED), (U2, 1, DomainState::SHUTOFF)],
-            ),
-        );
-        let v = view(&f, U1).unwrap();
-        assert!(v.stale);
-        assert_eq!(v.state, "RUNNING", "the round is older than the event");
-        feed(
-            &mut f,
-            round(
-                "e",
-                12,
-                &[(U1, 4, DomainState::RUNNING), (U2, 1, DomainState::SHUTOFF)],
-            ),
-        );
-        assert!(
-            !view(&f, U1).unwrap().stale,
-            "a later complete round clears it"
-        );
-    }
-
-    #[test]
-    fn a_gap_marker_makes_the_host_stale_until_the_next_complete_round() {
-        let mut f = Fleet::new();
-        feed(&mut f, [ev("e", 1, U1, 1, DomainState::RUNNING)]);
-        let mut gap = ev("e", 2, crate::model::HOST_UUID, 0, DomainState::NOSTATE);
-        if let Body::Event(e) = &mut gap {
-            e.event = EventType::GAP;
-            e.detail = Detail::QUEUE_OVERFLOW;
-        }
-        feed(&mut f, [gap]);
-        let v = view(&f, U1).unwrap();
-        assert!(v.stale && v.stale_reason.unwrap().contains("QUEUE_OVERFLOW"));
-        // An incomplete round (END missing) repairs nothing.
-        let mut r = round("e", 3, &[(U1, 2, DomainState::PAUSED)]);
-        let end = r.pop().unwrap();
-        feed(&mut f, r);
-        assert!(view(&f, U1).unwrap().stale);
-        assert_eq!(view(&f, U1).unwrap().state, "RUNNING");
-        feed(&mut f, [end]);
-        let v = view(&f, U1).unwrap();
-        assert!(!v.stale);
-        assert_eq!((v.state.as_str(), v.seq), ("PAUSED", 2));
-    }
-
-    #[test]
-    fn a_compacted_round_completes_from_the_heartbeat_that_names_it() {
-        // What a late reader of the compacted snapshot stream finds: the
-        // round's domain records, a heartbeat naming the round (its
-        // BEGIN/END were replaced), no events of the deleted domain.
-        let mut f = Fleet::new();
-        feed(&mut f, [ev("e", 1, U2, 1, DomainState::SHUTOFF)]);
-        let mut r = round("e", 10, &[(U1, 5, DomainState::RUNNING)]);
-        r.retain(|b| matches!(b, Body::Domain(_)));
-        feed(&mut f, r.clone());
-        assert!(view(&f, U1).is_none(), "not complete without its end");
-        feed(
-            &mut f,
-            [host_rec("e", 20, HostSnapshotKind::HEARTBEAT, 10, 2)],
-        );
-        assert!(view(&f, U1).is_none(), "the heartbeat says two domains");
-        feed(
-            &mut f,
-            [host_rec("e", 21, HostSnapshotKind::HEARTBEAT, 10, 1)],
-        );
-        let v = view(&f, U1).unwrap();
-        assert_eq!((v.state.as_str(), v.seq, v.stale), ("RUNNING", 5, false));
-        assert!(
-            view(&f, U2).is_none(),
-            "absent from a complete round: deleted"
-        );
-        // Older events of the deleted domain cannot bring it back.
-        feed(&mut f, [ev("e", 3, U2, 2, DomainState::RUNNING)]);
-        assert!(view(&f, U2).is_none());
-        assert_eq!(f.stats().rounds_applied, 1);
-    }
-
-    #[test]
-    fn an_epoch_change_is_stale_until_a_round_of_the_new_epoch() {
-        let mut f = Fleet::new();
-        feed(&mut f, round("old", 1, &[(U1, 1, DomainState::RUNNING)]));
-        let mut first = ev("new", 1, U1, 1, DomainState::PAUSED);
-        if let Body::Event(e) = &mut first {
-            e.observed_at = 100_000_000; // after everything of the old epoch
-        }
-        feed(&mut f, [first]);
-        let v = view(&f, U1).unwrap();
-        assert_eq!((v.state.as_str(), v.epoch.as_str()), ("PAUSED", "new"));
-        assert!(v.stale && v.stale_reason.unwrap().contains("epoch changed"));
-        // A straggler of the old epoch changes nothing.
-        let mut old = ev("old", 9, U1, 2, DomainState::SHUTOFF);
-        if let Body::Event(e) = &mut old {
-            e.observed_at = 0;
-        }
-        feed(&mut f, [old]);
-        assert_eq!(f.stats().old_epoch, 1);
-        feed(&mut f, round("new", 2, &[(U1, 1, DomainState::PAUSED)]));
-        assert!(!view(&f, U1).unwrap().stale);
-    }
-
-    #[test]
-    fn a_position_hole_is_bounded_by_the_hosts_next_record() {
-        let mut f = Fleet::new();
-        let lane_rec = |body, offset| Record {
-            body,
-            pos: pos("EV", offset),
-        };
-        f.apply(&lane_rec(ev("e", 1, U1, 1, DomainState::RUNNING), 1), true);
-        // Position 2 is missing; this host's next record there is host_seq 3.
-        f.apply(&lane_rec(ev("e", 3, U1, 2, DomainState::PAUSED), 3), true);
-        assert!(view(&f, U1).unwrap().stale);
-        feed(&mut f, round("e", 2, &[(U1, 1, DomainState::RUNNING)]));
-        assert!(
-            view(&f, U1).unwrap().stale,
-            "the round began before the bound"
-        );
-        feed(&mut f, round("e", 4, &[(U1, 2, DomainState::PAUSED)]));
-        assert!(!view(&f, U1).unwrap().stale);
-        // A last message deleted: the stream's end says so.
-        f.lane_end(&pos("EV", 0).lane(), 5, None);
-        assert!(view(&f, U1).unwrap().stale);
-    }
-
-    #[test]
-    fn a_host_quiet_after_a_hole_is_stale_until_a_round_taken_after_it() {
-        let mut f = Fleet::new().with_clock_skew(std::time::Duration::from_secs(1));
-        // Host h published at position 1; position 2 is lost (another
-        // host's message after it, at broker time 100 s). h has nothing
-        // after the hole.
-        let rec = |body, offset, t: i64| Record {
-            body,
-            pos: Position {
-                time_us: Some(t * 1_000_000),
-                ..pos("EV", offset)
-            },
-        };
-        f.apply(&rec(ev("e", 1, U1, 1, DomainState::RUNNING), 1, 1), true);
-        let mut other = ev("e", 1, U2, 1, DomainState::RUNNING);
-        if let Body::Event(e) = &mut other {
-            e.host_id = "other".into();
-        }
-        f.apply(&rec(other, 3, 100), true);
-        assert!(view(&f, U1).unwrap().stale, "h may have lost its message");
-        // A complete round of h taken before the hole's time: not enough.
-        feed(&mut f, round("e", 2, &[(U1, 1, DomainState::RUNNING)]));
-        assert!(view(&f, U1).unwrap().stale);
-        // One taken after it (observed at 120 s): covered.
-        let mut r = round("e", 10, &[(U1, 1, DomainState::RUNNING)]);
-        for b in &mut r {
-            match b {
-                Body::Host(h) => h.observed_at = 120_000_000,
-                Body::Domain(d) => d.observed_at = 120_000_000,
-                _ => {}
-            }
-        }
-        feed(&mut f, r);
-        assert!(!view(&f, U1).unwrap().stale);
-        // An undecodable message later in the lane is a loss again.
-        f.lost(&Position {
-            time_us: Some(200_000_000),
-            ..pos("EV", 4)
-        });
-        assert!(view(&f, U1).unwrap().stale);
-    }
-
-    #[test]
-    fn a_kafka_partition_read_from_past_offset_0_lost_its_head() {
-        let mut f = Fleet::new();
-        let p = Position {
-            partition: Some(2),
-            ..pos("topic", 1)
-        };
-        f.apply(
-            &Record {
-                body: ev("e", 1, U1, 1, DomainState::RUNNING),
-                pos: p,
-            },
-            true,
-        );
-        assert!(view(&f, U1).unwrap().stale);
-    }
-
-    #[test]
-    fn hostile_numbers_neither_panic_nor_apply() {
-        let mut f = Fleet::new();
-        // A round whose end would overflow, and one with a negative count.
-        let far = u64::MAX - 1;
-        feed(
-            &mut f,
-            [
-                host_rec("e", 5, HostSnapshotKind::ROUND_END, far, 1),
-                host_rec("e", 6, HostSnapshotKind::ROUND_END, 3, -1),
-                ev("e", u64::MAX, U1, u64::MAX, DomainState::RUNNING),
-                ev("e", 7, U2, 0, DomainState::RUNNING),
-            ],
-        );
-        assert_eq!(f.stats().rounds_applied, 0);
-        assert!(view(&f, U1).is_some());
-    }
-
-    #[test]
-    fn an_old_epochs_staleness_ends_with_the_new_epochs_round() {
-        let mut f = Fleet::new();
-        feed(
-            &mut f,
-            [
-                ev("old", 1, U1, 1, DomainState::RUNNING),
-                ev("old", 2, U1, 5, DomainState::PAUSED),
-            ],
-        );
-        assert!(view(&f, U1).unwrap().stale);
-        let mut first = ev("new", 1, U1, 1, DomainState::RUNNING);
-        if let Body::Event(e) = &mut first {
-            e.observed_at = 100_000_000;
-        }
-        feed(&mut f, [first]);
-        feed(&mut f, round("new", 2, &[(U1, 1, DomainState::RUNNING)]));
-        let v = view(&f, U1).unwrap();
-        assert!(!v.stale, "{:?}", v.stale_reason);
-    }
-}
+pub(crate) mod tests;
