@@ -69,19 +69,16 @@ impl Limits {
     }
 }
 
+/// The soft open-file limit, from `/proc/self/limits` (None: unlimited or
+/// unknown).
 fn open_file_limit() -> Option<usize> {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
-        return None;
-    }
-    if rl.rlim_cur == libc::RLIM_INFINITY {
-        return None;
-    }
-    usize::try_from(rl.rlim_cur).ok()
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Why one connection ended without a complete exchange.
