@@ -35,7 +35,18 @@ fn open_fds(pid: u32) -> usize {
 
 /// User + system CPU time the process has used.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU time of the process's main thread: the async runtime
+/// the endpoint runs on (libvirt, the tracker and the journal have their
+/// own threads, busy with whatever else happens on the shared libvirtd).
+fn runtime_cpu_time(pid: u32) -> Duration {
+    stat_cpu(&format!("/proc/{pid}/task/{pid}/stat"))
+}
+
+fn stat_cpu(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap();
     // Fields after the ")" that ends the command name: utime is the 12th,
     // stime the 13th (fields 14 and 15 of proc(5)).
     let rest = stat.rsplit_once(')').unwrap().1;
@@ -60,9 +71,10 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
     }
 }
 
+/// Up to `n` connections; stops early when the listen backlog is full.
 fn connect_many(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     (0..n)
-        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+        .map_while(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
         .collect()
 }
 
@@ -123,7 +135,6 @@ fn connection_flood_is_capped_timed_out_and_events_keep_flowing() {
     let events = burst(name.clone(), 50, Duration::from_millis(40));
     let drip = slowloris(addr, 50, READ_TIMEOUT + Duration::from_secs(3));
     let mut idle = connect_many(addr, 2000);
-    assert!(idle.len() > 1500, "only {} connections opened", idle.len());
     // The agent holds no more than the cap (plus one being closed).
     let mut peak = 0;
     for _ in 0..10 {
@@ -134,6 +145,8 @@ fn connection_flood_is_capped_timed_out_and_events_keep_flowing() {
         peak <= MAX_CONNECTIONS + 2,
         "the agent holds {peak} connections beyond its own (cap {MAX_CONNECTIONS})"
     );
+    // Over the cap, connections are closed at once: the backlog never fills.
+    assert_eq!(idle.len(), 2000, "the agent stopped accepting");
     events.join().unwrap();
 
     // Idle connections are closed by the server after the read timeout,
@@ -177,16 +190,19 @@ fn accept_failures_back_off_and_events_keep_flowing() {
         .expect("prlimit (util-linux)");
     assert!(st.success(), "prlimit failed");
 
-    let name = unique("emfile");
-    let events = burst(name.clone(), 30, Duration::from_millis(50));
-    let flood = connect_many(addr, 300);
-    assert!(flood.len() > 100, "only {} connections opened", flood.len());
+    // More connections than descriptors, fewer than the listen backlog.
+    let flood = connect_many(addr, 100);
+    assert!(flood.len() > 50, "only {} connections opened", flood.len());
     std::thread::sleep(Duration::from_millis(500));
-    let (cpu0, t0) = (cpu_time(pid), Instant::now());
-    std::thread::sleep(Duration::from_secs(3));
-    let cpu = cpu_time(pid) - cpu0;
+    // Events while accept keeps failing.
+    let name = unique("emfile");
+    let events = burst(name.clone(), 40, Duration::from_millis(40));
+    let (cpu0, all0, t0) = (runtime_cpu_time(pid), cpu_time(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(4));
+    let cpu = runtime_cpu_time(pid) - cpu0;
+    let all = cpu_time(pid) - all0;
     let wall = t0.elapsed();
-    eprintln!("agent CPU while accept fails: {cpu:?} in {wall:?}");
+    eprintln!("agent CPU while accept fails: runtime thread {cpu:?}, process {all:?}, in {wall:?}");
     assert!(
         cpu < wall / 5,
         "the agent spun: {cpu:?} CPU in {wall:?} while accept failed"
