@@ -7,13 +7,15 @@
 //!   writable and every sink is connected; its body names each component's
 //!   state either way;
 //! - the endpoint never blocks the pipeline: it reads atomics and a short
-//!   mutex, and each connection has a read deadline.
+//!   mutex, holds a bounded number of connections, each with a read and a
+//!   write deadline, and backs off when `accept` fails (see [`server`]).
+
+pub mod server;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -21,8 +23,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+
+pub use server::{bind, serve, Limits};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -271,73 +273,6 @@ impl Health {
         }
         body.insert_str(0, if ready { "ready\n" } else { "not ready\n" });
         (ready, body)
-    }
-}
-
-/// Binds the telemetry endpoint (so a bad address fails start-up).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, TelemetryError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| TelemetryError::Bind { addr, source })
-}
-
-/// Serves until `shutdown` fires.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    refresh: Arc<dyn Fn() + Send + Sync>,
-    mut shutdown: tokio::sync::broadcast::Receiver<()>,
-) {
-    loop {
-        tokio::select! {
-            _ = shutdown.recv() => return,
-            accepted = listener.accept() => {
-                let Ok((mut sock, _)) = accepted else { continue };
-                let metrics = metrics.clone();
-                let health = health.clone();
-                let refresh = refresh.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut n = 0;
-                    let read = tokio::time::timeout(Duration::from_secs(5), async {
-                        while n < buf.len() {
-                            let m = sock.read(&mut buf[n..]).await?;
-                            if m == 0 { break; }
-                            n += m;
-                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") { break; }
-                        }
-                        Ok::<_, std::io::Error>(())
-                    }).await;
-                    if !matches!(read, Ok(Ok(()))) { return; }
-                    let req = String::from_utf8_lossy(&buf[..n]);
-                    let mut parts = req.split_whitespace();
-                    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                    let (status, ctype, body) = if method != "GET" {
-                        ("405 Method Not Allowed", "text/plain", "only GET\n".to_string())
-                    } else {
-                        match path {
-                            "/metrics" => {
-                                refresh();
-                                ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
-                            }
-                            "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                            "/readyz" => {
-                                let (ready, body) = health.readiness();
-                                (if ready { "200 OK" } else { "503 Service Unavailable" }, "text/plain", body)
-                            }
-                            _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                        }
-                    };
-                    let resp = format!(
-                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = sock.write_all(resp.as_bytes()).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        }
     }
 }
 
