@@ -157,7 +157,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         resync,
         journal: journal.clone(),
         metrics: metrics.clone(),
-        restarted: !recovered.fresh,
+        restarted: (!recovered.fresh).then_some(crate::tracker::GapCause::AgentRestart),
         stop: stop.clone(),
         snapshot: SnapshotOptions {
             interval: cfg.snapshot.interval.0,
