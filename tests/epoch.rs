@@ -291,3 +291,143 @@ fn a_new_epoch_deletes_snapshots_of_domains_that_left_while_it_was_down() {
     assert_eq!(agent.terminate(), Some(0));
     dy.undefine().unwrap();
 }
+
+/// One bus, for the tests that need the other one absent.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Bus {
+    Nats,
+    Kafka,
+}
+
+/// Polls one bus until `pred` holds, or fails.
+fn wait_on(bus: Bus, addr: &str, agent: &Agent, what: &str, pred: impl Fn(&[Stored]) -> bool) {
+    let end = Instant::now() + Duration::from_secs(40);
+    loop {
+        let m = match bus {
+            Bus::Nats => fetch(addr, "VIRT_EVENTS", &agent.filter()),
+            Bus::Kafka => fetch_kafka(addr, EVENTS_TOPIC, &agent.host_id),
+        };
+        if pred(&m) {
+            return;
+        }
+        assert!(Instant::now() < end, "not on {bus:?} within 40 s: {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A restored journal with no broker reachable at start: the sink that
+/// finds the bus ahead of the journal stops the agent (non-zero); the next
+/// start, with the broker up, begins a new epoch.
+fn late_detection(bus: Bus) {
+    ensure_libvirtd();
+    let mut nats = NatsServer::start();
+    let kafka = KafkaBroker::start();
+    let addr = match bus {
+        Bus::Nats => nats.url(),
+        Bus::Kafka => kafka.bootstrap(),
+    };
+    let conn = Connect::open(Some(TEST_URI)).unwrap();
+    let mut agent = match bus {
+        Bus::Nats => Agent::ready(TEST_URI, Some(&addr), SNAPSHOT),
+        Bus::Kafka => Agent::ready(
+            TEST_URI,
+            None,
+            &format!("{}{SNAPSHOT}", kafka_section(&addr)),
+        ),
+    };
+    let a = unique("epoch-late");
+    let da = conn
+        .define_domain_xml(&test_domain_xml(&a, &new_uuid()))
+        .unwrap();
+    let last_is = |ev: &'static str, name: String| {
+        move |m: &[Stored]| last_of(m, &name).is_some_and(|s| s.event.event.as_str() == ev)
+    };
+    wait_on(bus, &addr, &agent, "a DEFINED", last_is("DEFINED", a.clone()));
+    assert_eq!(agent.terminate(), Some(0));
+    let journal = agent.dir.path().join("journal");
+    let backup = tempfile::tempdir().unwrap();
+    copy_dir(&journal, backup.path());
+
+    // The bus moves well ahead of the backup (events and several rounds).
+    agent.start();
+    agent.wait_ready(Duration::from_secs(30));
+    da.create().unwrap();
+    wait_on(bus, &addr, &agent, "a STARTED", last_is("STARTED", a.clone()));
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(agent.terminate(), Some(0));
+
+    // Restore; the broker does not answer at start, so the start cannot
+    // tell. Rounds only at start from now on: the journal's head stays
+    // behind the bus's.
+    std::fs::remove_dir_all(&journal).unwrap();
+    copy_dir(backup.path(), &journal);
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        config.replace("interval = \"2s\"", "interval = \"1h\""),
+    )
+    .unwrap();
+    match bus {
+        Bus::Nats => nats.stop(),
+        Bus::Kafka => kafka.pause(),
+    }
+    agent.start();
+    let up_after = match bus {
+        Bus::Nats => Duration::from_secs(1),
+        // Past the start's bounded Kafka check.
+        Bus::Kafka => Duration::from_secs(20),
+    };
+    std::thread::sleep(up_after);
+    match bus {
+        Bus::Nats => nats.resume(),
+        Bus::Kafka => kafka.unpause(),
+    }
+    let end = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(code) = agent.try_exit() {
+            break code;
+        }
+        assert!(
+            Instant::now() < end,
+            "the agent keeps running on a journal behind the bus"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_ne!(code, Some(0), "a fatal sink error is a non-zero exit");
+    let log = agent.log();
+    assert!(log.contains("could not check the journal"), "the start says it could not check");
+    assert!(log.contains("beyond the journal's head"), "the cause is named");
+
+    // The next start (broker up) begins a new epoch with a gap marker,
+    // and what happens then reaches the bus.
+    agent.start();
+    agent.wait_ready(Duration::from_secs(40));
+    da.destroy().unwrap();
+    let old_epoch = match bus {
+        Bus::Nats => fetch(&addr, "VIRT_EVENTS", &agent.filter()),
+        Bus::Kafka => fetch_kafka(&addr, EVENTS_TOPIC, &agent.host_id),
+    }[0]
+    .event
+    .epoch
+    .clone();
+    let name = a.clone();
+    wait_on(bus, &addr, &agent, "a STOPPED in a new epoch", move |m| {
+        last_of(m, &name)
+            .is_some_and(|s| s.event.event.as_str() == "STOPPED" && s.event.epoch != old_epoch)
+            && m.iter().any(|s| {
+                s.event.epoch != old_epoch && s.event.host_seq == 1 && s.event.event.as_str() == "GAP"
+            })
+    });
+    assert_eq!(agent.terminate(), Some(0));
+    da.undefine().unwrap();
+}
+
+#[test]
+fn nats_sink_stops_the_agent_on_a_restored_journal_and_the_next_start_rotates() {
+    late_detection(Bus::Nats);
+}
+
+#[test]
+fn kafka_sink_stops_the_agent_on_a_restored_journal_and_the_next_start_rotates() {
+    late_detection(Bus::Kafka);
+}
