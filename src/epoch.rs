@@ -42,7 +42,11 @@ pub struct BusAhead {
 /// The highest `host_seq` of the journal's epoch on any configured bus,
 /// when it is beyond the journal's head. Buses that cannot be read within
 /// their bound are logged and skipped.
-pub async fn check_against_buses(cfg: &Config, journal: &Journal, rec: &Recovered) -> Option<BusAhead> {
+pub async fn check_against_buses(
+    cfg: &Config,
+    journal: &Journal,
+    rec: &Recovered,
+) -> Option<BusAhead> {
     let nats = async {
         let n = cfg.nats.as_ref()?;
         let read = nats_probe::highest_host_seq(n, &rec.host_id, &rec.epoch);
@@ -95,9 +99,18 @@ pub async fn check_against_buses(cfg: &Config, journal: &Journal, rec: &Recovere
     };
     let (n, k) = tokio::join!(nats, kafka);
     let best = match (n, k) {
-        (Some(a), Some(b)) if b > a => Some(BusAhead { bus: "kafka", host_seq: b }),
-        (Some(a), _) => Some(BusAhead { bus: "nats", host_seq: a }),
-        (None, Some(b)) => Some(BusAhead { bus: "kafka", host_seq: b }),
+        (Some(a), Some(b)) if b > a => Some(BusAhead {
+            bus: "kafka",
+            host_seq: b,
+        }),
+        (Some(a), _) => Some(BusAhead {
+            bus: "nats",
+            host_seq: a,
+        }),
+        (None, Some(b)) => Some(BusAhead {
+            bus: "kafka",
+            host_seq: b,
+        }),
         (None, None) => None,
     };
     best.filter(|b| b.host_seq > rec.host_seq)
@@ -184,7 +197,10 @@ async fn retry<F, Fut>(
                 tracing::info!(bus, domains = uuids.len(), "latest snapshot records from earlier epochs found; the next complete round deletes those of domains no longer on this host");
                 // The hand-off queue is bounded: wait for room off the
                 // async threads.
-                let _ = tokio::task::spawn_blocking(move || items.send(Item::StaleSnapshots(uuids))).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    items.send(Item::StaleSnapshots(uuids)).is_ok()
+                })
+                .await;
                 return;
             }
             Err(e) => {

@@ -47,13 +47,7 @@ fn last_of<'a>(msgs: &'a [Stored], name: &str) -> Option<&'a Stored> {
 }
 
 /// Polls both buses until `pred` holds on each, or fails.
-fn wait_both(
-    nats: &str,
-    kafka: &str,
-    agent: &Agent,
-    what: &str,
-    pred: impl Fn(&[Stored]) -> bool,
-) {
+fn wait_both(nats: &str, kafka: &str, agent: &Agent, what: &str, pred: impl Fn(&[Stored]) -> bool) {
     let end = Instant::now() + Duration::from_secs(40);
     loop {
         let got = both(nats, kafka, agent);
@@ -139,10 +133,16 @@ fn a_restored_journal_starts_a_new_epoch_with_a_gap_and_loses_nothing() {
     agent.wait_ready(Duration::from_secs(40));
     da.destroy().unwrap();
     db.undefine().unwrap();
-    wait_both(&n, &k, &agent, "a STOPPED, b UNDEFINED after the restore", |m| {
-        last_of(m, &a).is_some_and(|s| s.event.event.as_str() == "STOPPED")
-            && last_of(m, &b).is_some_and(|s| s.event.event.as_str() == "UNDEFINED")
-    });
+    wait_both(
+        &n,
+        &k,
+        &agent,
+        "a STOPPED, b UNDEFINED after the restore",
+        |m| {
+            last_of(m, &a).is_some_and(|s| s.event.event.as_str() == "STOPPED")
+                && last_of(m, &b).is_some_and(|s| s.event.event.as_str() == "UNDEFINED")
+        },
+    );
     let metrics = agent.http("/metrics").map(|(_, b)| b).unwrap_or_default();
     assert_eq!(agent.terminate(), Some(0));
 
@@ -164,10 +164,7 @@ fn a_restored_journal_starts_a_new_epoch_with_a_gap_and_loses_nothing() {
             .count();
         assert_eq!(restarts, 2, "{bus}: gap markers of the two restarts");
         // A new epoch, beginning with a gap marker.
-        let new: Vec<&Stored> = msgs
-            .iter()
-            .filter(|m| m.event.epoch != old_epoch)
-            .collect();
+        let new: Vec<&Stored> = msgs.iter().filter(|m| m.event.epoch != old_epoch).collect();
         let epochs: HashSet<&str> = new.iter().map(|m| m.event.epoch.as_str()).collect();
         assert_eq!(epochs.len(), 1, "{bus}: one new epoch");
         let first = new.iter().min_by_key(|m| m.event.host_seq).unwrap();
@@ -218,8 +215,7 @@ fn nats_latest(url: &str, subject: &str) -> Option<(bool, String)> {
 fn kafka_latest(bootstrap: &str, key: &str) -> Option<(bool, String)> {
     let r = read_topic(bootstrap, DOMAIN_SNAPSHOTS_TOPIC)
         .into_iter()
-        .filter(|r| r.key == key)
-        .last()?;
+        .rfind(|r| r.key == key)?;
     let id = &r.headers.iter().find(|(k, _)| k == "ce_id")?.1;
     let epoch = virtstream::model::parse_event_id(id)?.1.to_string();
     Some((r.value.is_none(), epoch))
@@ -276,9 +272,9 @@ fn a_new_epoch_deletes_snapshots_of_domains_that_left_while_it_was_down() {
             ("Kafka y", kafka_latest(&k, &key(&uy))),
         ];
         let new = |g: &Option<(bool, String)>| g.as_ref().is_some_and(|(_, e)| *e != old_epoch);
-        let ok = got.iter().all(|(what, g)| {
-            new(g) && g.as_ref().unwrap().0 == what.ends_with('x')
-        });
+        let ok = got
+            .iter()
+            .all(|(what, g)| new(g) && g.as_ref().unwrap().0 == what.ends_with('x'));
         if ok {
             break;
         }
@@ -342,7 +338,13 @@ fn late_detection(bus: Bus) {
     let last_is = |ev: &'static str, name: String| {
         move |m: &[Stored]| last_of(m, &name).is_some_and(|s| s.event.event.as_str() == ev)
     };
-    wait_on(bus, &addr, &agent, "a DEFINED", last_is("DEFINED", a.clone()));
+    wait_on(
+        bus,
+        &addr,
+        &agent,
+        "a DEFINED",
+        last_is("DEFINED", a.clone()),
+    );
     assert_eq!(agent.terminate(), Some(0));
     let journal = agent.dir.path().join("journal");
     let backup = tempfile::tempdir().unwrap();
@@ -352,7 +354,13 @@ fn late_detection(bus: Bus) {
     agent.start();
     agent.wait_ready(Duration::from_secs(30));
     da.create().unwrap();
-    wait_on(bus, &addr, &agent, "a STARTED", last_is("STARTED", a.clone()));
+    wait_on(
+        bus,
+        &addr,
+        &agent,
+        "a STARTED",
+        last_is("STARTED", a.clone()),
+    );
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(agent.terminate(), Some(0));
 
@@ -395,8 +403,14 @@ fn late_detection(bus: Bus) {
     };
     assert_ne!(code, Some(0), "a fatal sink error is a non-zero exit");
     let log = agent.log();
-    assert!(log.contains("could not check the journal"), "the start says it could not check");
-    assert!(log.contains("beyond the journal's head"), "the cause is named");
+    assert!(
+        log.contains("could not check the journal"),
+        "the start says it could not check"
+    );
+    assert!(
+        log.contains("beyond the journal's head"),
+        "the cause is named"
+    );
 
     // The next start (broker up) begins a new epoch with a gap marker,
     // and what happens then reaches the bus.
@@ -415,7 +429,9 @@ fn late_detection(bus: Bus) {
         last_of(m, &name)
             .is_some_and(|s| s.event.event.as_str() == "STOPPED" && s.event.epoch != old_epoch)
             && m.iter().any(|s| {
-                s.event.epoch != old_epoch && s.event.host_seq == 1 && s.event.event.as_str() == "GAP"
+                s.event.epoch != old_epoch
+                    && s.event.host_seq == 1
+                    && s.event.event.as_str() == "GAP"
             })
     });
     assert_eq!(agent.terminate(), Some(0));

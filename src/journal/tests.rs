@@ -39,8 +39,7 @@ fn journal_file_is_0600_and_a_new_dir_0700() {
     assert_eq!(mode(&dir), 0o700, "journal dir");
     assert_eq!(mode(&dir.join(FILE_NAME)), 0o600, "journal file");
     // A journal left more open by an older build is closed on open.
-    std::fs::set_permissions(dir.join(FILE_NAME), std::fs::Permissions::from_mode(0o644))
-        .unwrap();
+    std::fs::set_permissions(dir.join(FILE_NAME), std::fs::Permissions::from_mode(0o644)).unwrap();
     let (j, t, r) = open(&dir, &["nats"]);
     assert!(!r.fresh, "the journal is reopened, not re-created");
     assert_eq!(

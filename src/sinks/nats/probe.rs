@@ -131,7 +131,11 @@ pub async fn stale_snapshots(
 ) -> Result<Vec<String>, NatsError> {
     let client = super::connect_once(cfg, &format!("virtstream-{host_id}-probe")).await?;
     let js = jetstream::new(client);
-    let prefix = format!("{}.{}.", cfg.snapshots_subject_prefix, subject_token(host_id));
+    let prefix = format!(
+        "{}.{}.",
+        cfg.snapshots_subject_prefix,
+        subject_token(host_id)
+    );
     let records = last_per_subject(&js, &cfg.snapshots_stream, format!("{prefix}*")).await?;
     let mut out = Vec::new();
     for (subject, headers) in records {

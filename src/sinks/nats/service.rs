@@ -54,11 +54,18 @@ struct Position {
 }
 
 enum Outcome {
-    Published { stream_seq: u64 },
-    AlreadyStored { stream_seq: u64 },
+    Published {
+        stream_seq: u64,
+    },
+    AlreadyStored {
+        stream_seq: u64,
+    },
     /// The subject holds this host's and epoch's `host_seq` beyond the
     /// journal's head: the journal was restored (`probe::behind_bus`).
-    BeyondJournal { host_seq: u64, head: u64 },
+    BeyondJournal {
+        host_seq: u64,
+        head: u64,
+    },
 }
 
 struct Done {
