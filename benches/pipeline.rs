@@ -135,7 +135,7 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
         resync,
         journal: journal.clone(),
         metrics: metrics.clone(),
-        restarted: false,
+        restarted: None,
         stop: stop.clone(),
         // No libvirt here, so no listings: rounds are benchmarked separately.
         snapshot: virtstream::tracker::SnapshotOptions {

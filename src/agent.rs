@@ -21,7 +21,9 @@ use crate::sinks::nats::service::NatsSink;
 use crate::sinks::nats::{self, NatsError};
 use crate::source::{self, ffi, LibvirtInspector, Source, SourceOptions};
 use crate::telemetry::{self, Health, Metrics, TelemetryError};
-use crate::tracker::{decode_records, SnapshotOptions, Tracker, TrackerOptions, TrackerTask};
+use crate::tracker::{
+    decode_records, GapCause, SnapshotOptions, Tracker, TrackerOptions, TrackerTask,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -89,7 +91,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             }
         }
     };
-    let (journal, writer, recovered) = Journal::open(OpenOptions {
+    let (journal, mut writer, mut recovered) = Journal::open(OpenOptions {
         dir: &cfg.journal.path,
         host_id: cfg.host.id.as_deref(),
         default_host_id: &default_host,
@@ -105,6 +107,25 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         fresh = recovered.fresh,
         "journal open"
     );
+    // A journal restored from a backup or a VM snapshot reuses host_seq
+    // values the bus already holds: detect it before anything is
+    // journaled and start a new epoch (its first entry is a gap marker).
+    let mut first_gap = (!recovered.fresh).then_some(GapCause::AgentRestart);
+    if let Some(ahead) = crate::epoch::check_against_buses(&cfg, &journal, &recovered).await {
+        let journal_host_seq = recovered.host_seq;
+        let old_epoch = writer.rotate_epoch(&mut recovered)?;
+        tracing::error!(
+            bus = ahead.bus,
+            bus_host_seq = ahead.host_seq,
+            journal_host_seq,
+            old_epoch = %old_epoch,
+            new_epoch = %recovered.epoch,
+            "the bus holds this epoch's host_seq {} but the journal ends at {}: the journal was restored from a backup or a VM snapshot; starting a new epoch (its unpublished backlog is dropped: the bus already holds it)",
+            ahead.host_seq,
+            journal_host_seq,
+        );
+        first_gap = Some(GapCause::JournalRestored);
+    }
     health.journal_writable.store(true, Ordering::Relaxed);
     let writer_thread = std::thread::Builder::new()
         .name("journal-writer".into())
@@ -119,6 +140,13 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let resync = Arc::new(crate::tracker::ResyncRequests::default());
     let overflow = Arc::new(AtomicBool::new(false));
     let conn_slot = Arc::new(RwLock::new(None));
+    let seeding = crate::epoch::spawn_stale_seeding(
+        &cfg,
+        &recovered.host_id,
+        &recovered.epoch,
+        items_tx.clone(),
+        &shutdown_tx,
+    );
     let src = Source {
         opts: src_opts,
         callbacks: ffi::CallbackTarget {
@@ -157,7 +185,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         resync,
         journal: journal.clone(),
         metrics: metrics.clone(),
-        restarted: !recovered.fresh,
+        restarted: first_gap,
         stop: stop.clone(),
         snapshot: SnapshotOptions {
             interval: cfg.snapshot.interval.0,
@@ -297,6 +325,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     }
     let _ = server.await;
     let _ = ticker.await;
+    for t in seeding {
+        let _ = t.await;
+    }
     drop(journal);
     drop(refresh);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;

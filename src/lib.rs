@@ -11,6 +11,7 @@ pub mod agent;
 pub mod codec;
 pub mod config;
 pub mod consumer;
+pub mod epoch;
 pub mod journal;
 pub mod model;
 pub mod sinks;

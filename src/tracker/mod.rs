@@ -36,6 +36,8 @@ use crate::model::{
 };
 use crate::telemetry::Metrics;
 
+mod stale;
+
 /// What the libvirt callback hands over. Built without calling libvirt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawEvent {
@@ -89,6 +91,10 @@ pub enum GapCause {
     QueueOverflow,
     JournalFull,
     AgentRestart,
+    /// The journal was found behind the bus (restored from a backup or a
+    /// VM snapshot) and a new epoch began. Same `Detail` as
+    /// `AgentRestart` (no new schema symbol); its own metric label.
+    JournalRestored,
 }
 
 impl GapCause {
@@ -97,7 +103,7 @@ impl GapCause {
             GapCause::Disconnected => Detail::DISCONNECTED,
             GapCause::QueueOverflow => Detail::QUEUE_OVERFLOW,
             GapCause::JournalFull => Detail::JOURNAL_FULL,
-            GapCause::AgentRestart => Detail::AGENT_RESTART,
+            GapCause::AgentRestart | GapCause::JournalRestored => Detail::AGENT_RESTART,
         }
     }
     pub fn label(self) -> &'static str {
@@ -106,6 +112,7 @@ impl GapCause {
             GapCause::QueueOverflow => "queue_overflow",
             GapCause::JournalFull => "journal_full",
             GapCause::AgentRestart => "agent_restart",
+            GapCause::JournalRestored => "journal_restored",
         }
     }
 }
@@ -131,6 +138,10 @@ pub enum Item {
     },
     /// The libvirt connection was lost: events may be missing from here on.
     Disconnected { observed_at: i64 },
+    /// Domains whose latest snapshot record on a bus is from another
+    /// (earlier) epoch of this host and not a tombstone: the next complete
+    /// round tombstones those it does not contain (see `stale.rs`).
+    StaleSnapshots(Vec<String>),
 }
 
 /// What the events applied since a listing began settled about one
@@ -389,6 +400,9 @@ pub struct Tracker<I: Inspector> {
     /// records is at or below: forgotten from memory once the journal has
     /// committed that far (`sweep`).
     forget: (Vec<(String, u64)>, u64),
+    /// Domains an earlier epoch left as the latest snapshot record on a
+    /// bus (`Item::StaleSnapshots`), waiting for the next complete round.
+    stale: HashSet<String>,
 }
 
 /// A snapshot-round or heartbeat record, with the domain record it updates.
@@ -397,12 +411,13 @@ pub enum Snap {
     Host(HostSnapshot),
     Domain(DomainSnapshot, Option<(String, DomainRecord)>),
     /// The domain left the host (seen by a complete round): its snapshot is
-    /// deleted (null value on Kafka, tombstone header on NATS).
+    /// deleted (null value on Kafka, tombstone header on NATS). No record
+    /// for a domain only an earlier epoch knew (`Item::StaleSnapshots`).
     Tombstone {
         uuid: String,
         host_seq: u64,
         observed_at: i64,
-        record: (String, DomainRecord),
+        record: Option<(String, DomainRecord)>,
     },
 }
 
@@ -436,6 +451,7 @@ impl<I: Inspector> Tracker<I> {
             last_round: None,
             barrier: None,
             forget: (Vec::new(), 0),
+            stale: HashSet::new(),
         }
     }
 
@@ -582,7 +598,7 @@ impl<I: Inspector> Tracker<I> {
             let host_seq = self.next_host_seq();
             let rec = self.domains.get_mut(&uuid).expect("listed above");
             rec.in_round = false;
-            let record = (uuid.clone(), rec.clone());
+            let record = Some((uuid.clone(), rec.clone()));
             out.push(Snap::Tombstone {
                 uuid,
                 host_seq,
@@ -590,6 +606,7 @@ impl<I: Inspector> Tracker<I> {
                 record,
             });
         }
+        self.stale_tombstones(&present, observed_at, &mut out);
         self.last_round = Some((snapshot_id, n));
         out
     }
@@ -1093,8 +1110,9 @@ pub struct TrackerTask<I: Inspector> {
     pub resync: Arc<ResyncRequests>,
     pub journal: Journal,
     pub metrics: Arc<Metrics>,
-    /// Emit an AGENT_RESTART gap marker first (the journal existed).
-    pub restarted: bool,
+    /// Emit a gap marker (AGENT_RESTART detail) with this cause first: the
+    /// journal existed, or was found restored and a new epoch began.
+    pub restarted: Option<GapCause>,
     /// Set at shutdown: drain what is queued, then return.
     pub stop: Arc<AtomicBool>,
     /// Round and heartbeat periods.
@@ -1116,9 +1134,9 @@ impl<I: Inspector> TrackerTask<I> {
     /// Runs until every sender of the queue is gone.
     pub fn run(mut self) {
         let mut full_gap_pending = false;
-        if self.restarted {
-            let o = self.tracker.gap(GapCause::AgentRestart, now_micros());
-            self.emit_gap(o, GapCause::AgentRestart);
+        if let Some(cause) = self.restarted {
+            let o = self.tracker.gap(cause, now_micros());
+            self.emit_gap(o, cause);
         }
         // Known after the first listing; rounds and heartbeats wait for it.
         let mut info: Option<HostInfo> = None;
@@ -1254,6 +1272,12 @@ impl<I: Inspector> TrackerTask<I> {
                     next_heartbeat = Instant::now() + self.snapshot.heartbeat;
                 }
                 Item::ListingBegin => self.tracker.begin_listing(),
+                Item::StaleSnapshots(uuids) => {
+                    if self.tracker.seed_stale(uuids) > 0 {
+                        // The round that settles them comes soon.
+                        self.request_resync(false);
+                    }
+                }
                 Item::Disconnected { observed_at } => {
                     self.tracker.cancel_listing();
                     let o = self.tracker.gap(GapCause::Disconnected, observed_at);
@@ -1337,7 +1361,7 @@ impl<I: Inspector> TrackerTask<I> {
                     observed_at,
                     payload: Vec::new(),
                 },
-                Some(record),
+                record,
             ),
         };
         let host_seq = entry.host_seq;
@@ -1669,7 +1693,7 @@ pub(crate) mod tests {
             unreachable!()
         };
         assert_eq!(uuid, &b);
-        assert!(!record.1.in_round);
+        assert!(!record.as_ref().unwrap().1.in_round);
         // a was already in a round: no record update needed.
         assert!(matches!(&snaps[1], Snap::Domain(_, None)));
         // Deleted once only.

@@ -17,6 +17,7 @@
 //!   journal entry went without asking the broker.
 
 pub mod encoding;
+pub mod probe;
 pub mod reader;
 pub mod service;
 
@@ -52,6 +53,15 @@ pub enum KafkaSinkError {
     Journal(String),
     #[error("interrupted by shutdown")]
     Interrupted,
+    /// The bus holds a message of this host and epoch beyond the journal's
+    /// head: the journal was restored from a backup or a VM snapshot. The
+    /// agent stops; its next start detects this and begins a new epoch.
+    #[error("the bus holds host_seq {bus} of this host's epoch {epoch}, beyond the journal's head {journal}: the journal was restored from a backup or a VM snapshot; restart the agent to begin a new epoch")]
+    JournalBehindBus {
+        epoch: String,
+        bus: u64,
+        journal: u64,
+    },
 }
 
 impl KafkaSinkError {
@@ -63,6 +73,7 @@ impl KafkaSinkError {
                 | KafkaSinkError::Unsuitable { .. }
                 | KafkaSinkError::Missing { .. }
                 | KafkaSinkError::Journal(_)
+                | KafkaSinkError::JournalBehindBus { .. }
         )
     }
 }

@@ -303,7 +303,11 @@ impl KafkaSink {
                 .and_then(|v| v.to_string().parse().ok())
                 .unwrap_or(0)
                 .max(reader::DEFAULT_LOOKBACK);
+            // Nothing of this epoch can be stored beyond the journal's head
+            // unless the journal was restored.
+            let head = *self.journal.committed().borrow();
             tokio::task::spawn_blocking(move || {
+                let mut beyond: Option<u64> = None;
                 let mut found: HashMap<u64, (i32, i64)> = HashMap::new();
                 let mut seen_end: HashMap<i32, i64> = HashMap::new();
                 let r = reader::read_to_end(
@@ -339,6 +343,9 @@ impl KafkaSink {
                             Flow::Continue
                         };
                         if let Some((true, true, s)) = id {
+                            if s > head {
+                                beyond = beyond.max(Some(s));
+                            }
                             if s > cursor {
                                 found.insert(s, (m.partition(), m.offset()));
                                 if last_of.get(&m.partition()) == Some(&s) {
@@ -351,6 +358,9 @@ impl KafkaSink {
                         own
                     },
                 );
+                if let Some(s) = beyond {
+                    return Err(super::probe::behind_bus(&epoch, s, head));
+                }
                 r.map(|sum| (found, seen_end, sum.records))
             })
         };

@@ -14,6 +14,7 @@
 //!   delays publishing (the journal holds everything meanwhile).
 
 pub mod encoding;
+pub mod probe;
 pub mod service;
 
 use std::time::Duration;
@@ -34,6 +35,15 @@ pub enum NatsError {
     Missing { stream: String },
     #[error("JetStream API: {0}")]
     Api(String),
+    /// The bus holds a message of this host and epoch beyond the journal's
+    /// head: the journal was restored from a backup or a VM snapshot. The
+    /// agent stops; its next start detects this and begins a new epoch.
+    #[error("the bus holds host_seq {bus} of this host's epoch {epoch}, beyond the journal's head {journal}: the journal was restored from a backup or a VM snapshot; restart the agent to begin a new epoch")]
+    JournalBehindBus {
+        epoch: String,
+        bus: u64,
+        journal: u64,
+    },
 }
 
 impl NatsError {
@@ -41,7 +51,10 @@ impl NatsError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            NatsError::Unsuitable { .. } | NatsError::Missing { .. } | NatsError::Options(_)
+            NatsError::Unsuitable { .. }
+                | NatsError::Missing { .. }
+                | NatsError::Options(_)
+                | NatsError::JournalBehindBus { .. }
         )
     }
 }

@@ -54,8 +54,18 @@ struct Position {
 }
 
 enum Outcome {
-    Published { stream_seq: u64 },
-    AlreadyStored { stream_seq: u64 },
+    Published {
+        stream_seq: u64,
+    },
+    AlreadyStored {
+        stream_seq: u64,
+    },
+    /// The subject holds this host's and epoch's `host_seq` beyond the
+    /// journal's head: the journal was restored (`probe::behind_bus`).
+    BeyondJournal {
+        host_seq: u64,
+        head: u64,
+    },
 }
 
 struct Done {
@@ -110,6 +120,7 @@ async fn publish_one(
     stream: Arc<jetstream::stream::Stream>,
     enc: Arc<EncodingContext>,
     known: Option<Position>,
+    head: u64,
     entry: Entry,
     encoded: Encoded,
 ) -> Done {
@@ -121,6 +132,9 @@ async fn publish_one(
                 .await
                 .map_err(|e| (false, e))?,
         };
+        if let Some(hs) = pos.ours.filter(|hs| *hs > head) {
+            return Ok(Outcome::BeyondJournal { host_seq: hs, head });
+        }
         if pos.ours.is_some_and(|hs| hs >= entry.host_seq) {
             return Ok(Outcome::AlreadyStored {
                 stream_seq: pos.stream_seq,
@@ -300,6 +314,7 @@ impl NatsSink {
                         },
                         self.encoding.clone(),
                         positions.get(&subject).copied(),
+                        head,
                         entry,
                         encoded,
                     ));
@@ -344,6 +359,12 @@ impl NatsSink {
                                     stream_seq
                                 }
                                 Outcome::AlreadyStored { stream_seq } => stream_seq,
+                                Outcome::BeyondJournal { host_seq, head } => {
+                                    let e = super::probe::behind_bus(&self.encoding.epoch, host_seq, head);
+                                    tracing::error!(error = %e, "NATS sink cannot continue");
+                                    self.set_state(SinkState::Failing(e.to_string()));
+                                    return Err(e);
+                                }
                             };
                             positions.insert(subject.clone(), Position { stream_seq, ours: Some(entry.host_seq) });
                             window.ack(entry.host_seq);
