@@ -11,9 +11,12 @@
 //!   error) it reads the subject's last stored message: if that message is
 //!   this host's, this epoch's, with a `host_seq` at or past the entry, the
 //!   entry is already stored and is not sent again (this holds beyond the
-//!   JetStream duplicate window); otherwise its sequence is the expectation;
+//!   JetStream duplicate window), and the position remembered for the
+//!   subject is that message's own (stream sequence, `host_seq`);
+//!   otherwise its sequence is the expectation;
 //! - `Nats-Msg-Id` = event_id lets JetStream drop a re-send inside the
-//!   duplicate window as well.
+//!   duplicate window as well; that ack names the stored copy, not
+//!   necessarily the subject's tail, so the position is read again.
 //!
 //! Acks are handled before new work (`select! { biased; }`); the cursor is
 //! written back to the journal at most every 10 ms.
@@ -54,8 +57,16 @@ struct Position {
 }
 
 enum Outcome {
-    Published { stream_seq: u64 },
-    AlreadyStored { stream_seq: u64 },
+    Published {
+        stream_seq: u64,
+    },
+    /// The entry is already in the stream. `tail` is the subject's last
+    /// message as read back (its own stream sequence and `host_seq`, which
+    /// may be past the entry); `None` after a JetStream duplicate ack,
+    /// which names the entry's own message, not necessarily the tail.
+    AlreadyStored {
+        tail: Option<Position>,
+    },
 }
 
 struct Done {
@@ -122,9 +133,7 @@ async fn publish_one(
                 .map_err(|e| (false, e))?,
         };
         if pos.ours.is_some_and(|hs| hs >= entry.host_seq) {
-            return Ok(Outcome::AlreadyStored {
-                stream_seq: pos.stream_seq,
-            });
+            return Ok(Outcome::AlreadyStored { tail: Some(pos) });
         }
         let msg = jetstream::message::PublishMessage::build()
             .payload(encoded.body)
@@ -142,9 +151,7 @@ async fn publish_one(
                 )
             })?;
         Ok(if ack.duplicate {
-            Outcome::AlreadyStored {
-                stream_seq: ack.sequence,
-            }
+            Outcome::AlreadyStored { tail: None }
         } else {
             Outcome::Published {
                 stream_seq: ack.sequence,
@@ -333,7 +340,10 @@ impl NatsSink {
                     let Done { subject, entry, result } = done;
                     match result {
                         Ok(outcome) => {
-                            let stream_seq = match outcome {
+                            // The subject's tail as the broker holds it;
+                            // unknown (re-read on the next publish) after a
+                            // duplicate ack.
+                            let tail = match outcome {
                                 Outcome::Published { stream_seq } => {
                                     published.inc();
                                     let lat = (now_micros() - entry.observed_at).max(0) as f64 / 1e6;
@@ -341,11 +351,14 @@ impl NatsSink {
                                     if let Some(o) = &self.observer {
                                         o(&entry);
                                     }
-                                    stream_seq
+                                    Some(Position { stream_seq, ours: Some(entry.host_seq) })
                                 }
-                                Outcome::AlreadyStored { stream_seq } => stream_seq,
+                                Outcome::AlreadyStored { tail } => tail,
                             };
-                            positions.insert(subject.clone(), Position { stream_seq, ours: Some(entry.host_seq) });
+                            match tail {
+                                Some(p) => positions.insert(subject.clone(), p),
+                                None => positions.remove(&subject),
+                            };
                             window.ack(entry.host_seq);
                             backoff = Duration::from_millis(100);
                             if !ready_state {
