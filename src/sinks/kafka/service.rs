@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use rdkafka::admin::AdminClient;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -39,7 +40,8 @@ use tokio::sync::broadcast;
 use super::encoding::{EncodingContext, EVENT_ID_HEADER};
 use super::reader::{self, Flow, ReadOptions, Start};
 use super::{
-    admin_client, client_config, ensure_topics, partition_for, KafkaContext, KafkaSinkError,
+    admin_client, client_config, partition_for, provision_topics, KafkaContext, KafkaSinkError,
+    REQUEST_TIMEOUT,
 };
 use crate::config::KafkaConfig;
 use crate::journal::{Entry, Journal};
@@ -126,6 +128,51 @@ type Delivery = (Entry, usize, Result<(i32, i64), String>);
 /// Where an entry was found or acknowledged: (topic index, partition, offset).
 type Placed = (usize, i32, i64);
 
+/// Drops recorded offsets that cannot belong to the topic as it is now:
+/// every offset of a topic created just now (it was deleted; its
+/// partitions start again at 0), and an offset past the end of its
+/// partition (the topic was deleted and created again while this sink was
+/// not looking). Those partitions are read back from their start.
+async fn forget_stale_offsets(
+    admin: &Arc<AdminClient<KafkaContext>>,
+    offsets: &mut Offsets,
+    created: &[String],
+) {
+    for t in created {
+        if offsets.topics.get(t).is_some_and(|o| !o.next.is_empty()) {
+            tracing::warn!(topic = %t, "topic was created again; its recorded offsets are void, reading it back from the start");
+        }
+        offsets.topics.remove(t);
+    }
+    let recorded: Vec<(String, i32, i64)> = offsets
+        .topics
+        .iter()
+        .flat_map(|(t, o)| o.next.iter().map(move |(p, n)| (t.clone(), *p, *n)))
+        .collect();
+    if recorded.is_empty() {
+        return;
+    }
+    let a = admin.clone();
+    let stale = tokio::task::spawn_blocking(move || {
+        recorded
+            .into_iter()
+            .filter(|(t, p, next)| {
+                a.inner()
+                    .fetch_watermarks(t, *p, REQUEST_TIMEOUT)
+                    .is_ok_and(|(_, high)| high < *next)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (t, p, next) in stale {
+        tracing::warn!(topic = %t, partition = p, recorded = next, "partition ends before the recorded offset (topic created again?); reading it back from the start");
+        if let Some(o) = offsets.topics.get_mut(&t) {
+            o.next.remove(&p);
+        }
+    }
+}
+
 impl KafkaSink {
     fn set_state(&self, s: SinkState) {
         self.health.set_sink(SINK_NAME, s);
@@ -144,11 +191,21 @@ impl KafkaSink {
     ) -> Result<(), KafkaSinkError> {
         self.set_state(SinkState::Connecting);
         let mut backoff = Duration::from_millis(200);
+        // Whether a session got as far as publishing: a topic missing
+        // after that was deleted under the running agent, which then waits
+        // (not ready) for it instead of exiting.
+        let mut published = false;
         loop {
             let started = Instant::now();
-            match self.session(&mut shutdown, drain_deadline).await {
+            match self
+                .session(&mut shutdown, drain_deadline, &mut published)
+                .await
+            {
                 Ok(SessionEnd::Shutdown) | Err(KafkaSinkError::Interrupted) => return Ok(()),
-                Err(e) if e.is_fatal() => {
+                Err(e)
+                    if e.is_fatal()
+                        && !(published && matches!(e, KafkaSinkError::Missing { .. })) =>
+                {
                     tracing::error!(error = %e, "Kafka sink cannot continue");
                     self.set_state(SinkState::Failing(e.to_string()));
                     return Err(e);
@@ -361,21 +418,39 @@ impl KafkaSink {
         Ok((found, records))
     }
 
+    /// Creates missing topics (when allowed) and checks them; loads the
+    /// cursor and the offsets recorded with it, forgetting those that
+    /// belong to an earlier topic of the same name (see
+    /// [`forget_stale_offsets`]).
+    async fn provision(
+        &self,
+        admin: &Arc<AdminClient<KafkaContext>>,
+    ) -> Result<([i32; 3], u64, Offsets), KafkaSinkError> {
+        let provisioned = provision_topics(admin, &self.cfg).await?;
+        let journal = self.journal.clone();
+        let (start, mut offsets) = tokio::task::spawn_blocking(move || Offsets::load(&journal))
+            .await
+            .map_err(Self::journal_err)??;
+        forget_stale_offsets(admin, &mut offsets, &provisioned.created).await;
+        Ok((provisioned.partitions, start, offsets))
+    }
+
     async fn session(
         &self,
         shutdown: &mut broadcast::Receiver<()>,
         drain_deadline: Duration,
+        published: &mut bool,
     ) -> Result<SessionEnd, KafkaSinkError> {
         let base = client_config(&self.cfg, &self.client_id)?;
         // 1. Topics.
         let admin = admin_client(&self.cfg, &self.client_id)?;
-        let partitions = tokio::select! {
-            r = ensure_topics(&admin, &self.cfg) => r,
+        let prepared = tokio::select! {
+            r = self.provision(&admin) => r,
             _ = shutdown.recv() => Err(KafkaSinkError::Interrupted),
         };
         // Destroying a client joins its threads: not on the async thread.
         let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
-        let partitions = partitions?;
+        let (partitions, start, mut offsets) = prepared?;
         let enc = Arc::new(EncodingContext {
             host_id: self.host_id.clone(),
             epoch: self.epoch.clone(),
@@ -388,12 +463,6 @@ impl KafkaSink {
         });
 
         // 2. Recovery.
-        let (start, mut offsets) = {
-            let journal = self.journal.clone();
-            tokio::task::spawn_blocking(move || Offsets::load(&journal))
-                .await
-                .map_err(Self::journal_err)??
-        };
         let mut found = self
             .recover(&base, start, &mut offsets, &enc, shutdown)
             .await?;
@@ -406,6 +475,7 @@ impl KafkaSink {
             .map_err(Self::journal_err)?;
 
         // 3. Publish.
+        *published = true;
         let ctx = KafkaContext::default();
         let producer: FutureProducer<KafkaContext> = {
             let mut c = base.clone();
