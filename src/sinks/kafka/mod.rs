@@ -532,6 +532,25 @@ pub async fn provision_topics(
     })
 }
 
+/// The first of `names` the brokers' metadata says does not exist (a
+/// topic deleted while the sink runs). `None` when all exist or the
+/// metadata request fails (an unreachable broker is reported elsewhere).
+/// Blocks for up to the request timeout.
+pub fn missing_topic<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    names: &[String],
+) -> Option<String> {
+    let md = client.fetch_metadata(None, REQUEST_TIMEOUT).ok()?;
+    names
+        .iter()
+        .find(|n| {
+            !md.topics().iter().any(|t| {
+                t.name() == n.as_str() && t.error().is_none() && !t.partitions().is_empty()
+            })
+        })
+        .cloned()
+}
+
 /// At most one diagnostic connection this often while the brokers cannot
 /// be reached.
 const DIAGNOSE_EVERY: Duration = Duration::from_secs(30);

@@ -33,15 +33,15 @@ use futures::StreamExt;
 use rdkafka::admin::AdminClient;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::encoding::{EncodingContext, EVENT_ID_HEADER};
 use super::reader::{self, Flow, ReadOptions, Start};
 use super::{
-    admin_client, client_config, partition_for, provision_topics, KafkaContext, KafkaSinkError,
-    REQUEST_TIMEOUT,
+    admin_client, client_config, missing_topic, partition_for, provision_topics, KafkaContext,
+    KafkaSinkError,
 };
 use crate::config::KafkaConfig;
 use crate::journal::{Entry, Journal};
@@ -128,50 +128,19 @@ type Delivery = (Entry, usize, Result<(i32, i64), String>);
 /// Where an entry was found or acknowledged: (topic index, partition, offset).
 type Placed = (usize, i32, i64);
 
-/// Drops recorded offsets that cannot belong to the topic as it is now:
-/// every offset of a topic created just now (it was deleted; its
-/// partitions start again at 0), and an offset past the end of its
-/// partition (the topic was deleted and created again while this sink was
-/// not looking). Those partitions are read back from their start.
-async fn forget_stale_offsets(
-    admin: &Arc<AdminClient<KafkaContext>>,
-    offsets: &mut Offsets,
-    created: &[String],
-) {
+/// Drops the recorded offsets of topics created just now: they belonged
+/// to a deleted topic of the same name (its partitions start again at 0),
+/// so those partitions are read back from their start.
+fn forget_offsets(offsets: &mut Offsets, created: &[String]) {
     for t in created {
-        if offsets.topics.get(t).is_some_and(|o| !o.next.is_empty()) {
+        if offsets.topics.remove(t).is_some_and(|o| !o.next.is_empty()) {
             tracing::warn!(topic = %t, "topic was created again; its recorded offsets are void, reading it back from the start");
-        }
-        offsets.topics.remove(t);
-    }
-    let recorded: Vec<(String, i32, i64)> = offsets
-        .topics
-        .iter()
-        .flat_map(|(t, o)| o.next.iter().map(move |(p, n)| (t.clone(), *p, *n)))
-        .collect();
-    if recorded.is_empty() {
-        return;
-    }
-    let a = admin.clone();
-    let stale = tokio::task::spawn_blocking(move || {
-        recorded
-            .into_iter()
-            .filter(|(t, p, next)| {
-                a.inner()
-                    .fetch_watermarks(t, *p, REQUEST_TIMEOUT)
-                    .is_ok_and(|(_, high)| high < *next)
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    for (t, p, next) in stale {
-        tracing::warn!(topic = %t, partition = p, recorded = next, "partition ends before the recorded offset (topic created again?); reading it back from the start");
-        if let Some(o) = offsets.topics.get_mut(&t) {
-            o.next.remove(&p);
         }
     }
 }
+
+/// How often the publish loop checks that its topics still exist.
+const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(3);
 
 impl KafkaSink {
     fn set_state(&self, s: SinkState) {
@@ -419,9 +388,8 @@ impl KafkaSink {
     }
 
     /// Creates missing topics (when allowed) and checks them; loads the
-    /// cursor and the offsets recorded with it, forgetting those that
-    /// belong to an earlier topic of the same name (see
-    /// [`forget_stale_offsets`]).
+    /// cursor and the offsets recorded with it, forgetting those of a
+    /// topic created just now.
     async fn provision(
         &self,
         admin: &Arc<AdminClient<KafkaContext>>,
@@ -431,7 +399,7 @@ impl KafkaSink {
         let (start, mut offsets) = tokio::task::spawn_blocking(move || Offsets::load(&journal))
             .await
             .map_err(Self::journal_err)??;
-        forget_stale_offsets(admin, &mut offsets, &provisioned.created).await;
+        forget_offsets(&mut offsets, &provisioned.created);
         Ok((provisioned.partitions, start, offsets))
     }
 
@@ -572,8 +540,22 @@ impl KafkaSink {
         let mut ready_state = true;
         let mut queue_full_until: Option<Instant> = None;
         let mut draining: Option<Instant> = None;
+        // A deleted topic: librdkafka retries into it forever (or a broker
+        // acks into nothing), so its metadata is checked now and then, and
+        // an offset that goes backwards in a partition ends the session.
+        let mut last_offset: HashMap<(usize, i32), i64> = HashMap::new();
+        let mut next_check = Instant::now() + TOPIC_CHECK_EVERY;
+        let mut check: Option<tokio::task::JoinHandle<Option<String>>> = None;
+        let names: Vec<String> = encoding.topics.iter().map(|(t, _)| t.clone()).collect();
 
         loop {
+            if check.is_none() && draining.is_none() && Instant::now() >= next_check {
+                let p = producer.clone();
+                let names = names.clone();
+                check = Some(tokio::task::spawn_blocking(move || {
+                    missing_topic(p.client(), &names)
+                }));
+            }
             // Read ahead from the journal.
             let head = *committed.borrow_and_update();
             if pending.len() < READ_AHEAD && read_upto < head {
@@ -680,15 +662,31 @@ impl KafkaSink {
                     return Ok(SessionEnd::Shutdown);
                 }
             }
-            let wake = queue_full_until.unwrap_or_else(|| {
-                Instant::now() + Duration::from_millis(if draining.is_some() { 20 } else { 500 })
-            });
+            let wake = queue_full_until
+                .unwrap_or_else(|| {
+                    Instant::now()
+                        + Duration::from_millis(if draining.is_some() { 20 } else { 500 })
+                })
+                .min(next_check);
             tokio::select! {
                 biased;
                 Some((entry, topic, result)) = inflight.next(), if !inflight.is_empty() => {
                     let (entry, topic, result): Delivery = (entry, topic, result);
                     match result {
+                        Ok((p, o)) if last_offset.get(&(topic, p)).is_some_and(|l| o <= *l) => {
+                            // Not acknowledged: the next session reads back
+                            // whether it is stored.
+                            let name = &encoding.topics[topic].0;
+                            self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                            offsets.topics.remove(name);
+                            self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                            return Err(KafkaSinkError::Broker {
+                                brokers: self.cfg.brokers.0.join(","),
+                                message: format!("topic {name} partition {p} went back to offset {o}: deleted and created again while publishing"),
+                            });
+                        }
                         Ok((p, o)) => {
+                            last_offset.insert((topic, p), o);
                             published.inc();
                             latency.observe((now_micros() - entry.observed_at).max(0) as f64 / 1e6);
                             if let Some(obs) = &self.observer {
@@ -717,6 +715,20 @@ impl KafkaSink {
                                 message: format!("delivery of host_seq {} failed: {msg}", entry.host_seq),
                             });
                         }
+                    }
+                }
+                r = async { check.as_mut().expect("guarded").await }, if check.is_some() => {
+                    check = None;
+                    next_check = Instant::now() + TOPIC_CHECK_EVERY;
+                    if let Ok(Some(name)) = r {
+                        // Its recorded offsets belong to the deleted topic.
+                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                        offsets.topics.remove(&name);
+                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                        return Err(KafkaSinkError::Broker {
+                            brokers: self.cfg.brokers.0.join(","),
+                            message: format!("topic {name} was deleted while publishing"),
+                        });
                     }
                 }
                 _ = shutdown.recv(), if draining.is_none() => {
