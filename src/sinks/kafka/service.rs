@@ -667,7 +667,11 @@ impl KafkaSink {
                     Instant::now()
                         + Duration::from_millis(if draining.is_some() { 20 } else { 500 })
                 })
-                .min(next_check);
+                .min(if check.is_none() && draining.is_none() {
+                    next_check
+                } else {
+                    Instant::now() + Duration::from_secs(1)
+                });
             tokio::select! {
                 biased;
                 Some((entry, topic, result)) = inflight.next(), if !inflight.is_empty() => {
