@@ -278,6 +278,36 @@ fn agent_kill_9_mid_burst_kafka_loses_and_duplicates_nothing() {
         .any(|m| m.event.detail.as_str() == "AGENT_RESTART"));
 }
 
+/// The NATS wide-window case on Kafka: the broker frozen while one domain
+/// gets 800 events, the agent killed 50 ms after it thaws (mid-drain),
+/// restarted 3 s later. Kafka has no de-duplication window to fall back
+/// on: only the read-back keeps each host_seq once.
+#[test]
+fn kafka_restart_mid_drain_after_outage_stores_each_entry_once() {
+    ensure_libvirtd();
+    let kafka = KafkaBroker::start();
+    let oracle = Oracle::start(TEST_URI);
+    let mut agent = Agent::ready(TEST_URI, None, &kafka_section(&kafka.bootstrap()));
+    kafka.pause();
+    let name = unique("kwide");
+    burst(name.clone(), 400, Duration::ZERO).join().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    kafka.unpause();
+    std::thread::sleep(Duration::from_millis(50));
+    agent.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    agent.start();
+    agent.wait_ready(Duration::from_secs(60));
+    settle_kafka(&kafka.bootstrap(), &agent, &name);
+    let all = assert_topic_is_journal(&kafka.bootstrap(), &mut agent);
+    let got = all.iter().filter(|m| m.event.domain.name == name).count();
+    assert_eq!(
+        got,
+        oracle.for_domain(&name).len(),
+        "every event of the burst, once"
+    );
+}
+
 #[test]
 fn kafka_frozen_10s_mid_burst_delivers_once_and_nats_keeps_going() {
     ensure_libvirtd();

@@ -429,6 +429,26 @@ pub async fn ensure_topics(
     admin: &Arc<AdminClient<KafkaContext>>,
     cfg: &KafkaConfig,
 ) -> Result<[i32; 3], KafkaSinkError> {
+    provision_topics(admin, cfg).await.map(|p| p.partitions)
+}
+
+/// What [`provision_topics`] found or made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioned {
+    /// Partition counts of the events, domain snapshots and host snapshots
+    /// topics, in that order.
+    pub partitions: [i32; 3],
+    /// Topics created just now: anything recorded about an earlier topic
+    /// of the same name (offsets) is void.
+    pub created: Vec<String>,
+}
+
+/// [`ensure_topics`], also saying which topics it created.
+pub async fn provision_topics(
+    admin: &Arc<AdminClient<KafkaContext>>,
+    cfg: &KafkaConfig,
+) -> Result<Provisioned, KafkaSinkError> {
+    let mut created = Vec::new();
     let mut existing = existing_topics(admin, cfg).await?;
     let opts = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
     let missing: Vec<(&str, TopicRole)> = topics(cfg)
@@ -459,7 +479,8 @@ pub async fn ensure_topics(
         for r in results {
             match r {
                 Ok(t) => {
-                    tracing::info!(topic = %t, partitions = cfg.partitions, replication = cfg.replication, "created Kafka topic")
+                    tracing::info!(topic = %t, partitions = cfg.partitions, replication = cfg.replication, "created Kafka topic");
+                    created.push(t);
                 }
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) => {
@@ -512,11 +533,33 @@ pub async fn ensure_topics(
             .copied()
             .ok_or_else(|| broker_err(cfg, format!("topic {t} does not show in metadata")))
     };
-    Ok([
-        count(&cfg.events_topic)?,
-        count(&cfg.domain_snapshots_topic)?,
-        count(&cfg.host_snapshots_topic)?,
-    ])
+    Ok(Provisioned {
+        partitions: [
+            count(&cfg.events_topic)?,
+            count(&cfg.domain_snapshots_topic)?,
+            count(&cfg.host_snapshots_topic)?,
+        ],
+        created,
+    })
+}
+
+/// The first of `names` the brokers' metadata says does not exist (a
+/// topic deleted while the sink runs). `None` when all exist or the
+/// metadata request fails (an unreachable broker is reported elsewhere).
+/// Blocks for up to the request timeout.
+pub fn missing_topic<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    names: &[String],
+) -> Option<String> {
+    let md = client.fetch_metadata(None, REQUEST_TIMEOUT).ok()?;
+    names
+        .iter()
+        .find(|n| {
+            !md.topics().iter().any(|t| {
+                t.name() == n.as_str() && t.error().is_none() && !t.partitions().is_empty()
+            })
+        })
+        .cloned()
 }
 
 /// At most one diagnostic connection this often while the brokers cannot

@@ -30,16 +30,18 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use rdkafka::admin::AdminClient;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::encoding::{EncodingContext, EVENT_ID_HEADER};
 use super::reader::{self, Flow, ReadOptions, Start};
 use super::{
-    admin_client, client_config, ensure_topics, partition_for, KafkaContext, KafkaSinkError,
+    admin_client, client_config, missing_topic, partition_for, provision_topics, KafkaContext,
+    KafkaSinkError,
 };
 use crate::config::KafkaConfig;
 use crate::journal::{Entry, Journal};
@@ -128,6 +130,20 @@ type Placed = (usize, i32, i64);
 /// Per topic: partition → the highest `host_seq` of the backlog there.
 type PartitionChecks = [BTreeMap<i32, u64>; 3];
 
+/// Drops the recorded offsets of topics created just now: they belonged
+/// to a deleted topic of the same name (its partitions start again at 0),
+/// so those partitions are read back from their start.
+fn forget_offsets(offsets: &mut Offsets, created: &[String]) {
+    for t in created {
+        if offsets.topics.remove(t).is_some_and(|o| !o.next.is_empty()) {
+            tracing::warn!(topic = %t, "topic was created again; its recorded offsets are void, reading it back from the start");
+        }
+    }
+}
+
+/// How often the publish loop checks that its topics still exist.
+const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(3);
+
 impl KafkaSink {
     fn set_state(&self, s: SinkState) {
         self.health.set_sink(SINK_NAME, s);
@@ -146,11 +162,21 @@ impl KafkaSink {
     ) -> Result<(), KafkaSinkError> {
         self.set_state(SinkState::Connecting);
         let mut backoff = Duration::from_millis(200);
+        // Whether a session got as far as publishing: a topic missing
+        // after that was deleted under the running agent, which then waits
+        // (not ready) for it instead of exiting.
+        let mut published = false;
         loop {
             let started = Instant::now();
-            match self.session(&mut shutdown, drain_deadline).await {
+            match self
+                .session(&mut shutdown, drain_deadline, &mut published)
+                .await
+            {
                 Ok(SessionEnd::Shutdown) | Err(KafkaSinkError::Interrupted) => return Ok(()),
-                Err(e) if e.is_fatal() => {
+                Err(e)
+                    if e.is_fatal()
+                        && !(published && matches!(e, KafkaSinkError::Missing { .. })) =>
+                {
                     tracing::error!(error = %e, "Kafka sink cannot continue");
                     self.set_state(SinkState::Failing(e.to_string()));
                     return Err(e);
@@ -386,21 +412,38 @@ impl KafkaSink {
         Ok((found, records))
     }
 
+    /// Creates missing topics (when allowed) and checks them; loads the
+    /// cursor and the offsets recorded with it, forgetting those of a
+    /// topic created just now.
+    async fn provision(
+        &self,
+        admin: &Arc<AdminClient<KafkaContext>>,
+    ) -> Result<([i32; 3], u64, Offsets), KafkaSinkError> {
+        let provisioned = provision_topics(admin, &self.cfg).await?;
+        let journal = self.journal.clone();
+        let (start, mut offsets) = tokio::task::spawn_blocking(move || Offsets::load(&journal))
+            .await
+            .map_err(Self::journal_err)??;
+        forget_offsets(&mut offsets, &provisioned.created);
+        Ok((provisioned.partitions, start, offsets))
+    }
+
     async fn session(
         &self,
         shutdown: &mut broadcast::Receiver<()>,
         drain_deadline: Duration,
+        published: &mut bool,
     ) -> Result<SessionEnd, KafkaSinkError> {
         let base = client_config(&self.cfg, &self.client_id)?;
         // 1. Topics.
         let admin = admin_client(&self.cfg, &self.client_id)?;
-        let partitions = tokio::select! {
-            r = ensure_topics(&admin, &self.cfg) => r,
+        let prepared = tokio::select! {
+            r = self.provision(&admin) => r,
             _ = shutdown.recv() => Err(KafkaSinkError::Interrupted),
         };
         // Destroying a client joins its threads: not on the async thread.
         let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
-        let partitions = partitions?;
+        let (partitions, start, mut offsets) = prepared?;
         let enc = Arc::new(EncodingContext {
             host_id: self.host_id.clone(),
             epoch: self.epoch.clone(),
@@ -413,12 +456,6 @@ impl KafkaSink {
         });
 
         // 2. Recovery.
-        let (start, mut offsets) = {
-            let journal = self.journal.clone();
-            tokio::task::spawn_blocking(move || Offsets::load(&journal))
-                .await
-                .map_err(Self::journal_err)??
-        };
         let mut found = self
             .recover(&base, start, &mut offsets, &enc, shutdown)
             .await?;
@@ -431,6 +468,7 @@ impl KafkaSink {
             .map_err(Self::journal_err)?;
 
         // 3. Publish.
+        *published = true;
         let ctx = KafkaContext::default();
         let producer: FutureProducer<KafkaContext> = {
             let mut c = base.clone();
@@ -527,8 +565,22 @@ impl KafkaSink {
         let mut ready_state = true;
         let mut queue_full_until: Option<Instant> = None;
         let mut draining: Option<Instant> = None;
+        // A deleted topic: librdkafka retries into it forever (or a broker
+        // acks into nothing), so its metadata is checked now and then, and
+        // an offset that goes backwards in a partition ends the session.
+        let mut last_offset: HashMap<(usize, i32), i64> = HashMap::new();
+        let mut next_check = Instant::now() + TOPIC_CHECK_EVERY;
+        let mut check: Option<tokio::task::JoinHandle<Option<String>>> = None;
+        let names: Vec<String> = encoding.topics.iter().map(|(t, _)| t.clone()).collect();
 
         loop {
+            if check.is_none() && draining.is_none() && Instant::now() >= next_check {
+                let p = producer.clone();
+                let names = names.clone();
+                check = Some(tokio::task::spawn_blocking(move || {
+                    missing_topic(p.client(), &names)
+                }));
+            }
             // Read ahead from the journal.
             let head = *committed.borrow_and_update();
             if pending.len() < READ_AHEAD && read_upto < head {
@@ -635,15 +687,35 @@ impl KafkaSink {
                     return Ok(SessionEnd::Shutdown);
                 }
             }
-            let wake = queue_full_until.unwrap_or_else(|| {
-                Instant::now() + Duration::from_millis(if draining.is_some() { 20 } else { 500 })
-            });
+            let wake = queue_full_until
+                .unwrap_or_else(|| {
+                    Instant::now()
+                        + Duration::from_millis(if draining.is_some() { 20 } else { 500 })
+                })
+                .min(if check.is_none() && draining.is_none() {
+                    next_check
+                } else {
+                    Instant::now() + Duration::from_secs(1)
+                });
             tokio::select! {
                 biased;
                 Some((entry, topic, result)) = inflight.next(), if !inflight.is_empty() => {
                     let (entry, topic, result): Delivery = (entry, topic, result);
                     match result {
+                        Ok((p, o)) if last_offset.get(&(topic, p)).is_some_and(|l| o <= *l) => {
+                            // Not acknowledged: the next session reads back
+                            // whether it is stored.
+                            let name = &encoding.topics[topic].0;
+                            self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                            offsets.topics.remove(name);
+                            self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                            return Err(KafkaSinkError::Broker {
+                                brokers: self.cfg.brokers.0.join(","),
+                                message: format!("topic {name} partition {p} went back to offset {o}: deleted and created again while publishing"),
+                            });
+                        }
                         Ok((p, o)) => {
+                            last_offset.insert((topic, p), o);
                             published.inc();
                             latency.observe((now_micros() - entry.observed_at).max(0) as f64 / 1e6);
                             if let Some(obs) = &self.observer {
@@ -672,6 +744,20 @@ impl KafkaSink {
                                 message: format!("delivery of host_seq {} failed: {msg}", entry.host_seq),
                             });
                         }
+                    }
+                }
+                r = async { check.as_mut().expect("guarded").await }, if check.is_some() => {
+                    check = None;
+                    next_check = Instant::now() + TOPIC_CHECK_EVERY;
+                    if let Ok(Some(name)) = r {
+                        // Its recorded offsets belong to the deleted topic.
+                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                        offsets.topics.remove(&name);
+                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                        return Err(KafkaSinkError::Broker {
+                            brokers: self.cfg.brokers.0.join(","),
+                            message: format!("topic {name} was deleted while publishing"),
+                        });
                     }
                 }
                 _ = shutdown.recv(), if draining.is_none() => {

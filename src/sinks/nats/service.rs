@@ -11,9 +11,16 @@
 //!   error) it reads the subject's last stored message: if that message is
 //!   this host's, this epoch's, with a `host_seq` at or past the entry, the
 //!   entry is already stored and is not sent again (this holds beyond the
-//!   JetStream duplicate window); otherwise its sequence is the expectation;
+//!   JetStream duplicate window), and the position remembered for the
+//!   subject is that message's own (stream sequence, `host_seq`);
+//!   otherwise its sequence is the expectation;
 //! - `Nats-Msg-Id` = event_id lets JetStream drop a re-send inside the
-//!   duplicate window as well.
+//!   duplicate window as well; that ack names the stored copy, not
+//!   necessarily the subject's tail, so the position is read again;
+//! - a stream deleted under the sink ("no stream for the subject") stops
+//!   dispatching until the streams are provisioned again (created when
+//!   allowed, else not ready until they exist); cached positions are then
+//!   void and dropped.
 //!
 //! Acks are handled before new work (`select! { biased; }`); the cursor is
 //! written back to the journal at most every 10 ms.
@@ -57,8 +64,12 @@ enum Outcome {
     Published {
         stream_seq: u64,
     },
+    /// The entry is already in the stream. `tail` is the subject's last
+    /// message as read back (its own stream sequence and `host_seq`, which
+    /// may be past the entry); `None` after a JetStream duplicate ack,
+    /// which names the entry's own message, not necessarily the tail.
     AlreadyStored {
-        stream_seq: u64,
+        tail: Option<Position>,
     },
     /// The subject holds this host's and epoch's `host_seq` beyond the
     /// journal's head: the journal was restored (`probe::behind_bus`).
@@ -68,10 +79,19 @@ enum Outcome {
     },
 }
 
+/// Why a publish did not store the entry.
+enum Failure {
+    /// The subject's expected last sequence was stale: re-read it.
+    WrongSeq(String),
+    /// No stream takes the subject: it was deleted while the sink ran.
+    StreamGone(String),
+    Other(String),
+}
+
 struct Done {
     subject: String,
     entry: Entry,
-    result: Result<Outcome, (bool, String)>,
+    result: Result<Outcome, Failure>,
 }
 
 /// Called for every entry the broker stored (benchmarks measure latency).
@@ -91,7 +111,7 @@ async fn last_position(
     stream: &jetstream::stream::Stream,
     subject: &str,
     enc: &EncodingContext,
-) -> Result<Position, String> {
+) -> Result<Position, Failure> {
     match stream.get_last_raw_message_by_subject(subject).await {
         Ok(m) => {
             let ours = m
@@ -111,7 +131,19 @@ async fn last_position(
             stream_seq: 0,
             ours: None,
         }),
-        Err(e) => Err(format!("reading last message of {subject}: {e}")),
+        Err(e) => {
+            let gone = matches!(
+                e.kind(),
+                LastRawMessageErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            );
+            let msg = format!("reading last message of {subject}: {e}");
+            Err(if gone {
+                Failure::StreamGone(msg)
+            } else {
+                Failure::Other(msg)
+            })
+        }
     }
 }
 
@@ -128,17 +160,13 @@ async fn publish_one(
     let result = async {
         let pos = match known {
             Some(p) => p,
-            None => last_position(&stream, &subject, &enc)
-                .await
-                .map_err(|e| (false, e))?,
+            None => last_position(&stream, &subject, &enc).await?,
         };
         if let Some(hs) = pos.ours.filter(|hs| *hs > head) {
             return Ok(Outcome::BeyondJournal { host_seq: hs, head });
         }
         if pos.ours.is_some_and(|hs| hs >= entry.host_seq) {
-            return Ok(Outcome::AlreadyStored {
-                stream_seq: pos.stream_seq,
-            });
+            return Ok(Outcome::AlreadyStored { tail: Some(pos) });
         }
         let msg = jetstream::message::PublishMessage::build()
             .payload(encoded.body)
@@ -147,18 +175,17 @@ async fn publish_one(
         let ack = js
             .send_publish(subject.clone(), msg)
             .await
-            .map_err(|e| (false, e.to_string()))?
+            .map_err(|e| Failure::Other(e.to_string()))?
             .await
-            .map_err(|e| {
-                (
-                    matches!(e.kind(), PublishErrorKind::WrongLastSequence),
-                    e.to_string(),
-                )
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::WrongLastSequence => Failure::WrongSeq(e.to_string()),
+                PublishErrorKind::StreamNotFound => {
+                    Failure::StreamGone(format!("publishing to {subject}: {e}"))
+                }
+                _ => Failure::Other(e.to_string()),
             })?;
         Ok(if ack.duplicate {
-            Outcome::AlreadyStored {
-                stream_seq: ack.sequence,
-            }
+            Outcome::AlreadyStored { tail: None }
         } else {
             Outcome::Published {
                 stream_seq: ack.sequence,
@@ -229,7 +256,7 @@ impl NatsSink {
             }
             delay = (delay * 2).min(Duration::from_secs(5));
         };
-        let (events_stream, snapshots_stream) = (Arc::new(stream.0), Arc::new(stream.1));
+        let (mut events_stream, mut snapshots_stream) = (Arc::new(stream.0), Arc::new(stream.1));
         self.set_state(SinkState::Ready);
         let mut ready_state = true;
         tracing::info!(stream = %self.cfg.events_stream, "NATS sink ready");
@@ -259,6 +286,9 @@ impl NatsSink {
         let mut flushed_cursor = start;
         let mut last_flush = Instant::now();
         let mut draining: Option<Instant> = None;
+        // A stream was deleted under the sink: publishing waits until it
+        // is provisioned again (or exists again).
+        let mut reprovision = false;
 
         loop {
             // Read ahead from the journal.
@@ -278,9 +308,49 @@ impl NatsSink {
                     buffered += 1;
                 }
             }
+            let backing_off = backoff_until.is_some_and(|t| Instant::now() < t);
+            // Re-provision once nothing is in flight: a late ack from the
+            // deleted stream must not set a position in the new one.
+            if reprovision && !backing_off && inflight.is_empty() {
+                let attempt = tokio::select! {
+                    r = super::ensure_streams(&js, &self.cfg) => Some(r),
+                    _ = shutdown.recv(), if draining.is_none() => {
+                        draining = Some(Instant::now() + drain_deadline);
+                        None
+                    }
+                    _ = tokio::time::sleep_until(draining.unwrap_or_else(Instant::now).into()), if draining.is_some() => None,
+                };
+                match attempt {
+                    Some(Ok((events, snapshots))) => {
+                        tracing::info!(events = %self.cfg.events_stream, snapshots = %self.cfg.snapshots_stream, "JetStream streams provisioned again; publishing resumes in order");
+                        events_stream = Arc::new(events);
+                        snapshots_stream = Arc::new(snapshots);
+                        // Cached subject positions belong to the old stream.
+                        positions.clear();
+                        reprovision = false;
+                        backoff = Duration::from_millis(100);
+                        backoff_until = None;
+                        ready.extend(retry.drain(..));
+                        ready_state = true;
+                        self.set_state(SinkState::Ready);
+                    }
+                    Some(Err(e)) if matches!(e, NatsError::Unsuitable { .. }) => {
+                        self.set_state(SinkState::Failing(e.to_string()));
+                        return Err(e);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "NATS stream not provisioned; publishing waits");
+                        self.set_state(SinkState::Failing(e.to_string()));
+                        ready_state = false;
+                        backoff_until = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    None => {}
+                }
+            }
             // Dispatch.
             let backing_off = backoff_until.is_some_and(|t| Instant::now() < t);
-            if !backing_off {
+            if !backing_off && !reprovision {
                 if backoff_until.take().is_some() {
                     ready.extend(retry.drain(..));
                 }
@@ -348,7 +418,10 @@ impl NatsSink {
                     let Done { subject, entry, result } = done;
                     match result {
                         Ok(outcome) => {
-                            let stream_seq = match outcome {
+                            // The subject's tail as the broker holds it;
+                            // unknown (re-read on the next publish) after a
+                            // duplicate ack.
+                            let tail = match outcome {
                                 Outcome::Published { stream_seq } => {
                                     published.inc();
                                     let lat = (now_micros() - entry.observed_at).max(0) as f64 / 1e6;
@@ -356,9 +429,9 @@ impl NatsSink {
                                     if let Some(o) = &self.observer {
                                         o(&entry);
                                     }
-                                    stream_seq
+                                    Some(Position { stream_seq, ours: Some(entry.host_seq) })
                                 }
-                                Outcome::AlreadyStored { stream_seq } => stream_seq,
+                                Outcome::AlreadyStored { tail } => tail,
                                 Outcome::BeyondJournal { host_seq, head } => {
                                     let e = super::probe::behind_bus(&self.encoding.epoch, host_seq, head);
                                     tracing::error!(error = %e, "NATS sink cannot continue");
@@ -366,7 +439,10 @@ impl NatsSink {
                                     return Err(e);
                                 }
                             };
-                            positions.insert(subject.clone(), Position { stream_seq, ours: Some(entry.host_seq) });
+                            match tail {
+                                Some(p) => positions.insert(subject.clone(), p),
+                                None => positions.remove(&subject),
+                            };
                             window.ack(entry.host_seq);
                             backoff = Duration::from_millis(100);
                             if !ready_state {
@@ -380,21 +456,32 @@ impl NatsSink {
                                 queues.remove(&subject);
                             }
                         }
-                        Err((wrong_seq, msg)) => {
+                        Err(failure) => {
                             errors.inc();
                             positions.remove(&subject);
                             queues.entry(subject.clone()).or_default().push_front(entry);
                             buffered += 1;
                             retry.push(subject);
-                            if wrong_seq {
-                                tracing::debug!(error = %msg, "subject position was stale; re-reading it");
-                                backoff_until.get_or_insert(Instant::now() + Duration::from_millis(5));
-                            } else {
-                                tracing::warn!(error = %msg, retry_in = ?backoff, "NATS publish failed; will retry in order");
-                                self.set_state(SinkState::Failing(msg));
-                                ready_state = false;
-                                backoff_until = Some(Instant::now() + backoff);
-                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            match failure {
+                                Failure::WrongSeq(msg) => {
+                                    tracing::debug!(error = %msg, "subject position was stale; re-reading it");
+                                    backoff_until.get_or_insert(Instant::now() + Duration::from_millis(5));
+                                }
+                                Failure::StreamGone(msg) => {
+                                    if !reprovision {
+                                        tracing::warn!(error = %msg, "JetStream stream is gone; provisioning it again before publishing on");
+                                    }
+                                    reprovision = true;
+                                    self.set_state(SinkState::Failing(msg));
+                                    ready_state = false;
+                                }
+                                Failure::Other(msg) => {
+                                    tracing::warn!(error = %msg, retry_in = ?backoff, "NATS publish failed; will retry in order");
+                                    self.set_state(SinkState::Failing(msg));
+                                    ready_state = false;
+                                    backoff_until = Some(Instant::now() + backoff);
+                                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                                }
                             }
                         }
                     }
