@@ -1143,6 +1143,8 @@ impl<I: Inspector> TrackerTask<I> {
         let mut next_round = Instant::now() + self.snapshot.interval;
         let mut next_heartbeat = Instant::now() + self.snapshot.heartbeat;
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
+        // A queue-overflow marker was emitted since the last barrier.
+        let mut overflow_marked = false;
         loop {
             let now = Instant::now();
             // While the journal is full nothing new is journaled: no
@@ -1180,8 +1182,15 @@ impl<I: Inspector> TrackerTask<I> {
                 }
             }
             if self.overflow.swap(false, Ordering::AcqRel) {
-                let o = self.tracker.gap(GapCause::QueueOverflow, now_micros());
-                self.emit_gap(o, GapCause::QueueOverflow);
+                // One marker per listing cycle: losses before the barrier
+                // of the listing already asked for are covered by that
+                // marker and repaired by that listing; a loss after its
+                // barrier gets a marker (and a listing) of its own.
+                if !overflow_marked {
+                    overflow_marked = true;
+                    let o = self.tracker.gap(GapCause::QueueOverflow, now_micros());
+                    self.emit_gap(o, GapCause::QueueOverflow);
+                }
                 self.request_resync(true);
             }
             let full = self.journal.backlog_bytes() >= self.tracker.opts.max_journal_bytes;
@@ -1271,7 +1280,10 @@ impl<I: Inspector> TrackerTask<I> {
                     next_round = Instant::now() + self.snapshot.interval;
                     next_heartbeat = Instant::now() + self.snapshot.heartbeat;
                 }
-                Item::ListingBegin => self.tracker.begin_listing(),
+                Item::ListingBegin => {
+                    overflow_marked = false;
+                    self.tracker.begin_listing();
+                }
                 Item::StaleSnapshots(uuids) => {
                     if self.tracker.seed_stale(uuids) > 0 {
                         // The round that settles them comes soon.
