@@ -147,6 +147,18 @@ async fn last_position(
     }
 }
 
+/// The last message of its subject for a while: a tombstone, or an event
+/// after which the domain no longer exists on the host.
+fn leaves_host(entry: &Entry) -> bool {
+    match entry.kind {
+        Kind::DomainTombstone => true,
+        Kind::DomainEvent => crate::codec::decode_event(&entry.payload).is_ok_and(|e| {
+            !e.persistent && e.state_after.state == crate::model::DomainState::SHUTOFF
+        }),
+        _ => false,
+    }
+}
+
 async fn publish_one(
     js: jetstream::Context,
     stream: Arc<jetstream::stream::Stream>,
@@ -440,8 +452,12 @@ impl NatsSink {
                                 }
                             };
                             match tail {
-                                Some(p) => positions.insert(subject.clone(), p),
-                                None => positions.remove(&subject),
+                                Some(p) if !leaves_host(&entry) => positions.insert(subject.clone(), p),
+                                // A domain that left the host frees its
+                                // subject's slot (memory stays flat under
+                                // churn); should it return, its subject is
+                                // read back once.
+                                _ => positions.remove(&subject),
                             };
                             window.ack(entry.host_seq);
                             backoff = Duration::from_millis(100);
