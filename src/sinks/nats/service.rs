@@ -164,7 +164,7 @@ async fn publish_one(
     stream: Arc<jetstream::stream::Stream>,
     enc: Arc<EncodingContext>,
     known: Option<Position>,
-    head: u64,
+    committed: tokio::sync::watch::Receiver<u64>,
     entry: Entry,
     encoded: Encoded,
 ) -> Done {
@@ -174,6 +174,9 @@ async fn publish_one(
             Some(p) => p,
             None => last_position(&stream, &subject, &enc).await?,
         };
+        // Read after the position: everything this sink published was
+        // committed before, so only a restored journal is behind it.
+        let head = *committed.borrow();
         if let Some(hs) = pos.ours.filter(|hs| *hs > head) {
             return Ok(Outcome::BeyondJournal { host_seq: hs, head });
         }
@@ -396,7 +399,7 @@ impl NatsSink {
                         },
                         self.encoding.clone(),
                         positions.get(&subject).copied(),
-                        head,
+                        self.journal.committed(),
                         entry,
                         encoded,
                     ));
