@@ -9,6 +9,7 @@
 #   deploy/local-env.sh start     # packages + virtlogd + libvirtd (needs root)
 #   deploy/local-env.sh status    # what is running
 #   deploy/local-env.sh toolchain # fails with advice when cargo is missing
+#   deploy/local-env.sh users     # the users, groups and directories libvirtd needs
 #
 # The brokers are not started here: tests start their own on random ports,
 # and deploy/demo.sh starts them for the demo.
@@ -118,6 +119,7 @@ case "${1:-start}" in
     fi
     ;;
   install) install_packages; install_tansu ;;
+  users) need_root users; ensure_users ;;
   start) install_packages; install_tansu; start_daemons ;;
   status)
     pgrep -a virtlogd || echo "virtlogd: not running"
@@ -125,5 +127,5 @@ case "${1:-start}" in
     command -v nats-server || echo "nats-server: not installed"
     tansu_bin || echo "tansu: not installed"
     ;;
-  *) echo "usage: $0 install|start|status|toolchain" >&2; exit 64 ;;
+  *) echo "usage: $0 install|start|status|toolchain|users" >&2; exit 64 ;;
 esac
