@@ -197,7 +197,9 @@ fn run_cell(cell: &Cell) -> Summary {
         _ => {}
     }
     std::fs::write(&agent.config, cfg).unwrap();
-    let mut oracle = Oracle::start(&uri);
+    // `virsh event --loop`: quiescence, and libvirt's own history of a
+    // domain the checks find wrong. A libvirtd restart needs a new one.
+    let mut oracles = vec![Oracle::start(&uri)];
     agent.start();
     agent.wait_ready(Duration::from_secs(60));
 
@@ -212,6 +214,13 @@ fn run_cell(cell: &Cell) -> Summary {
         fault.name(),
         started.elapsed().as_secs_f64()
     );
+    // The sink backlog at the end of a broker pause (proof it held).
+    let mut paused_backlog = None;
+    let backlog = |agent: &Agent| {
+        agent
+            .http("/metrics")
+            .and_then(|(_, b)| metric_sum(&b, "virtstream_sink_backlog"))
+    };
     match fault {
         Fault::Kill9Late => {
             agent.kill9();
@@ -221,6 +230,7 @@ fn run_cell(cell: &Cell) -> Summary {
         Fault::Kill9Backlog => {
             broker.pause();
             std::thread::sleep(Duration::from_secs(3));
+            paused_backlog = backlog(&agent);
             broker.unpause();
             std::thread::sleep(Duration::from_millis(50));
             agent.kill9();
@@ -230,24 +240,29 @@ fn run_cell(cell: &Cell) -> Summary {
         Fault::BrokerStop => {
             broker.pause();
             std::thread::sleep(Duration::from_secs(8));
+            paused_backlog = backlog(&agent);
             broker.unpause();
         }
         Fault::LibvirtdRestart => {
             host.restart(Duration::from_secs(1));
             // virsh event exits with the connection: a new oracle.
-            oracle = Oracle::start(&uri);
+            oracles.push(Oracle::start(&uri));
+            // The test driver forgets its domains with the daemon (QEMU's
+            // persistent domains would come back): define them again.
+            load::define_all(&uri, &plan, &mut rng, &work.path().join("virsh-redefine.log"));
         }
         Fault::QueueOverflow => {}
         Fault::JournalFull => {
             broker.pause();
             std::thread::sleep(Duration::from_secs(5));
+            paused_backlog = backlog(&agent);
             broker.unpause();
         }
     }
     let rest = Duration::from_secs(LOAD_SECS).saturating_sub(started.elapsed());
     std::thread::sleep(rest.max(Duration::from_secs(2)));
     let commands = load.stop();
-    quiesce(&agent, &oracle);
+    quiesce(&agent, oracles.last().unwrap());
 
     let truth = check::libvirt_truth(&uri);
     let msgs = check::read_bus(bus, &address);
@@ -256,11 +271,22 @@ fn run_cell(cell: &Cell) -> Summary {
     check::check_stream(&msgs, &agent.host_id, &truth, &plan_uuids, &mut f);
     check::check_state(&agent.config, bus, &agent.host_id, &truth, &mut f);
     check::check_audit(&agent.config, bus, &mut f);
-    let ok = f.ok();
+    // A fault that left no trace makes the cell vacuous: a failure too.
+    let marker = |cause: &str| f.gap_causes.contains_key(cause);
+    let held = paused_backlog.is_some_and(|b| b > 0.0);
+    let effect = match fault {
+        Fault::Kill9Late => marker("AGENT_RESTART"),
+        Fault::Kill9Backlog => held && marker("AGENT_RESTART"),
+        Fault::BrokerStop => held,
+        Fault::LibvirtdRestart => marker("DISCONNECTED"),
+        Fault::QueueOverflow => marker("QUEUE_OVERFLOW"),
+        Fault::JournalFull => held && marker("JOURNAL_FULL"),
+    };
+    let ok = f.ok() && effect;
     let line = format!(
         "soak: fault={} bus={bus} seed={seed} commands={commands} messages={} domains={} \
          wrong_last_words={} duplicates={} losses={} seq_breaks={} gap_markers={} \
-         state_wrong={} audit_wrong={} result={}",
+         gap_causes={} state_wrong={} audit_wrong={} fault_seen={effect} result={}",
         fault.name(),
         f.messages,
         f.domains,
@@ -269,11 +295,32 @@ fn run_cell(cell: &Cell) -> Summary {
         f.losses,
         f.seq_breaks.len(),
         f.gap_markers.len(),
+        f.causes(),
         f.state_wrong.len(),
         f.audit_wrong.len(),
         if ok { "ok" } else { "FAIL" }
     );
     let mut details = f.details();
+    if !effect {
+        details.push_str(&format!(
+            "  the fault left no trace (gap markers: {}, sink backlog during the broker pause: \
+             {paused_backlog:?})\n",
+            f.causes()
+        ));
+    }
+    for w in &f.wrong_last_words {
+        let history: Vec<String> = oracles
+            .iter()
+            .flat_map(|o| o.for_domain(&w.name))
+            .map(|e| format!("{}/{}", e.event, e.detail))
+            .collect();
+        let tail = &history[history.len().saturating_sub(4)..];
+        details.push_str(&format!(
+            "    virsh event for {}: … {}\n",
+            w.name,
+            tail.join(", ")
+        ));
+    }
     if !ok {
         details.push_str(&format!(
             "  agent log: {} (kept)\n",
@@ -378,12 +425,16 @@ fn soak() {
         print!("{}", s.details);
         lines.push(s.line.clone());
         if !s.ok {
-            failed.push(format!("{}\n{}  replay: {replay}", s.line, s.details));
+            // The details were printed above, with the cell.
+            failed.push(format!(
+                "{}\n  replay: {replay}",
+                s.line.replacen("soak: ", "failed: ", 1)
+            ));
         }
     }
     assert!(
         failed.is_empty(),
-        "{} soak cell(s) failed:\n{}",
+        "{} soak cell(s) failed (details above):\n{}",
         failed.len(),
         failed.join("\n")
     );

@@ -113,10 +113,25 @@ pub fn libvirt_truth(uri: &str) -> BTreeMap<String, Truth> {
         .collect()
 }
 
+/// The Python that has the reader's packages: $SOAK_PYTHON, else the
+/// venv deploy/local-env.sh installs, else python3 on PATH.
+fn python() -> String {
+    if let Ok(p) = std::env::var("SOAK_PYTHON") {
+        return p;
+    }
+    let venv = std::env::var("VIRTSTREAM_ORACLE_VENV")
+        .unwrap_or_else(|_| "/opt/virtstream-oracle".to_string());
+    let p = Path::new(&venv).join("bin/python3");
+    if p.is_file() {
+        return p.display().to_string();
+    }
+    "python3".to_string()
+}
+
 /// The whole events stream/topic, read and decoded by the Python oracle.
 pub fn read_bus(bus: &str, address: &str) -> Vec<Msg> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracle/read_events.py");
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .arg(&script)
         .args([bus, address])
         .output()
@@ -124,7 +139,7 @@ pub fn read_bus(bus: &str, address: &str) -> Vec<Msg> {
     assert!(
         out.status.success(),
         "tests/oracle/read_events.py {bus} {address} failed ({}): {}\n(install its packages: \
-         sudo deploy/local-env.sh install)",
+         sudo deploy/local-env.sh oracle)",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -157,11 +172,26 @@ pub struct Findings {
     pub losses: u64,
     /// Gap markers (losses the agent reported), by position.
     pub gap_markers: Vec<String>,
+    /// Gap markers by cause (detail), e.g. `QUEUE_OVERFLOW`.
+    pub gap_causes: BTreeMap<String, usize>,
     pub state_wrong: Vec<String>,
     pub audit_wrong: Vec<String>,
 }
 
 impl Findings {
+    /// `CAUSE:count+CAUSE:count`, or `none`.
+    pub fn causes(&self) -> String {
+        if self.gap_causes.is_empty() {
+            return "none".into();
+        }
+        let v: Vec<String> = self
+            .gap_causes
+            .iter()
+            .map(|(c, n)| format!("{c}:{n}"))
+            .collect();
+        v.join("+")
+    }
+
     pub fn ok(&self) -> bool {
         self.wrong_last_words.is_empty()
             && self.duplicates.is_empty()
@@ -234,6 +264,7 @@ pub fn check_stream(
         }
         if m.event == "GAP" {
             f.gap_markers.push(m.pos.clone());
+            *f.gap_causes.entry(m.detail.clone()).or_default() += 1;
             continue;
         }
         let want = next_seq
