@@ -13,9 +13,9 @@
 //! buses). Every cell prints one line
 //! `soak: fault=… bus=… seed=… domains=… wrong_last_words=… …`.
 
-mod common;
 #[path = "soak/check.rs"]
 mod check;
+mod common;
 #[path = "soak/load.rs"]
 mod load;
 
@@ -102,11 +102,7 @@ impl Broker {
         match self {
             // A 1 s duplicate window: restarts come later than it.
             Broker::Nats(n) => (Some(n.url()), "duplicate_window = \"1s\"\n".into(), n.url()),
-            Broker::Kafka(k) => (
-                None,
-                common::kafka_section(&k.bootstrap()),
-                k.bootstrap(),
-            ),
+            Broker::Kafka(k) => (None, common::kafka_section(&k.bootstrap()), k.bootstrap()),
         }
     }
 }
@@ -249,7 +245,12 @@ fn run_cell(cell: &Cell) -> Summary {
             oracles.push(Oracle::start(&uri));
             // The test driver forgets its domains with the daemon (QEMU's
             // persistent domains would come back): define them again.
-            load::define_all(&uri, &plan, &mut rng, &work.path().join("virsh-redefine.log"));
+            load::define_all(
+                &uri,
+                &plan,
+                &mut rng,
+                &work.path().join("virsh-redefine.log"),
+            );
         }
         Fault::QueueOverflow => {}
         Fault::JournalFull => {
@@ -400,7 +401,10 @@ fn soak() {
             "SOAK_SEED={seed} SOAK_CELLS={}:{bus} cargo test --locked --test soak -- --nocapture",
             fault.name()
         );
-        eprintln!("soak: cell fault={} bus={bus} seed={seed} (replay: {replay})", fault.name());
+        eprintln!(
+            "soak: cell fault={} bus={bus} seed={seed} (replay: {replay})",
+            fault.name()
+        );
         let cell = Cell { fault, bus, seed };
         let t0 = Instant::now();
         let s = match std::panic::catch_unwind(|| run_cell(&cell)) {

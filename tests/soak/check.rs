@@ -354,9 +354,7 @@ pub fn check_state(
     f: &mut Findings,
 ) {
     let cfg = config.to_str().unwrap();
-    let (code, out, err) = tool(&[
-        "state", "--config", cfg, "--bus", bus, "--format", "json",
-    ]);
+    let (code, out, err) = tool(&["state", "--config", cfg, "--bus", bus, "--format", "json"]);
     if code != Some(0) {
         f.state_wrong
             .push(format!("virtstream state exited {code:?}: {err}"));
@@ -403,9 +401,7 @@ pub fn check_state(
 /// problem or as a repaired notice).
 pub fn check_audit(config: &Path, bus: &str, f: &mut Findings) {
     let cfg = config.to_str().unwrap();
-    let (code, out, err) = tool(&[
-        "audit", "--config", cfg, "--bus", bus, "--format", "json",
-    ]);
+    let (code, out, err) = tool(&["audit", "--config", cfg, "--bus", bus, "--format", "json"]);
     let report: serde_json::Value = match serde_json::from_str(&out) {
         Ok(r) => r,
         Err(e) => {

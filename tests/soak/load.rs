@@ -228,8 +228,8 @@ fn pick(rng: &mut Rng, persistent: &[Dom], transient: &[Dom]) -> String {
     let r = rng.below(100);
     if r < 70 {
         let d = &persistent[rng.below(persistent.len() as u64) as usize];
-        let action = ["start", "suspend", "resume", "destroy", "shutdown", "start"]
-            [rng.below(6) as usize];
+        let action =
+            ["start", "suspend", "resume", "destroy", "shutdown", "start"][rng.below(6) as usize];
         format!("{action} {}", d.name)
     } else if r < 95 {
         let d = &transient[rng.below(transient.len() as u64) as usize];
