@@ -270,6 +270,14 @@ fn run_cell(cell: &Cell) -> Summary {
     let plan_uuids: BTreeSet<String> = plan.all().map(|d| d.uuid.clone()).collect();
     let mut f = check::Findings::default();
     check::check_stream(&msgs, &agent.host_id, &truth, &plan_uuids, &mut f);
+    for w in &mut f.wrong_last_words {
+        let history: Vec<String> = oracles
+            .iter()
+            .flat_map(|o| o.for_domain(&w.name))
+            .map(|e| format!("{}/{}", e.event, e.detail))
+            .collect();
+        w.history = history[history.len().saturating_sub(4)..].join(", ");
+    }
     check::check_state(&agent.config, bus, &agent.host_id, &truth, &mut f);
     check::check_audit(&agent.config, bus, &mut f);
     // A fault that left no trace makes the cell vacuous: a failure too.

@@ -156,6 +156,8 @@ pub struct Wrong {
     pub name: String,
     pub want: String,
     pub got: String,
+    /// The domain's last events as `virsh event` saw them.
+    pub history: String,
 }
 
 /// The findings of one cell.
@@ -208,19 +210,23 @@ impl Findings {
                 "  wrong last word: {} ({}): bus says {}, libvirt says {}\n",
                 w.name, w.uuid, w.got, w.want
             ));
+            if !w.history.is_empty() {
+                s.push_str(&format!("    virsh event saw: … {}\n", w.history));
+            }
         }
-        for d in &self.duplicates {
-            s.push_str(&format!("  duplicate: {d}\n"));
-        }
-        for d in &self.seq_breaks {
-            s.push_str(&format!("  seq: {d}\n"));
-        }
-        for d in &self.state_wrong {
-            s.push_str(&format!("  state: {d}\n"));
-        }
-        for d in &self.audit_wrong {
-            s.push_str(&format!("  audit: {d}\n"));
-        }
+        // The first few of each kind; the counts are in the summary.
+        let mut some = |what: &str, list: &[String]| {
+            for d in list.iter().take(10) {
+                s.push_str(&format!("  {what}: {d}\n"));
+            }
+            if list.len() > 10 {
+                s.push_str(&format!("  … and {} more of: {what}\n", list.len() - 10));
+            }
+        };
+        some("duplicate", &self.duplicates);
+        some("seq", &self.seq_breaks);
+        some("state", &self.state_wrong);
+        some("audit", &self.audit_wrong);
         s
     }
 }
@@ -325,6 +331,7 @@ pub fn check_stream(
                         m.state, m.persistent, m.seq, m.pos, m.origin, m.event, m.detail
                     )
                 }),
+                history: String::new(),
             });
         }
     }
