@@ -55,7 +55,7 @@ cargo test --locked --test soak --no-run --quiet
 
 run() { # run CELLS [SEED]
   local log="$LOG_DIR/run-$(date +%s%N).log" rc=0
-  env SOAK_CELLS="$1" ${2:+SOAK_SEED="$2"} cargo test --locked --test soak --quiet -- --nocapture \
+  env SOAK_CELLS="$1" ${2:+SOAK_SEED="$2"} cargo test --locked --test soak --quiet -- --nocapture --test-threads=1 \
     >"$log" 2>&1 || rc=$?
   grep '^soak: fault=' "$log" | tee -a "$RESULTS" || true
   if [ $rc -ne 0 ]; then

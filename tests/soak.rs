@@ -280,6 +280,17 @@ fn run_cell(cell: &Cell) -> Summary {
     }
     check::check_state(&agent.config, bus, &agent.host_id, &truth, &mut f);
     check::check_audit(&agent.config, bus, &mut f);
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut g = check::Findings::default();
+        check::cross_check(bus, &address, &agent.host_id, &msgs, &mut g);
+        g.decoder_mismatch
+    }))
+    .map(|v| f.decoder_mismatch.extend(v))
+    {
+        f.decoder_mismatch.push(format!(
+            "the agent's codec could not read the stream: {e:?}"
+        ));
+    }
     // A fault that left no trace makes the cell vacuous: a failure too.
     let marker = |cause: &str| f.gap_causes.contains_key(cause);
     let held = paused_backlog.is_some_and(|b| b > 0.0);
@@ -295,7 +306,7 @@ fn run_cell(cell: &Cell) -> Summary {
     let line = format!(
         "soak: fault={} bus={bus} seed={seed} commands={commands} messages={} domains={} \
          wrong_last_words={} duplicates={} losses={} seq_breaks={} gap_markers={} \
-         gap_causes={} state_wrong={} audit_wrong={} fault_seen={effect} result={}",
+         gap_causes={} state_wrong={} audit_wrong={} decoder_mismatch={} fault_seen={effect} result={}",
         fault.name(),
         f.messages,
         f.domains,
@@ -307,6 +318,7 @@ fn run_cell(cell: &Cell) -> Summary {
         f.causes(),
         f.state_wrong.len(),
         f.audit_wrong.len(),
+        f.decoder_mismatch.len(),
         if ok { "ok" } else { "FAIL" }
     );
     let mut details = f.details();
@@ -341,6 +353,13 @@ fn run_cell(cell: &Cell) -> Summary {
     }
     let _ = agent.terminate();
     Summary { line, ok, details }
+}
+
+fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 fn selected() -> Vec<(Fault, &'static str)> {
@@ -418,11 +437,7 @@ fn soak() {
         let s = match std::panic::catch_unwind(|| run_cell(&cell)) {
             Ok(s) => s,
             Err(e) => {
-                let why = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let why = panic_text(&*e);
                 Summary {
                     line: format!(
                         "soak: fault={} bus={bus} seed={seed} result=ERROR",

@@ -178,6 +178,8 @@ pub struct Findings {
     pub gap_causes: BTreeMap<String, usize>,
     pub state_wrong: Vec<String>,
     pub audit_wrong: Vec<String>,
+    /// The reader and the agent's codec disagree (see [`cross_check`]).
+    pub decoder_mismatch: Vec<String>,
 }
 
 impl Findings {
@@ -200,6 +202,7 @@ impl Findings {
             && self.seq_breaks.is_empty()
             && self.state_wrong.is_empty()
             && self.audit_wrong.is_empty()
+            && self.decoder_mismatch.is_empty()
     }
 
     /// The details of every finding, one per line.
@@ -227,6 +230,7 @@ impl Findings {
         some("seq", &self.seq_breaks);
         some("state", &self.state_wrong);
         some("audit", &self.audit_wrong);
+        some("decoder mismatch", &self.decoder_mismatch);
         s
     }
 }
@@ -452,5 +456,131 @@ pub fn check_audit(config: &Path, bus: &str, f: &mut Findings) {
         f.audit_wrong.push(format!(
             "exit code {code:?} disagrees with continuous={continuous}"
         ));
+    }
+}
+
+/// The checks catch what they claim to, on hand-made streams.
+#[test]
+fn checks_catch_duplicates_seq_breaks_and_wrong_last_words() {
+    let m =
+        |pos: u64, host_seq: u64, seq: u64, uuid: &str, event: &str, state: &str, p: bool| Msg {
+            pos: pos.to_string(),
+            host_id: "h".into(),
+            epoch: "e1".into(),
+            host_seq,
+            seq,
+            uuid: uuid.into(),
+            name: format!("dom-{uuid}"),
+            event: event.into(),
+            detail: "NONE".into(),
+            origin: "LIBVIRT".into(),
+            state: state.into(),
+            persistent: p,
+            observed_at: pos as i64,
+        };
+    let truth: BTreeMap<String, Truth> = [
+        ("a", "RUNNING", true),
+        ("b", "PAUSED", true),
+        ("c", "SHUTOFF", true),
+    ]
+    .iter()
+    .map(|(u, s, p)| {
+        (
+            u.to_string(),
+            Truth {
+                name: format!("dom-{u}"),
+                state: s.to_string(),
+                persistent: *p,
+            },
+        )
+    })
+    .collect();
+    let plan: BTreeSet<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+
+    // A clean stream: nothing found; "d" (gone) ended SHUTOFF, not persistent.
+    let clean = vec![
+        m(1, 1, 1, "a", "DEFINED", "SHUTOFF", true),
+        m(2, 2, 2, "a", "STARTED", "RUNNING", true),
+        m(3, 3, 1, "b", "DEFINED", "SHUTOFF", true),
+        m(4, 5, 2, "b", "STARTED", "RUNNING", true),
+        m(5, 6, 3, "b", "SUSPENDED", "PAUSED", true),
+        m(6, 7, 1, "c", "DEFINED", "SHUTOFF", true),
+        m(7, 8, 1, "d", "STARTED", "RUNNING", false),
+        m(8, 9, 2, "d", "STOPPED", "SHUTOFF", false),
+    ];
+    let mut f = Findings::default();
+    check_stream(&clean, "h", &truth, &plan, &mut f);
+    assert!(f.ok(), "{}", f.details());
+    assert_eq!(f.domains, 4);
+
+    // A duplicate, a seq hole, a last word that is not libvirt's, a gone
+    // domain last seen running, and a domain the bus never mentions.
+    let bad = vec![
+        m(1, 1, 1, "a", "DEFINED", "SHUTOFF", true),
+        m(2, 2, 2, "a", "STARTED", "RUNNING", true),
+        m(3, 2, 2, "a", "STARTED", "RUNNING", true),
+        m(4, 3, 1, "b", "DEFINED", "SHUTOFF", true),
+        m(5, 5, 3, "b", "SUSPENDED", "PAUSED", true),
+        m(6, 8, 1, "d", "STARTED", "RUNNING", false),
+    ];
+    let mut f = Findings::default();
+    check_stream(&bad, "h", &truth, &plan, &mut f);
+    assert_eq!(f.duplicates.len(), 1, "{}", f.details());
+    assert_eq!(f.seq_breaks.len(), 1, "{}", f.details());
+    assert_eq!(f.losses, 1);
+    let wrong: BTreeSet<&str> = f.wrong_last_words.iter().map(|w| w.uuid.as_str()).collect();
+    assert_eq!(wrong, ["c", "d"].into_iter().collect(), "{}", f.details());
+}
+
+/// Cross-check of the reader itself: the same stream decoded by the
+/// agent's codec (the test fixtures' `fetch`) must give the same fields
+/// at the same positions. A difference means one of the two decoders is
+/// wrong; the checks above rely on the reader only.
+pub fn cross_check(bus: &str, address: &str, host_id: &str, msgs: &[Msg], f: &mut Findings) {
+    let codec: Vec<(String, virtstream::model::DomainEvent)> = if bus == "nats" {
+        super::common::fetch(address, "VIRT_EVENTS", "virt.events.v1.>")
+            .into_iter()
+            .map(|s| (s.stream_seq.to_string(), s.event))
+            .collect()
+    } else {
+        super::common::fetch_kafka(address, "virt.domain.events.v1", host_id)
+            .into_iter()
+            .map(|s| {
+                let p = s.subject.split(':').nth(1).unwrap_or_default().to_string();
+                (format!("{p}:{}", s.stream_seq), s.event)
+            })
+            .collect()
+    };
+    let by_pos: HashMap<&str, &virtstream::model::DomainEvent> =
+        codec.iter().map(|(p, e)| (p.as_str(), e)).collect();
+    let ours: Vec<&Msg> = msgs.iter().filter(|m| m.host_id == host_id).collect();
+    let theirs = codec.iter().filter(|(_, e)| e.host_id == host_id).count();
+    if ours.len() != theirs {
+        f.decoder_mismatch.push(format!(
+            "the reader read {} messages of this host, the agent's codec {theirs}",
+            ours.len()
+        ));
+    }
+    for m in ours {
+        let Some(e) = by_pos.get(m.pos.as_str()) else {
+            f.decoder_mismatch
+                .push(format!("at {}: only the reader has a message", m.pos));
+            continue;
+        };
+        let same = e.epoch == m.epoch
+            && e.host_seq == m.host_seq
+            && e.seq == m.seq
+            && e.domain.uuid == m.uuid
+            && e.domain.name == m.name
+            && e.event.as_str() == m.event
+            && e.detail.as_str() == m.detail
+            && e.origin.as_str() == m.origin
+            && e.state_after.state.as_str() == m.state
+            && e.persistent == m.persistent
+            && e.observed_at == m.observed_at;
+        if !same {
+            f.decoder_mismatch
+                .push(format!("at {}: reader {m:?}, agent's codec {e:?}", m.pos));
+        }
     }
 }
