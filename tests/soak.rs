@@ -134,11 +134,17 @@ fn metric_sum(body: &str, name: &str) -> Option<f64> {
 /// Waits until the agent is connected to libvirt, every sink's backlog
 /// and the journal's are 0, and neither the journal nor `virsh event`
 /// has seen anything new for 2 s.
-fn quiesce(agent: &Agent, oracle: &Oracle) {
+fn quiesce(agent: &mut Agent, oracle: &Oracle) {
     let end = Instant::now() + QUIET_TIMEOUT;
     let mut last: Option<(String, usize)> = None;
     let mut since = Instant::now();
     loop {
+        if let Some(code) = agent.try_exit() {
+            panic!(
+                "the agent exited (code {code:?}) before quiescence; its log (kept): {}",
+                agent.log_path().display()
+            );
+        }
         let body = agent.http("/metrics").map(|(_, b)| b).unwrap_or_default();
         let connected = metric_sum(&body, "virtstream_libvirt_connected") == Some(1.0);
         let backlog = metric_sum(&body, "virtstream_sink_backlog");
@@ -182,6 +188,8 @@ fn run_cell(cell: &Cell) -> Summary {
     let broker = Broker::start(bus);
     let (nats_url, extra, address) = broker.agent_config();
     let mut agent = Agent::new(&uri, nats_url.as_deref(), &extra);
+    // Removed at the end of a cell that passed; kept when it failed.
+    agent.dir.disable_cleanup(true);
     let mut cfg = std::fs::read_to_string(&agent.config).unwrap();
     match fault {
         Fault::QueueOverflow => {
@@ -263,7 +271,7 @@ fn run_cell(cell: &Cell) -> Summary {
     let rest = Duration::from_secs(LOAD_SECS).saturating_sub(started.elapsed());
     std::thread::sleep(rest.max(Duration::from_secs(2)));
     let commands = load.stop();
-    quiesce(&agent, oracles.last().unwrap());
+    quiesce(&mut agent, oracles.last().unwrap());
 
     let truth = check::libvirt_truth(&uri);
     let msgs = check::read_bus(bus, &address);
@@ -344,14 +352,13 @@ fn run_cell(cell: &Cell) -> Summary {
     }
     if !ok {
         details.push_str(&format!(
-            "  agent log: {} (kept)\n",
+            "  agent logs, journal and config: {} (kept)\n",
             agent.dir.path().display()
         ));
-        // Keep the agent's directory (logs, journal, config) to look at.
-        let kept = std::mem::replace(&mut agent.dir, tempfile::tempdir().unwrap());
-        let _ = kept.keep();
     }
     let _ = agent.terminate();
+    // Kept when the cell failed or panicked, to look at.
+    agent.dir.disable_cleanup(!ok);
     Summary { line, ok, details }
 }
 
