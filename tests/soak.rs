@@ -337,19 +337,6 @@ fn run_cell(cell: &Cell) -> Summary {
             f.causes()
         ));
     }
-    for w in &f.wrong_last_words {
-        let history: Vec<String> = oracles
-            .iter()
-            .flat_map(|o| o.for_domain(&w.name))
-            .map(|e| format!("{}/{}", e.event, e.detail))
-            .collect();
-        let tail = &history[history.len().saturating_sub(4)..];
-        details.push_str(&format!(
-            "    virsh event for {}: … {}\n",
-            w.name,
-            tail.join(", ")
-        ));
-    }
     if !ok {
         details.push_str(&format!(
             "  agent logs, journal and config: {} (kept)\n",
