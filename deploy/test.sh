@@ -18,6 +18,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+# --all-targets leaves out test = false targets (the soak): lint it too.
+cargo clippy --locked --test soak -- -D warnings
 echo "== cargo test"
 # Test binaries run one after another (the libvirtd-restart test restarts
 # the shared daemon); tests inside a binary run in parallel.
