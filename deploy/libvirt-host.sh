@@ -33,11 +33,12 @@ fi
 # host dir -> the path it is mounted over inside the namespace
 MOUNTS=(run:/run/libvirt lib:/var/lib/libvirt etc:/etc/libvirt log:/var/log/libvirt cache:/var/cache/libvirt)
 
-pid_of() { # alive pid from a pid file, or nothing
+pid_of() { # the daemon's pid from its pid file, if that process is still it
   local f="$DIR/$1.pid" p
   [ -s "$f" ] || return 0
   p=$(cat "$f")
-  if kill -0 "$p" 2>/dev/null; then echo "$p"; fi
+  # A reused pid is not ours: the daemon was started with -p "$f".
+  if tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$f"; then echo "$p"; fi
 }
 
 prepare() {
