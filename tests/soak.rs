@@ -296,7 +296,8 @@ fn run_cell(cell: &Cell) -> Summary {
     .map(|v| f.decoder_mismatch.extend(v))
     {
         f.decoder_mismatch.push(format!(
-            "the agent's codec could not read the stream: {e:?}"
+            "the agent's codec could not read the stream: {}",
+            panic_text(&*e)
         ));
     }
     // A fault that left no trace makes the cell vacuous: a failure too.
