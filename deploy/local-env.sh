@@ -3,12 +3,15 @@
 # is tested against: libvirtd (test driver + QEMU under TCG) with virtlogd,
 # the nats-server binary, and the tansu Kafka-protocol broker (built once
 # with cargo: not in Debian), and stunnel (a TLS terminator the Kafka TLS
-# tests put in front of tansu). Idempotent: running it twice is harmless.
+# tests put in front of tansu), and the Python packages of the soak's
+# independent bus reader (in a venv). Idempotent: running it twice is harmless.
 #
 #   deploy/local-env.sh install   # packages only (needs root)
 #   deploy/local-env.sh start     # packages + virtlogd + libvirtd (needs root)
 #   deploy/local-env.sh status    # what is running
 #   deploy/local-env.sh toolchain # fails with advice when cargo is missing
+#   deploy/local-env.sh users     # the users, groups and directories libvirtd needs
+#   deploy/local-env.sh oracle    # the soak's bus reader (Python venv) only
 #
 # The brokers are not started here: tests start their own on random ports,
 # and deploy/demo.sh starts them for the demo.
@@ -46,6 +49,29 @@ install_packages() {
 }
 
 TANSU_VERSION=0.6.0
+
+# The soak's independent bus reader (tests/oracle/read_events.py): the
+# official NATS and Kafka clients and fastavro, pinned, in their own venv
+# (Debian's python3 refuses pip installs into the system).
+ORACLE_VENV=${VIRTSTREAM_ORACLE_VENV:-/opt/virtstream-oracle}
+ORACLE_PIP=(fastavro==1.13.1 nats-py==2.16.0 confluent-kafka==2.16.1)
+
+install_oracle() {
+  local py="$ORACLE_VENV/bin/python3"
+  if [ -x "$py" ] && "$py" -c '
+import sys, importlib.metadata as m
+want = dict(a.split("==") for a in sys.argv[1:])
+sys.exit(any(m.version(k) != v for k, v in want.items()))' "${ORACLE_PIP[@]}" 2>/dev/null; then
+    return 0
+  fi
+  echo "local-env.sh: installing the soak's bus reader (${ORACLE_PIP[*]}) in $ORACLE_VENV"
+  if ! python3 -m venv "$ORACLE_VENV" 2>/dev/null; then
+    need_root install
+    apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    python3 -m venv "$ORACLE_VENV"
+  fi
+  "$py" -m pip install --quiet --disable-pip-version-check "${ORACLE_PIP[@]}"
+}
 
 tansu_bin() {
   command -v tansu 2>/dev/null || {
@@ -117,13 +143,16 @@ case "${1:-start}" in
       exit 1
     fi
     ;;
-  install) install_packages; install_tansu ;;
-  start) install_packages; install_tansu; start_daemons ;;
+  install) install_packages; install_tansu; install_oracle ;;
+  users) need_root users; ensure_users ;;
+  oracle) install_oracle ;;
+  start) install_packages; install_tansu; install_oracle; start_daemons ;;
   status)
     pgrep -a virtlogd || echo "virtlogd: not running"
     pgrep -a libvirtd || echo "libvirtd: not running"
     command -v nats-server || echo "nats-server: not installed"
     tansu_bin || echo "tansu: not installed"
+    [ -x "$ORACLE_VENV/bin/python3" ] && echo "$ORACLE_VENV/bin/python3" || echo "soak bus reader: not installed"
     ;;
-  *) echo "usage: $0 install|start|status|toolchain" >&2; exit 64 ;;
+  *) echo "usage: $0 install|start|status|toolchain|users|oracle" >&2; exit 64 ;;
 esac

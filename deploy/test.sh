@@ -3,7 +3,8 @@
 # the test driver and QEMU/TCG, nats-server, tansu, stunnel, helm,
 # kubernetes-validate, cargo-fuzz) and runs the whole suite: formatting,
 # lints, unit and property tests, the end-to-end tests against real
-# servers (TLS and authentication included), the deployment checks (Helm
+# servers (TLS and authentication included), the chaos soak (every fault on
+# both buses, deploy/soak.sh), the deployment checks (Helm
 # chart, rendered manifests, container packages, systemd unit, example
 # configs), and a short fuzzing run of the message decoders. Needs root (apt-get, libvirtd) and a Rust toolchain
 # (rustup).
@@ -17,6 +18,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+# --all-targets leaves out test = false targets (the soak): lint it too.
+cargo clippy --locked --test soak -- -D warnings
 echo "== cargo test"
 # Test binaries run one after another (the libvirtd-restart test restarts
 # the shared daemon); tests inside a binary run in parallel.
@@ -24,6 +27,10 @@ LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 cargo test --locked 2>&1 | tee "$LOG"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$LOG"
+
+echo "== chaos soak (every fault x bus cell once, on a private libvirtd; docs/testing.md)"
+# Not part of plain `cargo test` (test = false in Cargo.toml): its own step.
+bash deploy/soak.sh
 
 echo "== Helm chart and Kubernetes manifests (helm lint/template, offline schema validation, check-config of the rendered config)"
 # The debug binary cargo test built is enough for check-config.

@@ -8,6 +8,7 @@
 //! never a silent skip.
 #![allow(dead_code)]
 
+pub mod libvirt_host;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};
