@@ -369,7 +369,9 @@ impl Source {
     /// not let the (possibly older) listing undo them.
     fn send_listing(&self, session: &Session, full: bool) -> Result<(), SourceError> {
         // Blocking sends: this is not the libvirt event loop.
-        let _ = self.items.send(Item::ListingBegin);
+        let _ = self.items.send(Item::ListingBegin {
+            dropped: self.metrics.events_dropped.get(),
+        });
         let observed_at = now_micros();
         let started = Instant::now();
         let listing =

@@ -249,3 +249,23 @@ fn gone_domains_are_forgotten_once_durable_and_continue_their_seq_when_back() {
     }
     assert!(t.knows(A), "the tombstone of A is still due");
 }
+
+#[test]
+fn a_redefinition_after_the_listing_was_read_keeps_its_configuration() {
+    let mut t = known_running();
+    // The lookup after DEFINED/UPDATED sees the new configuration.
+    let mut new = facts(DomainState::RUNNING, "BOOTED", true);
+    new.config_hash = Some("sha256:new".into());
+    new.vcpus = Some(8);
+    t.inspector.0.lock().unwrap().insert(A.to_string(), new);
+    t.begin_listing();
+    // The listing read the old configuration.
+    let listing = vec![(A.to_string(), facts(DomainState::RUNNING, "BOOTED", true))];
+    let o = t.on_event(&ev(A, DEFINED, 1)); // UPDATED
+    assert_eq!(o.event.config_hash.as_deref(), Some("sha256:new"));
+    assert!(t.on_resync(&listing, 5).is_empty(), "the listing is older");
+    let snaps = t.round(&listing, &info(), 5);
+    let snap = snapshot_of(&snaps, A).expect("A snapshotted");
+    assert_eq!(snap.config_hash.as_deref(), Some("sha256:new"));
+    assert_eq!(snap.vcpus, Some(8));
+}

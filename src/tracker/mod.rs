@@ -125,8 +125,10 @@ pub enum Item {
     /// The barrier of a list + watch: the source is about to take a
     /// listing. Every event after this item on the queue was delivered
     /// after the listing began, so the listing that follows may be older
-    /// than it and must not undo it.
-    ListingBegin,
+    /// than it and must not undo it. `dropped` is the callback's count of
+    /// events dropped on a full queue when the barrier was queued: a drop
+    /// after it may be newer than the listing.
+    ListingBegin { dropped: u64 },
     /// A complete listing of the host's domains (after connect, or on
     /// request), taken after the last `ListingBegin`; the tracker emits
     /// RECONCILE events for every difference it may repair.
@@ -155,6 +157,8 @@ pub struct Touch {
     pub persistence: bool,
     /// DEFINED showed the domain exists.
     pub defined: bool,
+    /// DEFINED's lookup fixed the configuration (hash, sizes, autostart).
+    pub config: bool,
 }
 
 /// Listing requests from the tracker to the source. Requests merge (a
@@ -270,6 +274,15 @@ fn merge_touched(rec: &DomainRecord, listed: &Facts, touch: Touch) -> Facts {
         if !rec.persistent {
             f.autostart = Some(false);
         }
+    }
+    if touch.config {
+        // A (re)definition after the listing read: its configuration is
+        // newer than the listed one.
+        f.config_hash = rec.config_hash.clone();
+        f.vcpus = rec.vcpus;
+        f.memory_kib = rec.memory_kib;
+        f.autostart = rec.autostart;
+        f.xml = None;
     }
     f
 }
@@ -891,12 +904,14 @@ impl<I: Inspector> Tracker<I> {
             observed_at: raw.observed_at,
             xml,
         };
+        let had_facts = facts.is_some();
         self.domains.insert(raw.uuid.clone(), record.clone());
         if let Some(barrier) = self.barrier.as_mut() {
             let t = barrier.entry(raw.uuid.clone()).or_default();
             t.state |= derived.is_some();
             t.persistence |= matches!(event, EventType::DEFINED | EventType::UNDEFINED);
             t.defined |= event == EventType::DEFINED;
+            t.config |= event == EventType::DEFINED && had_facts;
         }
         Output {
             event: out,
@@ -1143,8 +1158,15 @@ impl<I: Inspector> TrackerTask<I> {
         let mut next_round = Instant::now() + self.snapshot.interval;
         let mut next_heartbeat = Instant::now() + self.snapshot.heartbeat;
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
-        // A queue-overflow marker was emitted since the last barrier.
+        // A queue-overflow marker was emitted and its listing has not
+        // been applied yet.
         let mut overflow_marked = false;
+        // While a listing is under way: the callback's drop count when its
+        // barrier was queued, and whether a full journal dropped an event
+        // since the barrier. Either loss may be newer than the listing, so
+        // its round is followed by a marker and another listing.
+        let mut barrier_drops: Option<u64> = None;
+        let mut journal_loss_in_listing = false;
         loop {
             let now = Instant::now();
             // While the journal is full nothing new is journaled: no
@@ -1182,10 +1204,11 @@ impl<I: Inspector> TrackerTask<I> {
                 }
             }
             if self.overflow.swap(false, Ordering::AcqRel) {
-                // One marker per listing cycle: losses before the barrier
-                // of the listing already asked for are covered by that
-                // marker and repaired by that listing; a loss after its
-                // barrier gets a marker (and a listing) of its own.
+                // One marker per listing cycle: drops before the barrier
+                // of the listing asked for are covered by this marker and
+                // repaired by that listing; drops after the barrier was
+                // queued are found when its listing arrives and get a
+                // marker after that round (see `Item::Resync` below).
                 if !overflow_marked {
                     overflow_marked = true;
                     let o = self.tracker.gap(GapCause::QueueOverflow, now_micros());
@@ -1224,6 +1247,7 @@ impl<I: Inspector> TrackerTask<I> {
                             );
                         }
                         full_gap_pending = true;
+                        journal_loss_in_listing |= barrier_drops.is_some();
                         self.metrics.journal_full_drops.inc();
                         continue;
                     }
@@ -1241,6 +1265,8 @@ impl<I: Inspector> TrackerTask<I> {
                         // Reconcile and round wait for space: the gap marker
                         // that follows asks for a new listing then.
                         self.tracker.cancel_listing();
+                        barrier_drops = None;
+                        journal_loss_in_listing = false;
                         full_gap_pending = true;
                         self.metrics.journal_full_drops.inc();
                         info = Some(host);
@@ -1269,6 +1295,20 @@ impl<I: Inspector> TrackerTask<I> {
                     }
                     crate::source::ffi::trim_heap();
                     self.metrics.snapshot_rounds.inc();
+                    // Losses while the listing was under way: the round may
+                    // miss them, so a marker follows it, and a new listing.
+                    let dropped_since = barrier_drops
+                        .take()
+                        .is_some_and(|d| self.metrics.events_dropped.get() > d);
+                    overflow_marked = dropped_since;
+                    if dropped_since {
+                        let o = self.tracker.gap(GapCause::QueueOverflow, now_micros());
+                        self.emit_gap(o, GapCause::QueueOverflow);
+                        self.request_resync(true);
+                    }
+                    if std::mem::take(&mut journal_loss_in_listing) {
+                        full_gap_pending = true;
+                    }
                     tracing::info!(
                         domains,
                         changes,
@@ -1280,8 +1320,9 @@ impl<I: Inspector> TrackerTask<I> {
                     next_round = Instant::now() + self.snapshot.interval;
                     next_heartbeat = Instant::now() + self.snapshot.heartbeat;
                 }
-                Item::ListingBegin => {
-                    overflow_marked = false;
+                Item::ListingBegin { dropped } => {
+                    barrier_drops = Some(dropped);
+                    journal_loss_in_listing = false;
                     self.tracker.begin_listing();
                 }
                 Item::StaleSnapshots(uuids) => {
@@ -1292,6 +1333,9 @@ impl<I: Inspector> TrackerTask<I> {
                 }
                 Item::Disconnected { observed_at } => {
                     self.tracker.cancel_listing();
+                    barrier_drops = None;
+                    journal_loss_in_listing = false;
+                    overflow_marked = false;
                     let o = self.tracker.gap(GapCause::Disconnected, observed_at);
                     self.emit_gap(o, GapCause::Disconnected);
                 }

@@ -165,6 +165,7 @@ async fn publish_one(
     enc: Arc<EncodingContext>,
     known: Option<Position>,
     committed: tokio::sync::watch::Receiver<u64>,
+    read_upto: u64,
     entry: Entry,
     encoded: Encoded,
 ) -> Done {
@@ -174,9 +175,11 @@ async fn publish_one(
             Some(p) => p,
             None => last_position(&stream, &subject, &enc).await?,
         };
-        // Read after the position: everything this sink published was
-        // committed before, so only a restored journal is behind it.
-        let head = *committed.borrow();
+        // Everything this sink published it read from the journal (up to
+        // `read_upto`, which may run ahead of the committed watch by a
+        // batch); the head is read after the position. Only a restored
+        // journal is behind what the subject holds.
+        let head = (*committed.borrow()).max(read_upto);
         if let Some(hs) = pos.ours.filter(|hs| *hs > head) {
             return Ok(Outcome::BeyondJournal { host_seq: hs, head });
         }
@@ -400,6 +403,7 @@ impl NatsSink {
                         self.encoding.clone(),
                         positions.get(&subject).copied(),
                         self.journal.committed(),
+                        read_upto,
                         entry,
                         encoded,
                     ));
