@@ -159,13 +159,20 @@ fn leaves_host(entry: &Entry) -> bool {
     }
 }
 
+/// How far the journal is known to reach, for the restored-journal check.
+struct JournalHead {
+    committed: tokio::sync::watch::Receiver<u64>,
+    /// The highest host_seq this sink has read (may be ahead of the
+    /// committed watch by a batch).
+    read_upto: u64,
+}
+
 async fn publish_one(
     js: jetstream::Context,
     stream: Arc<jetstream::stream::Stream>,
     enc: Arc<EncodingContext>,
     known: Option<Position>,
-    committed: tokio::sync::watch::Receiver<u64>,
-    read_upto: u64,
+    head: JournalHead,
     entry: Entry,
     encoded: Encoded,
 ) -> Done {
@@ -179,7 +186,7 @@ async fn publish_one(
         // `read_upto`, which may run ahead of the committed watch by a
         // batch); the head is read after the position. Only a restored
         // journal is behind what the subject holds.
-        let head = (*committed.borrow()).max(read_upto);
+        let head = (*head.committed.borrow()).max(head.read_upto);
         if let Some(hs) = pos.ours.filter(|hs| *hs > head) {
             return Ok(Outcome::BeyondJournal { host_seq: hs, head });
         }
@@ -402,8 +409,10 @@ impl NatsSink {
                         },
                         self.encoding.clone(),
                         positions.get(&subject).copied(),
-                        self.journal.committed(),
-                        read_upto,
+                        JournalHead {
+                            committed: self.journal.committed(),
+                            read_upto,
+                        },
                         entry,
                         encoded,
                     ));
