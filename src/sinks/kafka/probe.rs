@@ -191,13 +191,3 @@ pub fn stale_snapshots(
     out.sort();
     Ok(out)
 }
-
-/// A stored record of this host and epoch beyond the journal's head: the
-/// journal was restored (found by the read-back before publishing).
-pub fn behind_bus(epoch: &str, bus: u64, journal: u64) -> KafkaSinkError {
-    KafkaSinkError::JournalBehindBus {
-        epoch: epoch.to_string(),
-        bus,
-        journal,
-    }
-}

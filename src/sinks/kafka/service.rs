@@ -385,7 +385,11 @@ impl KafkaSink {
                     },
                 );
                 if let Some(s) = beyond {
-                    return Err(super::probe::behind_bus(&epoch, s, head));
+                    return Err(KafkaSinkError::JournalBehindBus {
+                        epoch: epoch.clone(),
+                        bus: s,
+                        journal: head,
+                    });
                 }
                 r.map(|sum| (found, seen_end, sum.records))
             })
