@@ -15,30 +15,11 @@ const SUSPENDED: i32 = 3;
 const STOPPED: i32 = 5;
 
 fn tracker() -> Tracker<TableInspector> {
-    Tracker::new(
-        "host-a".into(),
-        "e1".into(),
-        0,
-        HashMap::new(),
-        TableInspector::default(),
-        TrackerOptions {
-            xml: XmlMode::Off,
-            lookup_attempts: 1,
-            max_journal_bytes: u64::MAX,
-        },
-    )
+    super::tests::tracker(TableInspector::default())
 }
 
 fn ev(uuid: &str, ty: i32, detail: i32) -> RawEvent {
-    RawEvent {
-        uuid: uuid.into(),
-        name: "vm".into(),
-        id: Some(3),
-        event_id: 0,
-        type_code: ty,
-        detail_code: detail,
-        observed_at: 1,
-    }
+    super::tests::raw(uuid, ty, detail)
 }
 
 fn info() -> HostInfo {

@@ -1480,7 +1480,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn tracker(table: TableInspector) -> Tracker<TableInspector> {
+    pub(crate) fn tracker(table: TableInspector) -> Tracker<TableInspector> {
         Tracker::new(
             "host-a".into(),
             "e1".into(),
@@ -1495,7 +1495,7 @@ pub(crate) mod tests {
         )
     }
 
-    fn raw(uuid: &str, ty: i32, detail: i32) -> RawEvent {
+    pub(crate) fn raw(uuid: &str, ty: i32, detail: i32) -> RawEvent {
         RawEvent {
             uuid: uuid.into(),
             name: "vm".into(),
