@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use virt::connect::Connect;
 
-fn metric(agent: &Agent, name: &str) -> f64 {
-    let (_, m) = agent.http("/metrics").unwrap();
-    m.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -50,10 +42,10 @@ fn churn(prefix: &str, from: usize, n: usize, threads: usize) {
 fn settle(agent: &Agent) {
     let end = Instant::now() + Duration::from_secs(600);
     loop {
-        let backlog = metric(agent, "virtstream_sink_backlog");
-        let received = metric(agent, "virtstream_libvirt_events_received_total");
+        let backlog = agent.metric("virtstream_sink_backlog");
+        let received = agent.metric("virtstream_libvirt_events_received_total");
         std::thread::sleep(Duration::from_millis(500));
-        if backlog == 0.0 && metric(agent, "virtstream_libvirt_events_received_total") == received {
+        if backlog == 0.0 && agent.metric("virtstream_libvirt_events_received_total") == received {
             break;
         }
         assert!(Instant::now() < end, "backlog did not drain: {backlog}");
@@ -103,8 +95,8 @@ fn rss_stays_flat_under_transient_domain_churn() {
     let took = started.elapsed();
     // Every create and destroy reached the agent (each is a STARTED and a
     // STOPPED event); what a burst overflowed is counted as dropped.
-    let received = metric(&agent, "virtstream_libvirt_events_received_total");
-    let dropped = metric(&agent, "virtstream_libvirt_events_dropped_total");
+    let received = agent.metric("virtstream_libvirt_events_received_total");
+    let dropped = agent.metric("virtstream_libvirt_events_dropped_total");
     assert!(
         received + dropped >= (2 * cycles) as f64,
         "received {received} and dropped {dropped} events for {cycles} cycles"

@@ -33,14 +33,6 @@ impl Drop for Undefine {
     }
 }
 
-fn metric(agent: &Agent, name: &str) -> f64 {
-    let (_, m) = agent.http("/metrics").unwrap();
-    m.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn queue_overflow_gives_gap_marker_then_reconcile() {
     ensure_libvirtd();
@@ -83,7 +75,7 @@ fn queue_overflow_gives_gap_marker_then_reconcile() {
         },
     );
     assert_contiguous(&msgs);
-    assert!(metric(&agent, "virtstream_libvirt_events_dropped_total") > 0.0);
+    assert!(agent.metric("virtstream_libvirt_events_dropped_total") > 0.0);
     let gap = msgs
         .iter()
         .find(|s| s.event.detail.as_str() == "QUEUE_OVERFLOW")
@@ -154,15 +146,15 @@ fn full_journal_keeps_what_it_accepted_then_gap_and_reconcile() {
         d.resume().unwrap();
     }
     let end = Instant::now() + Duration::from_secs(20);
-    while metric(&agent, "virtstream_journal_full_drops_total") == 0.0 {
+    while agent.metric("virtstream_journal_full_drops_total") == 0.0 {
         assert!(Instant::now() < end, "journal never reported full");
         std::thread::sleep(Duration::from_millis(50));
     }
     // While full, nothing new is journaled: no heartbeats, no rounds.
-    let held = metric(&agent, "virtstream_journal_backlog_entries");
+    let held = agent.metric("virtstream_journal_backlog_entries");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        metric(&agent, "virtstream_journal_backlog_entries"),
+        agent.metric("virtstream_journal_backlog_entries"),
         held,
         "heartbeats or rounds were journaled into a full journal"
     );
@@ -296,7 +288,7 @@ fn full_journal_behind_a_frozen_broker_stops_intake_for_both_sinks() {
     agent.wait_ready(Duration::from_secs(60));
     // Both sinks took the start-up round: the journal is empty.
     let end = Instant::now() + Duration::from_secs(30);
-    while metric(&agent, "virtstream_journal_backlog_entries") != 0.0 {
+    while agent.metric("virtstream_journal_backlog_entries") != 0.0 {
         assert!(
             Instant::now() < end,
             "the start-up round was not acknowledged"
@@ -328,20 +320,20 @@ fn full_journal_behind_a_frozen_broker_stops_intake_for_both_sinks() {
         d.resume().unwrap();
     }
     let end = Instant::now() + Duration::from_secs(30);
-    while metric(&agent, "virtstream_journal_full_drops_total") == 0.0 {
+    while agent.metric("virtstream_journal_full_drops_total") == 0.0 {
         assert!(Instant::now() < end, "journal never reported full");
         std::thread::sleep(Duration::from_millis(50));
     }
     // NATS, the healthy sink, has everything the journal accepted.
     let end = Instant::now() + Duration::from_secs(30);
-    while metric(&agent, "virtstream_sink_backlog{sink=\"nats\"}") != 0.0 {
+    while agent.metric("virtstream_sink_backlog{sink=\"nats\"}") != 0.0 {
         assert!(
             Instant::now() < end,
             "NATS never caught up with the journal"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(metric(&agent, "virtstream_sink_backlog{sink=\"kafka\"}") > 0.0);
+    assert!(agent.metric("virtstream_sink_backlog{sink=\"kafka\"}") > 0.0);
     let before = fetch(&nats.url(), "VIRT_EVENTS", &agent.filter());
     // Events and snapshot records (NATS tap; Kafka cannot be read while
     // frozen) cover host_seq 1..=N without holes.
@@ -392,7 +384,7 @@ fn full_journal_behind_a_frozen_broker_stops_intake_for_both_sinks() {
         got.len(),
         oracle.for_domain(&name).len(),
         during.len(),
-        metric(&agent, "virtstream_journal_full_drops_total")
+        agent.metric("virtstream_journal_full_drops_total")
     );
 
     kafka.unpause();
@@ -441,11 +433,6 @@ fn full_journal_behind_a_frozen_broker_stops_intake_for_both_sinks() {
     assert_eq!(gap_seqs[0], gap_seqs[1], "one marker, on both buses");
     wait_round_after(&agent.host_id, gap_seqs[0], Duration::from_secs(30));
     wait_kafka_round_after(&kafka.bootstrap(), &agent.host_id, gap_seqs[0]);
-    assert!(
-        metric(
-            &agent,
-            "virtstream_gap_markers_total{cause=\"journal_full\"}"
-        ) >= 1.0
-    );
+    assert!(agent.metric("virtstream_gap_markers_total{cause=\"journal_full\"}") >= 1.0);
     d.undefine().unwrap();
 }

@@ -1188,6 +1188,16 @@ impl Agent {
         self.child = Some(child);
     }
 
+    /// The sum of every `/metrics` series whose line starts with `name`
+    /// (a label set may be part of it).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, m) = self.http("/metrics").unwrap();
+        m.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn http(&self, path: &str) -> Option<(u16, String)> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
