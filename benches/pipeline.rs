@@ -34,9 +34,10 @@ use virtstream::model::{DomainState, StateReason};
 use virtstream::sinks::kafka::service::KafkaSink;
 use virtstream::sinks::nats::encoding::EncodingContext;
 use virtstream::sinks::nats::service::NatsSink;
+use virtstream::source::enrich::{EnrichOptions, EnrichTask, Enricher, Inspector, LookupError};
 use virtstream::telemetry::{Health, Metrics};
 use virtstream::tracker::{
-    now_micros, Facts, Inspector, Item, LookupError, RawEvent, Tracker, TrackerOptions, TrackerTask,
+    now_micros, Facts, Item, RawEvent, Tracker, TrackerOptions, TrackerTask,
 };
 
 const DOMAINS: usize = 1000;
@@ -118,19 +119,36 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
         rec.epoch.clone(),
         rec.host_seq,
         HashMap::new(),
-        Table(facts),
         TrackerOptions {
             xml: XmlMode::Off,
-            lookup_attempts: 1,
             max_journal_bytes: u64::MAX,
         },
     );
+    // As in the agent: the hand-off queue, the enricher (each domain's
+    // first event is looked up), the tracker.
     let (items_tx, items_rx) = std::sync::mpsc::sync_channel(16384);
+    let (enriched_tx, enriched_rx) = std::sync::mpsc::sync_channel(16384);
     let resync = std::sync::Arc::new(virtstream::tracker::ResyncRequests::default());
     let stop = Arc::new(AtomicBool::new(false));
+    let enrich = EnrichTask {
+        enricher: Enricher::new(
+            Table(facts),
+            EnrichOptions {
+                xml: XmlMode::Off,
+                lookup_attempts: 1,
+            },
+        ),
+        input: items_rx,
+        output: enriched_tx,
+        stop: stop.clone(),
+    };
+    std::thread::Builder::new()
+        .name("enricher".into())
+        .spawn(move || enrich.run())
+        .unwrap();
     let task = TrackerTask {
         tracker,
-        items: items_rx,
+        items: enriched_rx,
         overflow: Arc::new(AtomicBool::new(false)),
         resync,
         journal: journal.clone(),
@@ -257,6 +275,7 @@ fn event(n: u64) -> Item {
         type_code: ty,
         detail_code: 0,
         observed_at: now_micros(),
+        facts: None,
     }))
 }
 

@@ -19,6 +19,7 @@ use crate::sinks::kafka::{self, KafkaSinkError};
 use crate::sinks::nats::encoding::EncodingContext;
 use crate::sinks::nats::service::NatsSink;
 use crate::sinks::nats::{self, NatsError};
+use crate::source::enrich::{EnrichOptions, EnrichTask, Enricher};
 use crate::source::{self, ffi, LibvirtInspector, Source, SourceOptions};
 use crate::telemetry::{self, Health, Metrics, TelemetryError};
 use crate::tracker::{
@@ -135,8 +136,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let (shutdown_tx, _) = broadcast::channel::<()>(4);
     let stop = Arc::new(AtomicBool::new(false));
 
-    // Source → tracker queue.
+    // Callbacks and source → enricher → tracker.
     let (items_tx, items_rx) = std::sync::mpsc::sync_channel(cfg.libvirt.queue_capacity);
+    let (enriched_tx, enriched_rx) = std::sync::mpsc::sync_channel(cfg.libvirt.queue_capacity);
     let resync = Arc::new(crate::tracker::ResyncRequests::default());
     let overflow = Arc::new(AtomicBool::new(false));
     let conn_slot = Arc::new(RwLock::new(None));
@@ -166,21 +168,45 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         .spawn(move || src.run())
         .map_err(|e| AgentError::Thread(e.to_string()))?;
 
+    let records = decode_records(&recovered.domains);
+    let mut enricher = Enricher::new(
+        LibvirtInspector { conn: conn_slot },
+        EnrichOptions {
+            xml: cfg.libvirt.xml,
+            lookup_attempts: cfg.libvirt.lookup_attempts,
+        },
+    );
+    for (uuid, r) in &records {
+        enricher.seed(
+            uuid,
+            r.persistent,
+            r.state().state == crate::model::DomainState::SHUTOFF,
+        );
+    }
+    let enrich = EnrichTask {
+        enricher,
+        input: items_rx,
+        output: enriched_tx,
+        stop: stop.clone(),
+    };
+    let enrich_thread = std::thread::Builder::new()
+        .name("enricher".into())
+        .spawn(move || enrich.run())
+        .map_err(|e| AgentError::Thread(e.to_string()))?;
+
     let tracker = Tracker::new(
         recovered.host_id.clone(),
         recovered.epoch.clone(),
         recovered.host_seq,
-        decode_records(&recovered.domains),
-        LibvirtInspector { conn: conn_slot },
+        records,
         TrackerOptions {
             xml: cfg.libvirt.xml,
-            lookup_attempts: cfg.libvirt.lookup_attempts,
             max_journal_bytes: cfg.journal.max_bytes,
         },
     );
     let task = TrackerTask {
         tracker,
-        items: items_rx,
+        items: enriched_rx,
         overflow,
         resync,
         journal: journal.clone(),
@@ -315,6 +341,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || {
         let _ = source_thread.join();
+        let _ = enrich_thread.join();
         let _ = tracker_thread.join();
     })
     .await;

@@ -97,6 +97,29 @@ pub mod event_id {
 }
 
 impl EventType {
+    /// The (event, detail) of a libvirt callback's integers: lifecycle
+    /// events by their type and detail, REBOOT as such, anything else
+    /// UNKNOWN (raw integers are published alongside).
+    pub fn classify(
+        libvirt_event_id: i32,
+        type_code: i32,
+        detail_code: i32,
+    ) -> (EventType, Detail) {
+        let event = match libvirt_event_id {
+            event_id::LIFECYCLE => EventType::from_lifecycle(type_code),
+            event_id::REBOOT => EventType::REBOOT,
+            _ => EventType::UNKNOWN,
+        };
+        let detail = if libvirt_event_id == event_id::LIFECYCLE {
+            Detail::from_code(event, detail_code)
+        } else if event == EventType::REBOOT {
+            Detail::NONE
+        } else {
+            Detail::UNKNOWN
+        };
+        (event, detail)
+    }
+
     /// Maps a `virDomainEventType` integer.
     pub fn from_lifecycle(code: i32) -> EventType {
         use EventType::*;

@@ -21,9 +21,8 @@ use virtstream::consumer::rebuild::Fleet;
 use virtstream::consumer::record::{Body, Lane, Position, Record, Tombstone};
 use virtstream::consumer::usage::Usage;
 use virtstream::model::{DomainState, HostInfo, HostSnapshotKind, StateReason};
-use virtstream::tracker::{
-    Facts, GapCause, Inspector, LookupError, RawEvent, Snap, Tracker, TrackerOptions,
-};
+use virtstream::source::enrich::{EnrichOptions, Enricher, Inspector, LookupError};
+use virtstream::tracker::{Facts, GapCause, Item, RawEvent, Snap, Tracker, TrackerOptions};
 
 type Table = Arc<Mutex<HashMap<String, Facts>>>;
 
@@ -140,7 +139,9 @@ fn op(hosts: usize, gaps: bool) -> impl Strategy<Value = Op> {
 struct SimHost {
     id: String,
     table: Table,
-    tracker: Tracker<Truth>,
+    /// The agent's two stages: facts are attached before the tracker.
+    enricher: Enricher<Truth>,
+    tracker: Tracker,
     epoch: String,
 }
 
@@ -153,17 +154,25 @@ fn info() -> HostInfo {
     }
 }
 
-fn new_tracker(host: &str, epoch: &str, table: &Table) -> Tracker<Truth> {
+fn new_tracker(host: &str, epoch: &str) -> Tracker {
     Tracker::new(
         host.into(),
         epoch.into(),
         0,
         HashMap::new(),
-        Truth(table.clone()),
         TrackerOptions {
             xml: XmlMode::Off,
-            lookup_attempts: 1,
             max_journal_bytes: u64::MAX,
+        },
+    )
+}
+
+fn new_enricher(table: &Table) -> Enricher<Truth> {
+    Enricher::new(
+        Truth(table.clone()),
+        EnrichOptions {
+            xml: XmlMode::Off,
+            lookup_attempts: 1,
         },
     )
 }
@@ -207,7 +216,8 @@ impl Sim {
             let table: Table = Arc::default();
             let epoch = format!("{i:02}{:030}", 0);
             sim.hosts.push(SimHost {
-                tracker: new_tracker(&id, &epoch, &table),
+                tracker: new_tracker(&id, &epoch),
+                enricher: new_enricher(&table),
                 id,
                 table,
                 epoch,
@@ -261,8 +271,15 @@ impl Sim {
             type_code: ty,
             detail_code: detail,
             observed_at: self.now,
+            facts: None,
         };
-        let o = self.hosts[h].tracker.on_event(&raw);
+        let host = &mut self.hosts[h];
+        let mut items = [Item::Event(Box::new(raw))];
+        host.enricher.enrich(&mut items);
+        let [Item::Event(raw)] = items else {
+            unreachable!()
+        };
+        let o = host.tracker.on_event(&raw);
         self.out.push(Body::Event(o.event));
     }
 
@@ -275,6 +292,14 @@ impl Sim {
         };
         let now = self.now;
         let host = &mut self.hosts[h];
+        host.enricher.enrich(&mut [
+            Item::ListingBegin { dropped: 0 },
+            Item::Resync {
+                listing: listing.clone(),
+                observed_at: now,
+                info: info(),
+            },
+        ]);
         for o in host.tracker.on_resync(&listing, now) {
             self.out.push(Body::Event(o.event));
         }
@@ -481,7 +506,8 @@ impl Sim {
                 let host = &mut self.hosts[h];
                 let n: u64 = host.epoch[2..].parse().unwrap();
                 host.epoch = format!("{h:02}{:030}", n + 1);
-                host.tracker = new_tracker(&host.id, &host.epoch, &host.table);
+                host.tracker = new_tracker(&host.id, &host.epoch);
+                host.enricher = new_enricher(&host.table);
                 self.round(h);
             }
         }

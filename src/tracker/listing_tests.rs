@@ -1,7 +1,7 @@
 //! The list + watch rule: a listing never undoes an event delivered after
 //! it began, and repairs only what such events could not tell.
 
-use super::tests::{facts, TableInspector};
+use super::tests::{facts, Enriched, TableInspector};
 use super::*;
 
 const A: &str = "aaaaaaaa-1111-0000-0000-000000000000";
@@ -14,7 +14,7 @@ const STARTED: i32 = 2;
 const SUSPENDED: i32 = 3;
 const STOPPED: i32 = 5;
 
-fn tracker() -> Tracker<TableInspector> {
+fn tracker() -> Enriched {
     super::tests::tracker(TableInspector::default())
 }
 
@@ -32,7 +32,7 @@ fn info() -> HostInfo {
 }
 
 /// A tracker that knows `A` running and persistent, in a complete round.
-fn known_running() -> Tracker<TableInspector> {
+fn known_running() -> Enriched {
     let mut t = tracker();
     let l = vec![(A.to_string(), facts(DomainState::RUNNING, "BOOTED", true))];
     t.begin_listing();
@@ -202,7 +202,8 @@ fn gone_domains_are_forgotten_once_durable_and_continue_their_seq_when_back() {
         }
         if i % 100 == 99 {
             // Everything so far is durable.
-            t.sweep(t.host_seq());
+            let committed = t.host_seq();
+            t.sweep(committed);
             peak = peak.max(t.records_in_memory());
         }
     }
@@ -238,7 +239,12 @@ fn a_redefinition_after_the_listing_was_read_keeps_its_configuration() {
     let mut new = facts(DomainState::RUNNING, "BOOTED", true);
     new.config_hash = Some("sha256:new".into());
     new.vcpus = Some(8);
-    t.inspector.0.lock().unwrap().insert(A.to_string(), new);
+    t.enricher
+        .inspector()
+        .0
+        .lock()
+        .unwrap()
+        .insert(A.to_string(), new);
     t.begin_listing();
     // The listing read the old configuration.
     let listing = vec![(A.to_string(), facts(DomainState::RUNNING, "BOOTED", true))];

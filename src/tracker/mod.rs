@@ -1,18 +1,19 @@
 //! The tracker: one state machine per (host, domain). Turns raw libvirt
 //! callbacks, reconcile listings and connection changes into `DomainEvent`
 //! messages with state-after, sequence numbers and enrichment, and hands
-//! them to the journal.
+//! them to the journal. It never calls libvirt: the facts an event cannot
+//! tell come attached to it (`source::enrich`) or from what it knew.
 //!
 //! Invariants:
 //! - `state_after` is derived from (event, detail) and the domain's previous
-//!   state; a lookup (which may already see a later state during a burst)
-//!   never overrides it, it only fills what the event cannot tell (the
-//!   reason where the event leaves it open, persistent for a domain never
-//!   seen, autostart, vcpus, memory, config hash);
+//!   state; attached facts (which may already see a later state during a
+//!   burst) never override it, they only fill what the event cannot tell
+//!   (the reason where the event leaves it open, persistent for a domain
+//!   never seen, autostart, vcpus, memory, config hash);
 //! - `host_seq` grows by one per message, `seq` by one per message about a
 //!   domain (gap markers carry seq 0); both continue across restarts from
 //!   the journal and start at 1 in a new epoch;
-//! - a domain that cannot be looked up is still published with what is
+//! - a domain without attached facts is still published with what is
 //!   known;
 //! - a domain record is kept for the whole epoch (a UUID that comes back
 //!   continues its `seq`): in memory while the domain lives or a tombstone
@@ -53,6 +54,11 @@ pub struct RawEvent {
     pub detail_code: i32,
     /// Agent receive time (µs since the Unix epoch).
     pub observed_at: i64,
+    /// What the enricher fetched for this event (see `source::enrich`):
+    /// only for a DEFINED, a domain not known to exist, or when every
+    /// message carries the XML. `None` otherwise, or when libvirt could
+    /// not tell: the event is published with what is known.
+    pub facts: Option<Box<Facts>>,
 }
 
 /// What a lookup or listing tells about a domain.
@@ -67,21 +73,6 @@ pub struct Facts {
     pub memory_kib: Option<i64>,
     pub config_hash: Option<String>,
     pub xml: Option<String>,
-}
-
-#[derive(Debug, thiserror::Error, Clone, PartialEq)]
-pub enum LookupError {
-    #[error("no such domain (yet)")]
-    NoDomain,
-    #[error("not connected to libvirt")]
-    Disconnected,
-    #[error("libvirt: {0}")]
-    Libvirt(String),
-}
-
-/// Looks domains up (libvirt in the agent, a table in tests and benches).
-pub trait Inspector: Send {
-    fn inspect(&self, uuid: &str, want_xml: bool) -> Result<Facts, LookupError>;
 }
 
 /// Why a gap marker is emitted.
@@ -378,7 +369,6 @@ fn reconcile_event(prev: Option<&DomainRecord>, facts: &Facts) -> Option<(EventT
 #[derive(Debug, Clone)]
 pub struct TrackerOptions {
     pub xml: XmlMode,
-    pub lookup_attempts: u32,
     /// Journal payload bound; new events are not journaled beyond it.
     pub max_journal_bytes: u64,
 }
@@ -391,16 +381,12 @@ pub struct Output {
 }
 
 /// The per-host state machine (pure logic; `run` adds the queue and journal).
-pub struct Tracker<I: Inspector> {
+pub struct Tracker {
     host_id: String,
     epoch: String,
     host_seq: u64,
     domains: HashMap<String, DomainRecord>,
-    inspector: I,
     opts: TrackerOptions,
-    /// UUID → agent time at which a lookup found no such domain. Events
-    /// observed before that time skip the lookup: it cannot tell more.
-    missing_since: HashMap<String, i64>,
     /// snapshot_id and domain count of the last complete round (carried
     /// by heartbeats, so a reader of the compacted snapshot stream can tell
     /// whether it holds all of that round).
@@ -444,13 +430,12 @@ impl Snap {
     }
 }
 
-impl<I: Inspector> Tracker<I> {
+impl Tracker {
     pub fn new(
         host_id: String,
         epoch: String,
         host_seq: u64,
         domains: HashMap<String, DomainRecord>,
-        inspector: I,
         opts: TrackerOptions,
     ) -> Self {
         Tracker {
@@ -458,9 +443,7 @@ impl<I: Inspector> Tracker<I> {
             epoch,
             host_seq,
             domains,
-            inspector,
             opts,
-            missing_since: HashMap::new(),
             last_round: None,
             barrier: None,
             forget: (Vec::new(), 0),
@@ -655,7 +638,6 @@ impl<I: Inspector> Tracker<I> {
                     .is_some_and(|r| r.gone() && !r.in_round && r.seq == seq);
                 if unchanged {
                     self.domains.remove(&uuid);
-                    self.missing_since.remove(&uuid);
                     forgotten += 1;
                 }
             }
@@ -725,71 +707,9 @@ impl<I: Inspector> Tracker<I> {
         }
     }
 
-    /// Looks a domain up. A domain the tracker does not know yet is retried
-    /// (libvirt sends DEFINED before lookups find the domain); a known one
-    /// that is missing is gone, and events observed before that are not
-    /// looked up again (the answer cannot be better).
-    fn lookup(
-        &mut self,
-        uuid: &str,
-        want_xml: bool,
-        retry: bool,
-        observed_at: i64,
-    ) -> Option<Facts> {
-        if self
-            .missing_since
-            .get(uuid)
-            .is_some_and(|t| observed_at <= *t)
-        {
-            return None;
-        }
-        let attempts = if retry {
-            self.opts.lookup_attempts.max(1)
-        } else {
-            1
-        };
-        let mut delay = Duration::from_millis(2);
-        for attempt in 1..=attempts {
-            match self.inspector.inspect(uuid, want_xml) {
-                Ok(f) => {
-                    self.missing_since.remove(uuid);
-                    return Some(f);
-                }
-                Err(LookupError::NoDomain) if attempt < attempts => {
-                    std::thread::sleep(delay);
-                    delay *= 4;
-                }
-                Err(LookupError::NoDomain) => {
-                    if self.missing_since.len() >= 65_536 {
-                        // Bounded: forgetting only costs a lookup or two.
-                        self.missing_since.clear();
-                    }
-                    self.missing_since.insert(uuid.to_string(), now_micros());
-                    return None;
-                }
-                Err(e) => {
-                    tracing::debug!(uuid, error = %e, "lookup failed; publishing what the event tells");
-                    return None;
-                }
-            }
-        }
-        None
-    }
-
     /// One libvirt callback.
     pub fn on_event(&mut self, raw: &RawEvent) -> Output {
-        let event = match raw.event_id {
-            crate::model::event_id::LIFECYCLE => EventType::from_lifecycle(raw.type_code),
-            crate::model::event_id::REBOOT => EventType::REBOOT,
-            _ => EventType::UNKNOWN,
-        };
-        let detail = if raw.event_id == crate::model::event_id::LIFECYCLE {
-            Detail::from_code(event, raw.detail_code)
-        } else if event == EventType::REBOOT {
-            Detail::NONE
-        } else {
-            Detail::UNKNOWN
-        };
+        let (event, detail) = EventType::classify(raw.event_id, raw.type_code, raw.detail_code);
         let prev = self.domains.get(&raw.uuid).cloned();
         let live = prev.as_ref().filter(|p| !p.gone());
         let derived = derive_state(event, detail);
@@ -808,24 +728,21 @@ impl<I: Inspector> Tracker<I> {
             (_, Some((DomainState::SHUTOFF, _))) => known_persistent == Some(false),
             _ => false,
         };
-        let want_xml = self.opts.xml == XmlMode::Always
-            || self.opts.xml == XmlMode::OnChange
-            || matches!(event, EventType::DEFINED)
-            || live.is_none_or(|p| p.config_hash.is_none());
+        // What the enricher fetched (never for a known domain's plain
+        // transition): it fills what the event cannot tell.
         let facts = if ends_up_gone {
             None
         } else {
-            let unknown = live.is_none();
-            self.lookup(&raw.uuid, want_xml, unknown, raw.observed_at)
+            raw.facts.as_deref()
         };
 
         let state = match derived {
             Some((s, Some(reason))) => StateReason::named(s, reason),
-            Some((s, None)) => match &facts {
+            Some((s, None)) => match facts {
                 Some(f) if f.state.state == s => f.state.clone(),
                 _ => StateReason::named(s, "UNKNOWN"),
             },
-            None => match (live, &facts) {
+            None => match (live, facts) {
                 (Some(p), _) => p.state(),
                 (None, _) if matches!(event, EventType::DEFINED | EventType::UNDEFINED) => {
                     StateReason::named(DomainState::SHUTOFF, "UNKNOWN")
@@ -838,7 +755,7 @@ impl<I: Inspector> Tracker<I> {
             },
         };
         let persistent = known_persistent
-            .or(facts.as_ref().map(|f| f.persistent))
+            .or(facts.map(|f| f.persistent))
             .unwrap_or(false);
         let id = if state.state == DomainState::SHUTOFF {
             None
@@ -861,8 +778,8 @@ impl<I: Inspector> Tracker<I> {
                 (None, None) => (None, None, None, None),
             }
         };
-        let (autostart, vcpus, memory_kib, config_hash) = pick(facts.as_ref(), prev.as_ref());
-        let xml = self.xml_for(prev.as_ref(), facts.as_ref(), &config_hash);
+        let (autostart, vcpus, memory_kib, config_hash) = pick(facts, prev.as_ref());
+        let xml = self.xml_for(prev.as_ref(), facts, &config_hash);
         let seq = prev.as_ref().map_or(0, |p| p.seq) + 1;
         let record = DomainRecord {
             name: raw.name.clone(),
@@ -1116,8 +1033,8 @@ pub fn now_micros() -> i64 {
 }
 
 /// The tracker's thread: queue in, journal out.
-pub struct TrackerTask<I: Inspector> {
-    pub tracker: Tracker<I>,
+pub struct TrackerTask {
+    pub tracker: Tracker,
     pub items: Receiver<Item>,
     /// Set by the libvirt callback when the queue was full.
     pub overflow: Arc<AtomicBool>,
@@ -1145,7 +1062,7 @@ pub struct SnapshotOptions {
     pub heartbeat: Duration,
 }
 
-impl<I: Inspector> TrackerTask<I> {
+impl TrackerTask {
     /// Runs until every sender of the queue is gone.
     pub fn run(mut self) {
         let mut full_gap_pending = false;
@@ -1225,7 +1142,8 @@ impl<I: Inspector> TrackerTask<I> {
             }
             let stopping = self.stop.load(Ordering::Relaxed);
             let item = if stopping {
-                match self.items.try_recv() {
+                // The stage before passes on what it holds, then hangs up.
+                match self.items.recv_timeout(Duration::from_secs(1)) {
                     Ok(item) => item,
                     Err(_) => break,
                 }
@@ -1449,6 +1367,7 @@ impl<I: Inspector> TrackerTask<I> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::source::enrich::{EnrichOptions, Enricher, Inspector, LookupError};
     use std::sync::Mutex;
 
     /// An in-memory inspector for the pure state-machine tests.
@@ -1466,6 +1385,52 @@ pub(crate) mod tests {
         }
     }
 
+    /// The tracker behind the enricher, as the agent wires them: events
+    /// and listings pass the enricher first.
+    pub(crate) struct Enriched {
+        pub tracker: Tracker,
+        pub enricher: Enricher<TableInspector>,
+    }
+
+    impl Enriched {
+        pub fn on_event(&mut self, raw: &RawEvent) -> Output {
+            let mut items = [Item::Event(Box::new(raw.clone()))];
+            self.enricher.enrich(&mut items);
+            let [Item::Event(raw)] = items else {
+                unreachable!()
+            };
+            self.tracker.on_event(&raw)
+        }
+
+        pub fn begin_listing(&mut self) {
+            self.enricher
+                .enrich(&mut [Item::ListingBegin { dropped: 0 }]);
+            self.tracker.begin_listing();
+        }
+
+        pub fn on_resync(&mut self, listing: &[(String, Facts)], observed_at: i64) -> Vec<Output> {
+            self.enricher.enrich(&mut [Item::Resync {
+                listing: listing.to_vec(),
+                observed_at,
+                info: HostInfo::default(),
+            }]);
+            self.tracker.on_resync(listing, observed_at)
+        }
+    }
+
+    impl std::ops::Deref for Enriched {
+        type Target = Tracker;
+        fn deref(&self) -> &Tracker {
+            &self.tracker
+        }
+    }
+
+    impl std::ops::DerefMut for Enriched {
+        fn deref_mut(&mut self) -> &mut Tracker {
+            &mut self.tracker
+        }
+    }
+
     pub fn facts(state: DomainState, reason: &str, persistent: bool) -> Facts {
         Facts {
             name: "vm".into(),
@@ -1480,19 +1445,26 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn tracker(table: TableInspector) -> Tracker<TableInspector> {
-        Tracker::new(
-            "host-a".into(),
-            "e1".into(),
-            0,
-            HashMap::new(),
-            table,
-            TrackerOptions {
-                xml: XmlMode::Off,
-                lookup_attempts: 1,
-                max_journal_bytes: u64::MAX,
-            },
-        )
+    pub(crate) fn tracker(table: TableInspector) -> Enriched {
+        Enriched {
+            tracker: Tracker::new(
+                "host-a".into(),
+                "e1".into(),
+                0,
+                HashMap::new(),
+                TrackerOptions {
+                    xml: XmlMode::Off,
+                    max_journal_bytes: u64::MAX,
+                },
+            ),
+            enricher: Enricher::new(
+                table,
+                EnrichOptions {
+                    xml: XmlMode::Off,
+                    lookup_attempts: 1,
+                },
+            ),
+        }
     }
 
     pub(crate) fn raw(uuid: &str, ty: i32, detail: i32) -> RawEvent {
@@ -1504,6 +1476,7 @@ pub(crate) mod tests {
             type_code: ty,
             detail_code: detail,
             observed_at: 1,
+            facts: None,
         }
     }
 

@@ -13,9 +13,9 @@
 
 use std::collections::HashSet;
 
-use super::{Inspector, Snap, Tracker};
+use super::{Snap, Tracker};
 
-impl<I: Inspector> Tracker<I> {
+impl Tracker {
     /// Adds UUIDs whose latest snapshot record on a bus belongs to an
     /// earlier epoch; returns how many are new.
     pub fn seed_stale(&mut self, uuids: Vec<String>) -> usize {
@@ -67,23 +67,21 @@ impl<I: Inspector> Tracker<I> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{facts, TableInspector};
+    use super::super::tests::facts;
     use super::super::*;
     use crate::model::DomainState;
 
     const A: &str = "aaaaaaaa-2222-0000-0000-000000000000";
     const X: &str = "eeeeeeee-2222-0000-0000-000000000000";
 
-    fn tracker() -> Tracker<TableInspector> {
+    fn tracker() -> Tracker {
         Tracker::new(
             "host-a".into(),
             "e2".into(),
             0,
             HashMap::new(),
-            TableInspector::default(),
             TrackerOptions {
                 xml: XmlMode::Off,
-                lookup_attempts: 1,
                 max_journal_bytes: u64::MAX,
             },
         )
