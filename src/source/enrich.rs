@@ -134,9 +134,10 @@ impl<I: Inspector> Enricher<I> {
         &self.inspector
     }
 
-    /// Domains the enricher believes exist.
-    pub fn known_count(&self) -> usize {
-        self.known.len()
+    /// Domains the enricher believes exist, and domains it remembers
+    /// libvirt did not find.
+    pub fn memory(&self) -> (usize, usize) {
+        (self.known.len(), self.missing_since.len())
     }
 
     /// Attaches facts to the events of `items` that need them.
@@ -170,10 +171,17 @@ impl<I: Inspector> Enricher<I> {
         }
         let answers = self.fetch(&wanted);
         for (uuid, f) in wanted.iter().map(|w| &w.0).zip(&answers) {
-            if let (Some(f), Some(k)) = (f, self.known.get_mut(uuid)) {
-                if k.persistent.is_none() {
-                    k.persistent = Some(f.persistent);
-                }
+            let Some(k) = self.known.get_mut(uuid) else {
+                continue;
+            };
+            if k.persistent.is_none() {
+                // Not found: it is not (or no longer) defined on the host.
+                k.persistent = Some(f.as_ref().is_some_and(|f| f.persistent));
+            }
+            if k.gone() {
+                // Created and gone within the batch (churn): forgotten, so
+                // memory stays flat however many UUIDs pass.
+                self.forget(uuid);
             }
         }
         for (i, w) in needs {
@@ -226,7 +234,8 @@ impl<I: Inspector> Enricher<I> {
             })
             .or_insert(Known {
                 persistent: None,
-                shutoff: false,
+                // A new definition is shut off until it starts.
+                shutoff: event == EventType::DEFINED,
             });
         match event {
             EventType::DEFINED => k.persistent = Some(true),
@@ -237,8 +246,13 @@ impl<I: Inspector> Enricher<I> {
             k.shutoff = off;
         }
         if k.gone() {
-            self.known.remove(&raw.uuid);
+            self.forget(&raw.uuid);
         }
+    }
+
+    fn forget(&mut self, uuid: &str) {
+        self.known.remove(uuid);
+        self.missing_since.remove(uuid);
     }
 
     /// A listing: what it shows replaces what the enricher knew, except

@@ -204,12 +204,12 @@ fn the_listing_replaces_what_events_did_not_touch() {
     let (mut e, c) = enricher(XmlMode::Off);
     c.put(A, true, DomainState::RUNNING);
     e.enrich(&mut [Item::ListingBegin { dropped: 0 }, listing(&c)]);
-    assert_eq!(e.known_count(), 1);
+    assert_eq!(e.memory().0, 1);
     // A vanished while events were lost: the next listing forgets it.
     c.remove(A);
     c.put(B, true, DomainState::RUNNING);
     e.enrich(&mut [Item::ListingBegin { dropped: 0 }, listing(&c)]);
-    assert_eq!(e.known_count(), 1);
+    assert_eq!(e.memory().0, 1);
     let mut items = vec![ev(B, SUSPENDED)];
     e.enrich(&mut items);
     assert_eq!(has_facts(&items), vec![false]);
@@ -249,4 +249,22 @@ fn seeded_domains_need_no_fetch_before_the_first_listing() {
     c.put(B, false, DomainState::RUNNING);
     e.enrich(&mut items);
     assert_eq!(has_facts(&items), vec![false, true]);
+}
+
+#[test]
+fn churn_leaves_nothing_behind() {
+    let (mut e, c) = enricher(XmlMode::Off);
+    // Transient domains created and destroyed before any lookup, in one
+    // batch or across two; and defined then undefined.
+    for i in 0..500 {
+        let u = format!("dddddddd-3333-0000-0000-{i:012}");
+        let mut items = vec![ev(&u, STARTED), ev(&u, STOPPED)];
+        e.enrich(&mut items);
+        e.enrich(&mut [ev(&u, STARTED)]);
+        e.enrich(&mut [ev(&u, STOPPED)]);
+        e.enrich(&mut [ev(&u, DEFINED)]);
+        e.enrich(&mut [ev(&u, UNDEFINED)]);
+    }
+    assert_eq!(e.memory(), (0, 0));
+    assert!(!c.calls().is_empty());
 }

@@ -162,10 +162,25 @@ pub fn list(
         let facts = match bulk {
             Some(b) if b.state >= 0 => {
                 let is_persistent = persistent.contains(&uuid);
+                let xml = if full || keep_xml {
+                    match d.xml_desc(virt_sys::VIR_DOMAIN_XML_INACTIVE) {
+                        Ok(x) => Some(x),
+                        Err(e) if is_no_domain(&e) => return Ok(None),
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    None
+                };
                 // Drivers that report only the state (the test driver):
-                // sizes from one more call in a full listing; a light one
-                // leaves them to what the tracker knows.
+                // sizes from the XML a full listing reads anyway (a light
+                // one leaves them to what the tracker knows), else one
+                // more call.
                 let (mut vcpus, mut memory_kib) = (b.vcpus, b.max_mem_kib);
+                if full && (vcpus.is_none() || memory_kib.is_none()) {
+                    let (v, m) = xml.as_deref().map(sizes_from_xml).unwrap_or_default();
+                    vcpus = vcpus.or(v);
+                    memory_kib = memory_kib.or(m);
+                }
                 if full && (vcpus.is_none() || memory_kib.is_none()) {
                     match d.info() {
                         Ok(i) => {
@@ -176,15 +191,6 @@ pub fn list(
                         Err(e) => return Err(e),
                     }
                 }
-                let xml = if full || keep_xml {
-                    match d.xml_desc(virt_sys::VIR_DOMAIN_XML_INACTIVE) {
-                        Ok(x) => Some(x),
-                        Err(e) if is_no_domain(&e) => return Ok(None),
-                        Err(e) => return Err(e),
-                    }
-                } else {
-                    None
-                };
                 Ok(Facts {
                     name: d.name()?,
                     id: d.id().and_then(|i| i32::try_from(i).ok()),
@@ -237,6 +243,48 @@ pub fn list(
         }
     }
     Ok(out)
+}
+
+/// vCPUs (the `current` attribute, else the count) and maximum memory in
+/// KiB from a domain's XML as libvirt writes it (`<vcpu ...>N</vcpu>`,
+/// `<memory unit='KiB'>N</memory>`, the first of each: the domain's own,
+/// before any device). `None` where absent or in another form.
+pub fn sizes_from_xml(xml: &str) -> (Option<i32>, Option<i64>) {
+    // The first element named exactly `name`: its attributes and text.
+    fn element<'a>(xml: &'a str, name: &str) -> Option<(&'a str, &'a str)> {
+        let open = format!("<{name}");
+        let mut rest = xml;
+        loop {
+            let at = rest.find(&open)?;
+            rest = &rest[at + open.len()..];
+            let end = rest.find('>')?;
+            if rest.starts_with([' ', '>']) && !rest[..end].ends_with('/') {
+                let attrs = &rest[..end];
+                let text = &rest[end + 1..];
+                let text = &text[..text.find('<')?];
+                return Some((attrs, text.trim()));
+            }
+        }
+    }
+    fn attr<'a>(attrs: &'a str, name: &str) -> Option<&'a str> {
+        ["'", "\""].iter().find_map(|q| {
+            let key = format!("{name}={q}");
+            let at = attrs.find(&key)? + key.len();
+            Some(&attrs[at..at + attrs[at..].find(q)?])
+        })
+    }
+    let vcpus = element(xml, "vcpu")
+        .and_then(|(attrs, text)| attr(attrs, "current").unwrap_or(text).parse::<i32>().ok());
+    let memory_kib = element(xml, "memory").and_then(|(attrs, text)| {
+        let n: i64 = text.parse().ok()?;
+        match attr(attrs, "unit").unwrap_or("KiB") {
+            "KiB" | "k" | "K" => Some(n),
+            "MiB" | "M" => n.checked_mul(1 << 10),
+            "GiB" | "G" => n.checked_mul(1 << 20),
+            _ => None,
+        }
+    });
+    (vcpus, memory_kib)
 }
 
 /// Threads of a listing that needs calls per domain.
@@ -359,18 +407,24 @@ fn facts_from_stats(
         None if persistent => d.autostart().ok(),
         None => Some(false),
     };
-    let (mut vcpus, mut memory_kib) = (b.vcpus, b.max_mem_kib);
-    if vcpus.is_none() || memory_kib.is_none() {
-        // Drivers whose bulk stats report only the state (the test driver).
-        let i = d.info()?;
-        vcpus = vcpus.or(Some(i.nr_virt_cpu as i32));
-        memory_kib = memory_kib.or(Some(i.max_mem as i64));
-    }
     let xml = if want_xml {
         Some(d.xml_desc(virt_sys::VIR_DOMAIN_XML_INACTIVE)?)
     } else {
         None
     };
+    let (mut vcpus, mut memory_kib) = (b.vcpus, b.max_mem_kib);
+    if vcpus.is_none() || memory_kib.is_none() {
+        // Drivers whose bulk stats report only the state (the test
+        // driver): from the XML when it was read, else one more call.
+        let (v, m) = xml.as_deref().map(sizes_from_xml).unwrap_or_default();
+        vcpus = vcpus.or(v);
+        memory_kib = memory_kib.or(m);
+    }
+    if vcpus.is_none() || memory_kib.is_none() {
+        let i = d.info()?;
+        vcpus = vcpus.or(Some(i.nr_virt_cpu as i32));
+        memory_kib = memory_kib.or(Some(i.max_mem as i64));
+    }
     Ok(Facts {
         name: d.name()?,
         id: d.id().and_then(|i| i32::try_from(i).ok()),
@@ -599,5 +653,28 @@ impl Source {
             observed_at: now_micros(),
         });
         State::Connecting { attempt: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sizes_from_xml;
+
+    #[test]
+    fn sizes_come_from_the_domains_own_elements() {
+        let xml = "<domain type='test'><name>a</name><memory unit='KiB'>8192</memory>\
+                   <currentMemory unit='KiB'>4096</currentMemory>\
+                   <vcpu placement='static' current='2'>4</vcpu>\
+                   <memoryBacking/><cpu><numa><cell id='0' cpus='0-3' memory='8192'/></numa></cpu>\
+                   <devices><memory model='dimm'><target><size unit='KiB'>1</size></target></memory>\
+                   </devices></domain>";
+        assert_eq!(sizes_from_xml(xml), (Some(2), Some(8192)));
+        let plain = "<domain><memory unit=\"MiB\">32</memory><vcpus><vcpu id='0'/></vcpus><vcpu>1</vcpu></domain>";
+        assert_eq!(sizes_from_xml(plain), (Some(1), Some(32 << 10)));
+        assert_eq!(sizes_from_xml("<domain/>"), (None, None));
+        assert_eq!(
+            sizes_from_xml("<domain><memory unit='b'>1024</memory></domain>"),
+            (None, None)
+        );
     }
 }
