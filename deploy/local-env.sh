@@ -6,12 +6,18 @@
 # tests put in front of tansu), and the Python packages of the soak's
 # independent bus reader (in a venv). Idempotent: running it twice is harmless.
 #
-#   deploy/local-env.sh install   # packages only (needs root)
-#   deploy/local-env.sh start     # packages + virtlogd + libvirtd (needs root)
-#   deploy/local-env.sh status    # what is running
-#   deploy/local-env.sh toolchain # fails with advice when cargo is missing
-#   deploy/local-env.sh users     # the users, groups and directories libvirtd needs
-#   deploy/local-env.sh oracle    # the soak's bus reader (Python venv) only
+#   deploy/local-env.sh install       # everything the tests need (needs root)
+#   deploy/local-env.sh start         # install + virtlogd + libvirtd (needs root)
+#   deploy/local-env.sh install-base  # only what building the agent and the NATS
+#                                     # demo need: libvirtd, nats-server, build packages
+#   deploy/local-env.sh start-base    # install-base + virtlogd + libvirtd (the demo)
+#   deploy/local-env.sh install-tansu # only tansu (cargo install, ~16 min once);
+#                                     # prints the build's progress
+#   deploy/local-env.sh tansu-path    # the tansu binary; exit 1 when not installed
+#   deploy/local-env.sh status        # what is running
+#   deploy/local-env.sh toolchain     # fails with advice when cargo is missing
+#   deploy/local-env.sh users         # the users, groups and directories libvirtd needs
+#   deploy/local-env.sh oracle        # the soak's bus reader (Python venv) only
 #
 # The brokers are not started here: tests start their own on random ports,
 # and deploy/demo.sh starts them for the demo.
@@ -24,9 +30,24 @@ need_root() {
   fi
 }
 
+# What building the agent and running it against libvirtd's test driver
+# and nats-server need (the demo's NATS part): commands, then packages.
+BASE_BINS=(nats-server libvirtd virtlogd virsh pkg-config curl python3 cc make perl)
+BASE_PKGS=(nats-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  libvirt-dev pkg-config curl python3 gcc libc6-dev make perl libssl-dev zlib1g-dev)
+# What the tests add: QEMU for TCG domains, setpriv, stunnel (Kafka TLS
+# tests), systemd-analyze (unit check), readelf (container packages check).
+TEST_BINS=(qemu-system-x86_64 setpriv stunnel4 systemd-analyze readelf)
+TEST_PKGS=(qemu-system-x86 util-linux stunnel4 systemd binutils)
+
+# install_packages base|all
 install_packages() {
-  local missing=()
-  for bin in nats-server libvirtd virtlogd virsh qemu-system-x86_64 pkg-config curl python3 setpriv cc make perl stunnel4 systemd-analyze readelf; do
+  local bins=("${BASE_BINS[@]}") pkgs=("${BASE_PKGS[@]}") missing=()
+  if [ "$1" = all ]; then
+    bins+=("${TEST_BINS[@]}")
+    pkgs+=("${TEST_PKGS[@]}")
+  fi
+  for bin in "${bins[@]}"; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
   done
   if ! pkg-config --exists libvirt 2>/dev/null; then missing+=(libvirt-dev); fi
@@ -42,10 +63,7 @@ install_packages() {
   apt-get update -qq
   # libvirt-daemon-system would start services through systemd, which is not
   # running in containers and CI; we start the daemons by hand below.
-  apt-get install -y -qq --no-install-recommends \
-    nats-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
-    libvirt-dev qemu-system-x86 pkg-config curl python3 util-linux gcc libc6-dev \
-    make perl libssl-dev zlib1g-dev stunnel4 systemd binutils >/dev/null
+  apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 }
 
 TANSU_VERSION=0.6.0
@@ -83,7 +101,13 @@ tansu_bin() {
 # tansu is a Kafka-protocol broker written in Rust (Apache-2.0). The
 # crates.io release needs the dynostore feature for in-memory storage
 # (memory://); the build takes ~16 minutes once and is then cached in
-# ~/.cargo/bin.
+# ~/.cargo/bin. One build at a time: deploy/demo.sh runs it in the
+# background and deploy/test.sh in the foreground, and the second waits for
+# the first and then finds the binary. The build directory is kept until
+# the install succeeds, so an interrupted build resumes where it stopped.
+TANSU_BUILD_DIR=${TANSU_BUILD_DIR:-/var/tmp/virtstream-tansu-build}
+
+# install_tansu [progress]: with progress, cargo prints each crate it compiles.
 install_tansu() {
   if [ -n "$(tansu_bin)" ]; then
     return 0
@@ -92,8 +116,23 @@ install_tansu() {
     echo "local-env.sh: cargo is needed to build tansu (the test Kafka broker); install Rust with rustup" >&2
     exit 1
   fi
-  echo "local-env.sh: building tansu $TANSU_VERSION (Kafka-protocol test broker; ~16 min, once)"
-  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --quiet
+  local quiet=(--quiet)
+  [ "${1:-}" = progress ] && quiet=()
+  # A subshell, so that the lock is not inherited by the daemons started later.
+  (
+    if ! flock -n 9; then
+      echo "local-env.sh: another tansu build is running (deploy/demo.sh starts one in the background, log $TANSU_BUILD_DIR.log); waiting for it"
+      flock 9
+    fi
+    if [ -n "$(tansu_bin)" ]; then
+      exit 0
+    fi
+    echo "local-env.sh: building tansu $TANSU_VERSION (Kafka-protocol test broker; ~16 min, once; in $TANSU_BUILD_DIR)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+      --target-dir "$TANSU_BUILD_DIR" "${quiet[@]}"
+    rm -rf "$TANSU_BUILD_DIR"
+    echo "local-env.sh: tansu installed: $(tansu_bin)"
+  ) 9>"$TANSU_BUILD_DIR.lock"
 }
 
 ensure_users() {
@@ -107,7 +146,7 @@ ensure_users() {
   # the qemu user when checking): each define then re-probes QEMU for ~30 s.
   # Domains here are type='qemu' (TCG); this only keeps the cache valid.
   if [ -c /dev/kvm ]; then
-    chgrp kvm /dev/kvm 2>/dev/null && chmod 0660 /dev/kvm 2>/dev/null || true
+    if chgrp kvm /dev/kvm 2>/dev/null; then chmod 0660 /dev/kvm 2>/dev/null || true; fi
   fi
 }
 
@@ -143,10 +182,14 @@ case "${1:-start}" in
       exit 1
     fi
     ;;
-  install) install_packages; install_tansu; install_oracle ;;
+  install) install_packages all; install_tansu; install_oracle ;;
+  install-base) install_packages base ;;
+  install-tansu) install_tansu progress ;;
+  tansu-path) tansu_bin || exit 1 ;;
   users) need_root users; ensure_users ;;
   oracle) install_oracle ;;
-  start) install_packages; install_tansu; install_oracle; start_daemons ;;
+  start) install_packages all; install_tansu; install_oracle; start_daemons ;;
+  start-base) install_packages base; start_daemons ;;
   status)
     pgrep -a virtlogd || echo "virtlogd: not running"
     pgrep -a libvirtd || echo "libvirtd: not running"
@@ -154,5 +197,5 @@ case "${1:-start}" in
     tansu_bin || echo "tansu: not installed"
     [ -x "$ORACLE_VENV/bin/python3" ] && echo "$ORACLE_VENV/bin/python3" || echo "soak bus reader: not installed"
     ;;
-  *) echo "usage: $0 install|start|status|toolchain|users|oracle" >&2; exit 64 ;;
+  *) echo "usage: $0 install|start|install-base|start-base|install-tansu|tansu-path|status|toolchain|users|oracle" >&2; exit 64 ;;
 esac
