@@ -12,7 +12,7 @@
 //! libvirtd test driver (NATS sink; and with both sinks).
 //!
 //! Run: `cargo bench --bench pipeline` (needs nats-server, tansu and
-//! libvirtd: `sudo deploy/local-env.sh start`). Targets on a 2-core
+//! libvirtd: `bash deploy/local-env.sh start`). Targets on a 2-core
 //! machine: ≥ 20,000 events/s; p99 ≤ 10 ms (NATS) and ≤ 15 ms (Kafka) at
 //! 1,000 events/s; RSS ≤ 30 MiB (NATS only).
 //!

@@ -13,7 +13,7 @@
 //! 3. usage and audit over the same records (decode + add, one core).
 //!
 //! Run: `cargo bench --bench rebuild` (needs nats-server and tansu:
-//! `sudo deploy/local-env.sh start`). `BENCH_ONLY=nats|kafka` runs one bus.
+//! `bash deploy/local-env.sh start`). `BENCH_ONLY=nats|kafka` runs one bus.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]

@@ -10,7 +10,7 @@
 #   deploy/soak.sh --seed 123 --cells kill9-late:kafka   # replay one seed
 #
 # Needs root (a private libvirtd in its own mount namespace) and the
-# environment of `sudo deploy/local-env.sh install` (nats-server, tansu, the
+# environment of `bash deploy/local-env.sh install` (nats-server, tansu, the
 # reader's Python packages). Logs of every run go to $SOAK_LOG_DIR
 # (default: a new temporary directory).
 set -euo pipefail

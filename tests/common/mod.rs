@@ -106,7 +106,7 @@ impl NatsServer {
             .unwrap_or_else(|e| {
                 panic!(
                     "cannot run nats-server ({e}): install and start the test environment with \
-                     `sudo deploy/local-env.sh start` (Debian package nats-server)"
+                     `bash deploy/local-env.sh start` (Debian package nats-server)"
                 )
             });
         self.child = Some(child);
@@ -253,7 +253,7 @@ fn tansu_bin() -> PathBuf {
     let p = home.join("bin/tansu");
     assert!(
         p.is_file(),
-        "the tansu Kafka-protocol broker is not installed: run `sudo deploy/local-env.sh install` \
+        "the tansu Kafka-protocol broker is not installed: run `bash deploy/local-env.sh install` \
          (it runs `cargo install tansu --version 0.6.0 --locked --features dynostore`)"
     );
     p
@@ -309,7 +309,7 @@ impl KafkaBroker {
             .stdout(Stdio::null())
             .stderr(self.log.reopen().unwrap())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run tansu ({e}): sudo deploy/local-env.sh install"));
+            .unwrap_or_else(|e| panic!("cannot run tansu ({e}): bash deploy/local-env.sh install"));
         self.child = Some(child);
         assert!(
             wait_port(self.port, Duration::from_secs(30)),
@@ -811,7 +811,7 @@ pub fn ensure_libvirtd() {
     }
     assert!(
         is_root(),
-        "libvirtd is not answering on {TEST_URI}: start it with `sudo deploy/local-env.sh start`"
+        "libvirtd is not answering on {TEST_URI}: start it with `bash deploy/local-env.sh start`"
     );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local-env.sh");
     let st = Command::new("bash")
@@ -1049,7 +1049,7 @@ impl Oracle {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("virsh (libvirt-clients) must be installed: sudo deploy/local-env.sh start");
+            .expect("virsh (libvirt-clients) must be installed: bash deploy/local-env.sh start");
         let events = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
         let ev = events.clone();

@@ -110,7 +110,7 @@ impl Stunnel {
             .unwrap_or_else(|e| {
                 panic!(
                     "cannot run stunnel ({e}): install the test environment with \
-                     `sudo deploy/local-env.sh install` (Debian package stunnel4)"
+                     `bash deploy/local-env.sh install` (Debian package stunnel4)"
                 )
             });
         assert!(

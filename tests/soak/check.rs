@@ -139,7 +139,7 @@ pub fn read_bus(bus: &str, address: &str) -> Vec<Msg> {
     assert!(
         out.status.success(),
         "tests/oracle/read_events.py {bus} {address} failed ({}): {}\n(install its packages: \
-         sudo deploy/local-env.sh oracle)",
+         bash deploy/local-env.sh oracle)",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
