@@ -30,8 +30,11 @@
 //! The agent's messages are then decoded with virtstream's codec: every
 //! load event must be there as a SUSPENDED/RESUMED event with origin
 //! LIBVIRT; gap markers (by cause) and events the agent dropped on queue
-//! overflow are reported. Any load event missing on any bus 60 s after the
-//! load ended (or missing from the reference) fails the benchmark.
+//! overflow are reported. A load event missing on any bus 60 s after the
+//! load ended (or after 10 s without progress on the bus) marks the cell
+//! MISSING, keeps the agent's log, and fails the benchmark (non-zero exit,
+//! naming every such run) once the table is printed; an event missing
+//! from the reference fails it at once.
 //!
 //! Run: `cargo bench --bench source` (root: private libvirtd; needs
 //! nats-server, tansu, libvirtd and the venv with libvirt-python,
@@ -61,8 +64,10 @@ use std::time::{Duration, Instant};
 use bus::{Bus, Place};
 
 const DOMAINS_PER_SESSION: usize = 8;
-/// Every load event must be on the bus this long after the load ended.
+/// Every load event must be on the bus this long after the load ended,
+/// and the bus must not stand still for `STALL` while some are missing.
 const DEADLINE: Duration = Duration::from_secs(60);
+const STALL: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(10);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -108,8 +113,19 @@ struct Measured {
     peak_rss_mib: f64,
     /// The reference client's first-to-last rate during this run.
     libvirtd_rate: f64,
+    /// Load events not on the bus at the end (which bus, how many).
+    missing: Option<String>,
     /// Gap markers, dropped events, late verification (agent).
     notes: String,
+}
+
+impl Measured {
+    fn drain(&self) -> String {
+        match &self.missing {
+            None => format!("{:.3}", self.drain_s),
+            Some(m) => format!("MISSING ({m})"),
+        }
+    }
 }
 
 enum Running {
@@ -198,6 +214,27 @@ fn main() {
         rows.len(),
         started.elapsed().as_secs_f64()
     );
+    let failed: Vec<String> = rows
+        .iter()
+        .flat_map(|(c, a, b)| {
+            [("agent", a), ("bridge", b)]
+                .into_iter()
+                .filter_map(move |(who, m)| {
+                    let missing = m.missing.as_ref()?;
+                    Some(format!(
+                        "{who} s={} n={} {}: {missing}",
+                        c.sessions,
+                        c.events,
+                        c.sinks.name()
+                    ))
+                })
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "load events missing on the bus (deadline {DEADLINE:?} after the load, or {STALL:?} without progress):\n{}",
+        failed.join("\n")
+    );
 }
 
 /// One run: a fresh private libvirtd, the process under test, the load,
@@ -275,76 +312,81 @@ fn run(bus: &Bus, cell: Cell, who: Who, run_no: usize) -> Measured {
         logs.keep().display()
     );
 
-    // Drain: every load event acknowledged on every bus.
+    // Drain: every load event acknowledged on every bus; given up at the
+    // deadline or when the bus stops moving.
     let deadline = load_end + DEADLINE;
-    loop {
+    let mut last = Vec::new();
+    let mut moved = Instant::now();
+    let complete = loop {
         let counts: Vec<u64> = places.iter().map(|p| bus.count(p)).collect();
         if counts.iter().zip(&base).all(|(c, b)| c - b >= n) {
-            break;
+            break true;
         }
-        if Instant::now() > deadline {
-            panic!(
-                "{label} s={} n={n} {}: load events missing on the bus {DEADLINE:?} after the load: {}\n{}",
-                cell.sessions,
-                cell.sinks.name(),
-                describe(&places, &counts, &base, n),
-                proc.log()
-            );
+        if counts != last {
+            moved = Instant::now();
         }
+        if Instant::now() > deadline || moved.elapsed() > STALL {
+            last = counts;
+            break false;
+        }
+        last = counts;
         std::thread::sleep(POLL);
-    }
+    };
     let mut drained = Instant::now();
     let mut cpu1 = procs::cpu_seconds(pid);
     let peak = procs::peak_rss_kib(pid);
     let threads = procs::top_threads(&threads0, &procs::thread_cpu(pid));
 
     let mut notes = Vec::new();
+    let mut missing = (!complete).then(|| describe(&places, &last, &base, n));
     if let Running::Agent(a) = &proc {
         // Counts include gap markers and reconcile events: decode and
         // count the load's events themselves.
         let mut late = false;
-        loop {
+        let tallies = loop {
             let checked = Instant::now();
             let tallies: Vec<bus::Tally> = places.iter().map(|p| bus.tally(p)).collect();
-            if tallies.iter().all(|t| t.distinct() >= n) {
-                if late {
-                    drained = checked;
-                    cpu1 = procs::cpu_seconds(pid);
-                    notes.push("complete only after decoding".to_string());
-                }
-                for (p, t) in places.iter().zip(&tallies) {
-                    if t.duplicates() > 0 {
-                        notes.push(format!("{}: {} read twice", p.name(), t.duplicates()));
-                    }
-                    if t.distinct() > n {
-                        notes.push(format!("{}: {} EXTRA", p.name(), t.distinct() - n));
-                    }
-                    for (cause, k) in &t.gaps {
-                        notes.push(format!("{}: gap {cause}×{k}", p.name()));
-                    }
-                }
-                break;
+            let all = tallies.iter().all(|t| t.distinct() >= n);
+            if all && late {
+                drained = checked;
+                cpu1 = procs::cpu_seconds(pid);
+                notes.push("complete only after decoding".to_string());
+            }
+            if all || !complete || Instant::now() > deadline {
+                break tallies;
             }
             late = true;
-            if Instant::now() > deadline {
-                let got: Vec<String> = places
-                    .iter()
-                    .zip(&tallies)
-                    .map(|(p, t)| format!("{}: {} of {n} ({t:?})", p.name(), t.load_events))
-                    .collect();
-                panic!(
-                    "agent s={} n={n} {}: load events missing after decoding: {}",
-                    cell.sessions,
-                    cell.sinks.name(),
-                    got.join("; ")
-                );
-            }
             std::thread::sleep(Duration::from_millis(200));
+        };
+        let short: Vec<String> = places
+            .iter()
+            .zip(&tallies)
+            .filter(|(_, t)| t.distinct() < n)
+            .map(|(p, t)| format!("{} has {} of {n}", p.name(), t.distinct()))
+            .collect();
+        missing = (!short.is_empty()).then(|| short.join(", "));
+        for (p, t) in places.iter().zip(&tallies) {
+            if t.duplicates() > 0 {
+                notes.push(format!("{}: {} read twice", p.name(), t.duplicates()));
+            }
+            if t.distinct() > n {
+                notes.push(format!("{}: {} EXTRA", p.name(), t.distinct() - n));
+            }
+            for (cause, k) in &t.gaps {
+                notes.push(format!("{}: gap {cause}×{k}", p.name()));
+            }
         }
         let dropped = a.metric("virtstream_libvirt_events_dropped");
         if dropped > 0.0 {
-            notes.push(format!("{dropped} dropped (queue overflow)"));
+            notes.push(format!("{dropped} dropped"));
         }
+        if missing.is_some() {
+            let keep = std::env::temp_dir().join(format!("virtstream-bench-source-r{run_no}.log"));
+            let _ = std::fs::copy(a.log_path(), &keep);
+            notes.push(format!("agent log {}", keep.display()));
+        }
+    } else if missing.is_some() {
+        notes.push(proc.log().replace('\n', " / "));
     }
     let rate = reference
         .rate(n as usize, Duration::from_secs(30))
@@ -361,13 +403,17 @@ fn run(bus: &Bus, cell: Cell, who: Who, run_no: usize) -> Measured {
     };
     let m = Measured {
         cpu_us_per_event: (cpu1 - cpu0) * 1e6 / n as f64,
-        drain_s: (drained - load_end).as_secs_f64(),
+        drain_s: match missing {
+            None => (drained - load_end).as_secs_f64(),
+            Some(_) => f64::NAN,
+        },
+        missing,
         peak_rss_mib: peak as f64 / 1024.0,
         libvirtd_rate: rate,
         notes: notes.join(", "),
     };
     println!(
-        "{label} s={} n={n:>5} {:<5}: load {:.2} s, CPU {:.2} s = {:.0} µs/event, drain {:.3} s, \
+        "{label} s={} n={n:>5} {:<5}: load {:.2} s, CPU {:.2} s = {:.0} µs/event, drain {} s, \
          peak RSS {:.1} MiB, libvirtd {:.0} events/s, load avg {} | CPU s by thread: {threads} \
          | {stopped}{}",
         cell.sessions,
@@ -375,7 +421,7 @@ fn run(bus: &Bus, cell: Cell, who: Who, run_no: usize) -> Measured {
         (load_end - t0).as_secs_f64(),
         cpu1 - cpu0,
         m.cpu_us_per_event,
-        m.drain_s,
+        m.drain(),
         m.peak_rss_mib,
         m.libvirtd_rate,
         procs::loadavg(),
@@ -420,7 +466,7 @@ fn describe(places: &[Place], counts: &[u64], base: &[u64], n: u64) -> String {
 
 fn print_table(rows: &[(Cell, Measured, Measured)]) {
     let ratio = |a: f64, b: f64| {
-        if b > 0.0 {
+        if b > 0.0 && a.is_finite() && b.is_finite() {
             format!("{:.2}", a / b)
         } else {
             "–".into()
@@ -435,7 +481,7 @@ fn print_table(rows: &[(Cell, Measured, Measured)]) {
     println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for (c, a, b) in rows {
         println!(
-            "| {} | {} | {} | {:.0} / {:.0} | {:.0} | {:.0} | {} | {:.3} | {:.3} | {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} / {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} |",
             c.sessions,
             c.events,
             c.sinks.name(),
@@ -444,8 +490,8 @@ fn print_table(rows: &[(Cell, Measured, Measured)]) {
             a.cpu_us_per_event,
             b.cpu_us_per_event,
             ratio(a.cpu_us_per_event, b.cpu_us_per_event),
-            a.drain_s,
-            b.drain_s,
+            a.drain(),
+            b.drain(),
             ratio(a.drain_s, b.drain_s),
             a.peak_rss_mib,
             b.peak_rss_mib,
