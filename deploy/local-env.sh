@@ -4,7 +4,8 @@
 # the nats-server binary, and the tansu Kafka-protocol broker (built once
 # with cargo: not in Debian), and stunnel (a TLS terminator the Kafka TLS
 # tests put in front of tansu), and the Python packages of the soak's
-# independent bus reader (in a venv). Idempotent: running it twice is harmless.
+# independent bus reader and of the source benchmark's baseline bridge
+# (in a venv). Idempotent: running it twice is harmless.
 #
 #   deploy/local-env.sh install       # everything the tests need (needs root)
 #   deploy/local-env.sh start         # install + virtlogd + libvirtd (needs root)
@@ -17,7 +18,7 @@
 #   deploy/local-env.sh status        # what is running
 #   deploy/local-env.sh toolchain     # fails with advice when cargo is missing
 #   deploy/local-env.sh users         # the users, groups and directories libvirtd needs
-#   deploy/local-env.sh oracle        # the soak's bus reader (Python venv) only
+#   deploy/local-env.sh oracle        # the Python venv only (soak reader, bench bridge)
 #
 # The brokers are not started here: tests start their own on random ports,
 # and deploy/demo.sh starts them for the demo.
@@ -51,6 +52,10 @@ install_packages() {
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
   done
   if ! pkg-config --exists libvirt 2>/dev/null; then missing+=(libvirt-dev); fi
+  # Python.h: libvirt-python (the bench bridge's venv) is a C extension.
+  if ! python3 -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+    missing+=(python3-dev)
+  fi
   # librdkafka (built from source by the rdkafka crate) links OpenSSL and zlib.
   if ! pkg-config --exists openssl 2>/dev/null; then missing+=(libssl-dev); fi
   if ! pkg-config --exists zlib 2>/dev/null; then missing+=(zlib1g-dev); fi
@@ -70,25 +75,39 @@ TANSU_VERSION=0.6.0
 
 # The soak's independent bus reader (tests/oracle/read_events.py): the
 # official NATS and Kafka clients and fastavro, pinned, in their own venv
-# (Debian's python3 refuses pip installs into the system).
+# (Debian's python3 refuses pip installs into the system). The source
+# benchmark's baseline bridge (benches/bridge/bridge.py) runs there too and
+# adds libvirt-python, pinned to the installed libvirt (it is built against
+# libvirt-dev with pkg-config and a C compiler; its releases follow
+# libvirt's version numbers).
 ORACLE_VENV=${VIRTSTREAM_ORACLE_VENV:-/opt/virtstream-oracle}
 ORACLE_PIP=(fastavro==1.13.1 nats-py==2.16.0 confluent-kafka==2.16.1)
+oracle_pip() {
+  local v
+  v=$(pkg-config --modversion libvirt 2>/dev/null) || {
+    echo "local-env.sh: libvirt-dev (pkg-config libvirt) is needed for libvirt-python" >&2
+    exit 1
+  }
+  echo "${ORACLE_PIP[@]}" "libvirt-python==$v"
+}
 
 install_oracle() {
-  local py="$ORACLE_VENV/bin/python3"
+  local py="$ORACLE_VENV/bin/python3" deps pip
+  deps=$(oracle_pip)
+  read -r -a pip <<<"$deps"
   if [ -x "$py" ] && "$py" -c '
 import sys, importlib.metadata as m
 want = dict(a.split("==") for a in sys.argv[1:])
-sys.exit(any(m.version(k) != v for k, v in want.items()))' "${ORACLE_PIP[@]}" 2>/dev/null; then
+sys.exit(any(m.version(k) != v for k, v in want.items()))' "${pip[@]}" 2>/dev/null; then
     return 0
   fi
-  echo "local-env.sh: installing the soak's bus reader (${ORACLE_PIP[*]}) in $ORACLE_VENV"
+  echo "local-env.sh: installing the soak's bus reader and the bench bridge (${pip[*]}) in $ORACLE_VENV"
   if ! python3 -m venv "$ORACLE_VENV" 2>/dev/null; then
     need_root install
     apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
     python3 -m venv "$ORACLE_VENV"
   fi
-  "$py" -m pip install --quiet --disable-pip-version-check "${ORACLE_PIP[@]}"
+  "$py" -m pip install --quiet --disable-pip-version-check "${pip[@]}"
 }
 
 tansu_bin() {
