@@ -37,9 +37,11 @@ BASE_BINS=(nats-server libvirtd virtlogd virsh pkg-config curl python3 cc make p
 BASE_PKGS=(nats-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev pkg-config curl python3 gcc libc6-dev make perl libssl-dev zlib1g-dev)
 # What the tests add: QEMU for TCG domains, setpriv, stunnel (Kafka TLS
-# tests), systemd-analyze (unit check), readelf (container packages check).
+# tests), systemd-analyze (unit check), readelf (container packages check),
+# Python's headers (libvirt-python, the source benchmark's bridge, is a C
+# extension).
 TEST_BINS=(qemu-system-x86_64 setpriv stunnel4 systemd-analyze readelf)
-TEST_PKGS=(qemu-system-x86 util-linux stunnel4 systemd binutils)
+TEST_PKGS=(qemu-system-x86 util-linux stunnel4 systemd binutils python3-dev)
 
 # install_packages base|all
 install_packages() {
@@ -53,7 +55,7 @@ install_packages() {
   done
   if ! pkg-config --exists libvirt 2>/dev/null; then missing+=(libvirt-dev); fi
   # Python.h: libvirt-python (the bench bridge's venv) is a C extension.
-  if ! python3 -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+  if [ "$1" = all ] && ! python3 -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
     missing+=(python3-dev)
   fi
   # librdkafka (built from source by the rdkafka crate) links OpenSSL and zlib.
