@@ -38,7 +38,7 @@
 //!
 //! Run: `cargo bench --bench source` (root: private libvirtd; needs
 //! nats-server, tansu, libvirtd and the venv with libvirt-python,
-//! nats-py and confluent-kafka: `sudo deploy/local-env.sh start`).
+//! nats-py and confluent-kafka: `bash deploy/local-env.sh start`).
 //! Subsets: `BENCH_ONLY=nats|kafka|both` (or a comma-separated list),
 //! `BENCH_SESSIONS=1,2,4`, `BENCH_EVENTS=4000,16000`; `BENCH_PYTHON`
 //! picks another interpreter for the bridge. The machine's load average is
@@ -398,7 +398,11 @@ fn run(bus: &Bus, cell: Cell, who: Who, run_no: usize) -> Measured {
             )
         });
     let stopped = match proc {
-        Running::Agent(mut a) => format!("agent exit {:?}", a.terminate()),
+        Running::Agent(mut a) => format!(
+            "journal commits {} | agent exit {:?}",
+            a.metric("virtstream_journal_commits"),
+            a.terminate()
+        ),
         Running::Bridge(mut b) => b.stop(),
     };
     let m = Measured {

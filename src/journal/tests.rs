@@ -253,3 +253,37 @@ fn rotating_the_epoch_starts_over_and_survives_reopen() {
     drop(j);
     t.join().unwrap();
 }
+
+#[test]
+fn cursors_committed_without_fsync_are_made_durable_once_idle() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (j, t, _) = open(dir.path(), &["nats"]);
+        for n in 1..=5 {
+            j.append(entry(n), None).unwrap();
+        }
+        j.sync().unwrap();
+        // A batch of cursor updates alone: committed without fsync.
+        j.ack("nats", 4).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while j.cursor("nats").unwrap() < 4 {
+            assert!(Instant::now() < deadline, "cursor not committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = j.commits();
+        // Idle: one durable commit follows (a crash from then on keeps
+        // the cursor), and only one.
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(j.commits(), before + 1, "one sync commit once idle");
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(j.commits(), before + 1, "nothing more while idle");
+        drop(j);
+        t.join().unwrap();
+    }
+    let (j, t, r) = open(dir.path(), &["nats"]);
+    assert_eq!(j.cursor("nats").unwrap(), 4, "the cursor survived");
+    assert_eq!(r.backlog_entries, 1, "entries behind it trimmed");
+    drop(j);
+    t.join().unwrap();
+}
