@@ -5,6 +5,7 @@ The bridge a user writes in an afternoon, kept as the baseline of
 `cargo bench --bench source` (benches/source.rs):
 
     bridge.py --uri URI [--nats URL --subject S] [--kafka BOOTSTRAP --topic T]
+              [--await-each]
 
 libvirt-python's default event loop on a thread, one lifecycle callback for
 every domain, json.dumps({uuid, name, event, detail, time}), then
@@ -12,6 +13,10 @@ every domain, json.dumps({uuid, name, event, detail, time}), then
   (nats-py publish_async: up to 4,000 in flight);
 - Kafka: a confluent-kafka Producer (acks=all) keyed by the uuid, delivery
   reports polled on a thread.
+With --await-each, one event at a time instead: the callback queues the
+event to one asyncio task, which awaits its JetStream publish (js.publish)
+and/or produces it and waits for its delivery (producer.flush()) before
+taking the next.
 No journal, no sequence numbers, no enrichment, no retries.
 
 Prints "ready" once subscribed and connected, "acked nats=N kafka=M ..."
@@ -49,6 +54,11 @@ def parse_args():
     ap.add_argument("--subject", default="libvirt.events")
     ap.add_argument("--kafka", metavar="BOOTSTRAP")
     ap.add_argument("--topic", default="libvirt.events")
+    ap.add_argument(
+        "--await-each",
+        action="store_true",
+        help="publish one event at a time, each acknowledged before the next",
+    )
     args = ap.parse_args()
     if not args.nats and not args.kafka:
         ap.error("give --nats and/or --kafka")
@@ -97,6 +107,9 @@ async def main(args):
             }
         ).encode()
         counts["received"] += 1
+        if args.await_each:
+            loop.call_soon_threadsafe(outbox.put_nowait, (uuid, body))
+            return
         if producer is not None:
             while True:
                 try:
@@ -130,7 +143,27 @@ async def main(args):
             fut.add_done_callback(on_ack)
             outbox.task_done()
 
-    if js is not None:
+    async def publish_each():
+        while True:
+            uuid, body = await outbox.get()
+            if js is not None:
+                try:
+                    await js.publish(f"{args.subject}.{uuid}", body)
+                    counts["nats"] += 1
+                except Exception as e:
+                    counts["failed"] += 1
+                    print(f"nats: {e!r}", file=sys.stderr, flush=True)
+            if producer is not None:
+                producer.produce(
+                    args.topic, key=uuid, value=body, on_delivery=delivered
+                )
+                producer.flush()
+            outbox.task_done()
+
+    publisher = None
+    if args.await_each:
+        publisher = asyncio.create_task(publish_each())
+    elif js is not None:
         publisher = asyncio.create_task(publish())
 
     stopping = threading.Event()
@@ -139,7 +172,8 @@ async def main(args):
         while not stopping.is_set():
             producer.poll(0.1)
 
-    if producer is not None:
+    poller = None
+    if producer is not None and not args.await_each:
         poller = threading.Thread(target=poll_kafka, daemon=True)
         poller.start()
 
@@ -161,18 +195,25 @@ async def main(args):
             report()
 
     deadline = time.monotonic() + 30
-    if js is not None:
+    if publisher is not None:
         try:
             await asyncio.wait_for(outbox.join(), 30)
-            await asyncio.wait_for(
-                js.publish_async_completed(), max(0.1, deadline - time.monotonic())
-            )
+            if js is not None and not args.await_each:
+                await asyncio.wait_for(
+                    js.publish_async_completed(),
+                    max(0.1, deadline - time.monotonic()),
+                )
         except asyncio.TimeoutError:
-            print("nats: unacknowledged at stop", file=sys.stderr, flush=True)
+            print(
+                f"unacknowledged at stop ({outbox.qsize()} not yet published)",
+                file=sys.stderr,
+                flush=True,
+            )
         publisher.cancel()
     if producer is not None:
-        stopping.set()
-        poller.join()
+        if poller is not None:
+            stopping.set()
+            poller.join()
         left = producer.flush(max(0.1, deadline - time.monotonic()))
         if left:
             print(f"kafka: {left} unacknowledged at stop", file=sys.stderr, flush=True)
