@@ -1,13 +1,20 @@
 //! Source benchmark: the real source path under real libvirtd load,
 //! end to end — libvirtd test driver → agent (release binary) → NATS
-//! JetStream and/or Kafka (tansu) — beside a baseline run in the same
-//! invocation: `benches/bridge/bridge.py`, the bridge a user writes in an
-//! afternoon (libvirt-python lifecycle callback → json.dumps → nats-py
-//! JetStream publish / confluent-kafka produce; no journal, no sequence,
-//! no enrichment).
+//! JetStream and/or Kafka (tansu) — beside two baselines run in the same
+//! invocation, both `benches/bridge/bridge.py`: the bridge a user writes
+//! in an afternoon (libvirt-python lifecycle callback → json.dumps →
+//! nats-py JetStream publish / confluent-kafka produce; no journal, no
+//! sequence, no enrichment), run two ways:
+//!
+//! - awaited (`--await-each`, the issue's baseline): one event at a time,
+//!   each acknowledged before the next — `await js.publish(…)`; Kafka
+//!   `produce` then `flush()`; with both sinks, NATS then Kafka;
+//! - pipelined: nats-py `publish_async` (up to 4,000 in flight), Kafka
+//!   `produce` from the callback with delivery reports polled on a thread
+//!   — the stronger baseline.
 //!
 //! Every cell is sessions ∈ {1, 2, 4} × events ∈ {4,000, 16,000} × sinks
-//! ∈ {nats, kafka, both}, run once for the agent and once for the bridge,
+//! ∈ {nats, kafka, both}, run once for the agent and once for each bridge,
 //! each against a fresh private libvirtd (`tests/common/libvirt_host.rs`)
 //! with 8 persistent running test-driver domains per session. The load is
 //! one interactive `virsh -c URI` per session reading `suspend dN` /
@@ -23,29 +30,37 @@
 //!   load until every load event is on the bus, divided by the events;
 //! - drain: seconds from the end of the load (every virsh session exited)
 //!   until every load event is acknowledged on the bus, polled on the bus
-//!   itself (JetStream per-subject counts of the run's subjects, Kafka
-//!   high watermarks of the topic) every 10 ms;
-//! - peak RSS (VmHWM), and the ratios agent / bridge.
+//!   itself (JetStream per-subject counts of the run's subjects; on Kafka
+//!   a consumer counting the run's topic's records) every 10 ms;
+//! - peak RSS (VmHWM), and the CPU ratios agent / pipelined bridge and
+//!   agent / awaited bridge.
 //!
 //! The agent's messages are then decoded with virtstream's codec: every
 //! load event must be there as a SUSPENDED/RESUMED event with origin
 //! LIBVIRT; gap markers (by cause) and events the agent dropped on queue
-//! overflow are reported. A load event missing on any bus 60 s after the
-//! load ended (or after 10 s without progress on the bus) marks the cell
-//! MISSING, keeps the agent's log, and fails the benchmark (non-zero exit,
-//! naming every such run) once the table is printed; an event missing
-//! from the reference fails it at once.
+//! overflow are reported. Every load event must be on the bus 60 s after
+//! the load ended — the awaited bridge gets 60 s or 5 ms per event,
+//! whichever is longer — and the bus must not stand still for 10 s while
+//! some are missing. An agent run that misses this is MISSING: its log is
+//! kept, and the benchmark fails (non-zero exit, naming every such run)
+//! once the tables are printed. A bridge that misses it has that as its
+//! result (drain `> 80 s (nats has … of …)`, or `stalled (…)`, its CPU a
+//! lower bound), listed after the tables; it does not fail the benchmark.
+//! An event missing from the reference fails it at once.
 //!
 //! Run: `cargo bench --bench source` (root: private libvirtd; needs
 //! nats-server, tansu, libvirtd and the venv with libvirt-python,
 //! nats-py and confluent-kafka: `bash deploy/local-env.sh start`).
 //! Subsets: `BENCH_ONLY=nats|kafka|both` (or a comma-separated list),
-//! `BENCH_SESSIONS=1,2,4`, `BENCH_EVENTS=4000,16000`; `BENCH_PYTHON`
-//! picks another interpreter for the bridge. The machine's load average is
-//! printed with every run: other work on it shows in the figures.
+//! `BENCH_SESSIONS=1,2,4`, `BENCH_EVENTS=4000,16000`,
+//! `BENCH_BRIDGES=pipelined,awaited` (either, both by default);
+//! `BENCH_PYTHON` picks another interpreter for the bridge. The machine's
+//! load average is printed with every run: other work on it shows in the
+//! figures.
 //!
-//! Targets: the agent spends ≤ 100 µs CPU per event (and ≥ 4× less than
-//! the bridge), drains ≤ 0.2 s after a 16,000-event load, and sustains
+//! Targets: the agent spends ≤ 100 µs CPU per event and ≥ 4× less than
+//! the awaited bridge (the ratio to the pipelined bridge is printed
+//! beside it), drains ≤ 0.2 s after a 16,000-event load, and sustains
 //! libvirtd's delivery rate with 4 sessions with no queue overflow.
 
 #[path = "../tests/common/mod.rs"]
@@ -58,17 +73,20 @@ mod bus;
 mod load;
 #[path = "source/procs.rs"]
 mod procs;
+#[path = "source/report.rs"]
+mod report;
+#[path = "source/run.rs"]
+mod run;
 
 use std::time::{Duration, Instant};
 
-use bus::{Bus, Place};
+use bus::Bus;
 
-const DOMAINS_PER_SESSION: usize = 8;
-/// Every load event must be on the bus this long after the load ended,
-/// and the bus must not stand still for `STALL` while some are missing.
+/// Every load event must be on the bus this long after the load ended
+/// (and the bus must not stand still for 10 s while some are missing).
 const DEADLINE: Duration = Duration::from_secs(60);
-const STALL: Duration = Duration::from_secs(10);
-const POLL: Duration = Duration::from_millis(10);
+/// The awaited bridge's deadline: at least this per load event.
+const AWAITED_PER_EVENT: Duration = Duration::from_millis(5);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Sinks {
@@ -100,55 +118,99 @@ struct Cell {
     sinks: Sinks,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+impl Cell {
+    fn name(&self) -> String {
+        format!(
+            "s={} n={} {}",
+            self.sessions,
+            self.events,
+            self.sinks.name()
+        )
+    }
+}
+
+/// The process under test.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Who {
     Agent,
-    Bridge,
+    /// bridge.py: publishes pipelined.
+    Pipelined,
+    /// bridge.py --await-each: one publish at a time, acknowledged.
+    Awaited,
+}
+
+impl Who {
+    fn name(self) -> &'static str {
+        match self {
+            Who::Agent => "agent",
+            Who::Pipelined => "pipelined",
+            Who::Awaited => "awaited",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Who::Agent => "agent",
+            Who::Pipelined => "pipelined bridge",
+            Who::Awaited => "awaited bridge",
+        }
+    }
+
+    /// How long after the load every load event must be on the bus: a
+    /// bridge that awaits every publish gets time in proportion.
+    fn deadline(self, events: u64) -> Duration {
+        match self {
+            Who::Awaited => DEADLINE.max(AWAITED_PER_EVENT * events as u32),
+            _ => DEADLINE,
+        }
+    }
 }
 
 /// What one run measured.
 struct Measured {
+    who: Who,
     cpu_us_per_event: f64,
+    /// NaN when load events are missing.
     drain_s: f64,
     peak_rss_mib: f64,
     /// The reference client's first-to-last rate during this run.
     libvirtd_rate: f64,
     /// Load events not on the bus at the end (which bus, how many).
     missing: Option<String>,
-    /// Gap markers, dropped events, late verification (agent).
+    /// Given up because the bus stood still (else at the deadline).
+    stalled: bool,
+    deadline: Duration,
+    /// Gap markers, dropped events, late verification (agent); the
+    /// bridge's output when it fell short.
     notes: String,
 }
 
 impl Measured {
+    fn complete(&self) -> bool {
+        self.missing.is_none()
+    }
+
     fn drain(&self) -> String {
         match &self.missing {
             None => format!("{:.3}", self.drain_s),
-            Some(m) => format!("MISSING ({m})"),
+            Some(m) if self.who == Who::Agent => format!("MISSING ({m})"),
+            Some(m) if self.stalled => format!("stalled ({m})"),
+            Some(m) => format!("> {} s ({m})", self.deadline.as_secs()),
         }
+    }
+
+    /// CPU µs per event: a lower bound when events are missing.
+    fn cpu(&self) -> String {
+        let bound = if self.complete() { "" } else { "≥ " };
+        format!("{bound}{:.0}", self.cpu_us_per_event)
     }
 }
 
-enum Running {
-    Agent(common::Agent),
-    Bridge(procs::Bridge),
-}
-
-impl Running {
-    /// The bridge's output (the agent's log is printed by its fixture
-    /// when a run panics).
-    fn log(&self) -> String {
-        match self {
-            Running::Agent(_) => String::new(),
-            Running::Bridge(b) => b.log(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        match self {
-            Running::Agent(a) => a.pid().expect("agent running"),
-            Running::Bridge(b) => b.pid(),
-        }
-    }
+/// One cell: the agent's run and the bridges' (in `BENCH_BRIDGES` order).
+struct Row {
+    cell: Cell,
+    agent: Measured,
+    bridges: Vec<Measured>,
 }
 
 fn env_list<T: std::str::FromStr + Clone>(key: &str, default: &[T]) -> Vec<T> {
@@ -181,6 +243,19 @@ fn main() {
         .filter(|s| only.is_empty() || only.iter().any(|o| o == s.name()))
         .collect();
     assert!(!sinks.is_empty(), "BENCH_ONLY: nats, kafka or both");
+    let bridges: Vec<Who> = env_list::<String>("BENCH_BRIDGES", &[])
+        .iter()
+        .map(|b| match b.as_str() {
+            "pipelined" => Who::Pipelined,
+            "awaited" => Who::Awaited,
+            _ => panic!("BENCH_BRIDGES: pipelined and/or awaited, not {b:?}"),
+        })
+        .collect();
+    let bridges = if bridges.is_empty() {
+        vec![Who::Pipelined, Who::Awaited]
+    } else {
+        bridges
+    };
     println!(
         "source benchmark: agent {}, {} CPUs, load average {}",
         procs::agent_binary().display(),
@@ -193,6 +268,10 @@ fn main() {
     let started = Instant::now();
     let mut rows = Vec::new();
     let mut run_no = 0;
+    let mut next = || {
+        run_no += 1;
+        run_no
+    };
     for &s in &sinks {
         for &n in &sessions {
             for &e in &events {
@@ -201,328 +280,37 @@ fn main() {
                     events: e,
                     sinks: s,
                 };
-                run_no += 1;
-                let agent = run(&bus, cell, Who::Agent, run_no);
-                let bridge = run(&bus, cell, Who::Bridge, run_no);
-                rows.push((cell, agent, bridge));
+                let agent = run::run(&bus, cell, Who::Agent, next());
+                let bridges = bridges
+                    .iter()
+                    .map(|&b| run::run(&bus, cell, b, next()))
+                    .collect();
+                rows.push(Row {
+                    cell,
+                    agent,
+                    bridges,
+                });
             }
         }
     }
-    print_table(&rows);
+    report::print(&rows, &bridges);
     println!(
         "\n{} cells in {:.0} s",
         rows.len(),
         started.elapsed().as_secs_f64()
     );
+    // Only the agent missing load events fails the benchmark; a bridge
+    // falling short is its result (listed by `report::print`).
     let failed: Vec<String> = rows
         .iter()
-        .flat_map(|(c, a, b)| {
-            [("agent", a), ("bridge", b)]
-                .into_iter()
-                .filter_map(move |(who, m)| {
-                    let missing = m.missing.as_ref()?;
-                    Some(format!(
-                        "{who} s={} n={} {}: {missing}",
-                        c.sessions,
-                        c.events,
-                        c.sinks.name()
-                    ))
-                })
+        .filter_map(|r| {
+            let missing = r.agent.missing.as_ref()?;
+            Some(format!("agent {}: {missing}", r.cell.name()))
         })
         .collect();
     assert!(
         failed.is_empty(),
-        "load events missing on the bus (deadline {DEADLINE:?} after the load, or {STALL:?} without progress):\n{}",
+        "load events missing on the bus (deadline {DEADLINE:?} after the load, or 10 s without progress):\n{}",
         failed.join("\n")
-    );
-}
-
-/// One run: a fresh private libvirtd, the process under test, the load,
-/// the drain, the checks.
-fn run(bus: &Bus, cell: Cell, who: Who, run_no: usize) -> Measured {
-    let label = match who {
-        Who::Agent => "agent ",
-        Who::Bridge => "bridge",
-    };
-    let host = common::libvirt_host::LibvirtHost::start();
-    let uri = host.test_uri();
-    let conn = virt::connect::Connect::open(Some(&uri)).unwrap();
-    let domains = load::define(&conn, cell.sessions, DOMAINS_PER_SESSION);
-    let reference = load::Reference::start(&uri);
-    let mut places = Vec::new();
-    // Each run has its own Kafka topic (read from its start) and NATS
-    // subjects (the agent's host id is new every run).
-    let proc = match who {
-        Who::Agent => {
-            let topic = format!("virt.domain.events.v1.r{run_no}");
-            let a = procs::agent(
-                &uri,
-                cell.sinks.nats().then_some(bus.nats_url.as_str()),
-                cell.sinks
-                    .kafka()
-                    .then_some((bus.bootstrap.as_str(), topic.as_str())),
-            );
-            a.wait_ready(Duration::from_secs(60));
-            common::wait_round_after(&a.host_id, 0, Duration::from_secs(120));
-            if cell.sinks.nats() {
-                places.push(bus.nats(bus::AGENT_STREAM, a.filter()));
-            }
-            if cell.sinks.kafka() {
-                places.push(bus.kafka(&topic, Some(&a.host_id)));
-            }
-            Running::Agent(a)
-        }
-        Who::Bridge => {
-            let subject = format!("bridge.r{run_no}");
-            if cell.sinks.kafka() {
-                bus.create_topic(&subject);
-                places.push(bus.kafka(&subject, None));
-            }
-            let b = procs::Bridge::start(
-                &uri,
-                cell.sinks
-                    .nats()
-                    .then_some((bus.nats_url.as_str(), subject.as_str())),
-                cell.sinks
-                    .kafka()
-                    .then_some((bus.bootstrap.as_str(), subject.as_str())),
-            );
-            if cell.sinks.nats() {
-                places.push(bus.nats(bus::BRIDGE_STREAM, format!("{subject}.>")));
-            }
-            Running::Bridge(b)
-        }
-    };
-    // The agent's initial round (reconcile events) is on the bus: the
-    // counts before the load.
-    let base = settle(bus, &places);
-    let pid = proc.pid();
-    let n = cell.events;
-    let logs = tempfile::tempdir().unwrap();
-
-    let threads0 = procs::thread_cpu(pid);
-    let cpu0 = procs::cpu_seconds(pid);
-    let t0 = Instant::now();
-    let errors = load::run(&uri, &domains, n, logs.path());
-    let load_end = Instant::now();
-    assert_eq!(
-        errors,
-        0,
-        "{errors} virsh commands failed (see {})",
-        logs.keep().display()
-    );
-
-    // Drain: every load event acknowledged on every bus; given up at the
-    // deadline or when the bus stops moving.
-    let deadline = load_end + DEADLINE;
-    let mut last = Vec::new();
-    let mut moved = Instant::now();
-    let complete = loop {
-        let counts: Vec<u64> = places.iter().map(|p| bus.count(p)).collect();
-        if counts.iter().zip(&base).all(|(c, b)| c - b >= n) {
-            break true;
-        }
-        if counts != last {
-            moved = Instant::now();
-        }
-        if Instant::now() > deadline || moved.elapsed() > STALL {
-            last = counts;
-            break false;
-        }
-        last = counts;
-        std::thread::sleep(POLL);
-    };
-    let mut drained = Instant::now();
-    let mut cpu1 = procs::cpu_seconds(pid);
-    let peak = procs::peak_rss_kib(pid);
-    let threads = procs::top_threads(&threads0, &procs::thread_cpu(pid));
-
-    let mut notes = Vec::new();
-    let mut missing = (!complete).then(|| describe(&places, &last, &base, n));
-    if let Running::Agent(a) = &proc {
-        // Counts include gap markers and reconcile events: decode and
-        // count the load's events themselves.
-        let mut late = false;
-        let tallies = loop {
-            let checked = Instant::now();
-            let tallies: Vec<bus::Tally> = places.iter().map(|p| bus.tally(p)).collect();
-            let all = tallies.iter().all(|t| t.distinct() >= n);
-            if all && late {
-                drained = checked;
-                cpu1 = procs::cpu_seconds(pid);
-                notes.push("complete only after decoding".to_string());
-            }
-            if all || !complete || Instant::now() > deadline {
-                break tallies;
-            }
-            late = true;
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let short: Vec<String> = places
-            .iter()
-            .zip(&tallies)
-            .filter(|(_, t)| t.distinct() < n)
-            .map(|(p, t)| format!("{} has {} of {n}", p.name(), t.distinct()))
-            .collect();
-        missing = (!short.is_empty()).then(|| short.join(", "));
-        for (p, t) in places.iter().zip(&tallies) {
-            if t.duplicates() > 0 {
-                notes.push(format!("{}: {} read twice", p.name(), t.duplicates()));
-            }
-            if t.distinct() > n {
-                notes.push(format!("{}: {} EXTRA", p.name(), t.distinct() - n));
-            }
-            for (cause, k) in &t.gaps {
-                notes.push(format!("{}: gap {cause}×{k}", p.name()));
-            }
-        }
-        let dropped = a.metric("virtstream_libvirt_events_dropped");
-        if dropped > 0.0 {
-            notes.push(format!("{dropped} dropped"));
-        }
-        if missing.is_some() {
-            let keep = std::env::temp_dir().join(format!("virtstream-bench-source-r{run_no}.log"));
-            let _ = std::fs::copy(a.log_path(), &keep);
-            notes.push(format!("agent log {}", keep.display()));
-        }
-    } else if missing.is_some() {
-        notes.push(proc.log().replace('\n', " / "));
-    }
-    let rate = reference
-        .rate(n as usize, Duration::from_secs(30))
-        .unwrap_or_else(|| {
-            panic!(
-                "{label} s={} n={n}: the reference virsh event printed {} of {n} load events",
-                cell.sessions,
-                reference.count()
-            )
-        });
-    let stopped = match proc {
-        Running::Agent(mut a) => format!(
-            "journal commits {} | agent exit {:?}",
-            a.metric("virtstream_journal_commits"),
-            a.terminate()
-        ),
-        Running::Bridge(mut b) => b.stop(),
-    };
-    let m = Measured {
-        cpu_us_per_event: (cpu1 - cpu0) * 1e6 / n as f64,
-        drain_s: match missing {
-            None => (drained - load_end).as_secs_f64(),
-            Some(_) => f64::NAN,
-        },
-        missing,
-        peak_rss_mib: peak as f64 / 1024.0,
-        libvirtd_rate: rate,
-        notes: notes.join(", "),
-    };
-    println!(
-        "{label} s={} n={n:>5} {:<5}: load {:.2} s, CPU {:.2} s = {:.0} µs/event, drain {} s, \
-         peak RSS {:.1} MiB, libvirtd {:.0} events/s, load avg {} | CPU s by thread: {threads} \
-         | {stopped}{}",
-        cell.sessions,
-        cell.sinks.name(),
-        (load_end - t0).as_secs_f64(),
-        cpu1 - cpu0,
-        m.cpu_us_per_event,
-        m.drain(),
-        m.peak_rss_mib,
-        m.libvirtd_rate,
-        procs::loadavg(),
-        if m.notes.is_empty() {
-            String::new()
-        } else {
-            format!(" | {}", m.notes)
-        }
-    );
-    drop(reference);
-    drop(conn);
-    drop(host);
-    m
-}
-
-/// Waits until the counts of `places` stop moving (500 ms); returns them.
-fn settle(bus: &Bus, places: &[Place]) -> Vec<u64> {
-    let end = Instant::now() + Duration::from_secs(60);
-    let mut last: Vec<u64> = places.iter().map(|p| bus.count(p)).collect();
-    let mut since = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now: Vec<u64> = places.iter().map(|p| bus.count(p)).collect();
-        if now != last {
-            last = now;
-            since = Instant::now();
-        } else if since.elapsed() >= Duration::from_millis(500) {
-            return last;
-        }
-        assert!(Instant::now() < end, "the bus did not settle: {last:?}");
-    }
-}
-
-fn describe(places: &[Place], counts: &[u64], base: &[u64], n: u64) -> String {
-    places
-        .iter()
-        .zip(counts.iter().zip(base))
-        .map(|(p, (c, b))| format!("{} has {} of {n}", p.name(), c - b))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn print_table(rows: &[(Cell, Measured, Measured)]) {
-    let ratio = |a: f64, b: f64| {
-        if b > 0.0 && a.is_finite() && b.is_finite() {
-            format!("{:.2}", a / b)
-        } else {
-            "–".into()
-        }
-    };
-    println!(
-        "\n| sessions | events | sinks | libvirtd events/s (agent run / bridge run) \
-         | agent CPU µs/event | bridge CPU µs/event | CPU ratio \
-         | agent drain s | bridge drain s | drain ratio \
-         | agent RSS MiB | bridge RSS MiB | RSS ratio | agent notes |"
-    );
-    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-    for (c, a, b) in rows {
-        println!(
-            "| {} | {} | {} | {:.0} / {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} |",
-            c.sessions,
-            c.events,
-            c.sinks.name(),
-            a.libvirtd_rate,
-            b.libvirtd_rate,
-            a.cpu_us_per_event,
-            b.cpu_us_per_event,
-            ratio(a.cpu_us_per_event, b.cpu_us_per_event),
-            a.drain(),
-            b.drain(),
-            ratio(a.drain_s, b.drain_s),
-            a.peak_rss_mib,
-            b.peak_rss_mib,
-            ratio(a.peak_rss_mib, b.peak_rss_mib),
-            if a.notes.is_empty() { "–" } else { &a.notes },
-        );
-    }
-    // The targets, checked on what was measured.
-    let cells = rows.len();
-    let cpu_ok = rows
-        .iter()
-        .filter(|(_, a, b)| {
-            a.cpu_us_per_event <= 100.0 && a.cpu_us_per_event * 4.0 <= b.cpu_us_per_event
-        })
-        .count();
-    let big: Vec<_> = rows.iter().filter(|(c, _, _)| c.events >= 16000).collect();
-    let drain_ok = big.iter().filter(|(_, a, _)| a.drain_s <= 0.2).count();
-    let four: Vec<_> = rows.iter().filter(|(c, _, _)| c.sessions == 4).collect();
-    let four_ok = four
-        .iter()
-        .filter(|(_, a, _)| a.notes.is_empty() && a.drain_s <= 0.2)
-        .count();
-    println!(
-        "\ntargets: CPU ≤ 100 µs/event and ≥ 4× less than the bridge: {cpu_ok} of {cells} cells; \
-         drain ≤ 0.2 s after 16,000 events: {drain_ok} of {}; \
-         4 sessions kept up (drain ≤ 0.2 s, no gap or overflow): {four_ok} of {}",
-        big.len(),
-        four.len()
     );
 }

@@ -1,6 +1,7 @@
-//! The two processes under measurement: the agent (the release binary,
+//! The processes under measurement: the agent (the release binary,
 //! through the tests' `Agent` fixture) and the baseline bridge
-//! (`benches/bridge/bridge.py`), with what /proc says about them.
+//! (`benches/bridge/bridge.py`, pipelined or awaiting each publish), with
+//! what /proc says about them.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -106,8 +107,14 @@ pub struct Bridge {
 
 impl Bridge {
     /// Starts the bridge on `uri` with the given sinks ((url, subject) and
-    /// (bootstrap, topic)) and waits for its "ready".
-    pub fn start(uri: &str, nats: Option<(&str, &str)>, kafka: Option<(&str, &str)>) -> Bridge {
+    /// (bootstrap, topic)), publishing one event at a time if
+    /// `await_each`, and waits for its "ready".
+    pub fn start(
+        uri: &str,
+        nats: Option<(&str, &str)>,
+        kafka: Option<(&str, &str)>,
+        await_each: bool,
+    ) -> Bridge {
         let script = common::workspace().join("benches/bridge/bridge.py");
         let stderr = tempfile::NamedTempFile::new().unwrap();
         let mut cmd = Command::new(python());
@@ -117,6 +124,9 @@ impl Bridge {
         }
         if let Some((bootstrap, topic)) = kafka {
             cmd.args(["--kafka", bootstrap, "--topic", topic]);
+        }
+        if await_each {
+            cmd.arg("--await-each");
         }
         let mut child = cmd
             .stdin(Stdio::null())
