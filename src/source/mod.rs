@@ -287,8 +287,9 @@ pub fn sizes_from_xml(xml: &str) -> (Option<i32>, Option<i64>) {
     (vcpus, memory_kib)
 }
 
-/// Threads of a listing that needs calls per domain.
-const LISTING_THREADS: usize = 4;
+/// Threads of a listing that needs calls per domain: libvirtd serves up
+/// to `max_client_requests` (default 5) calls of one client at once.
+const LISTING_THREADS: usize = 5;
 
 /// `sha256:<hex>` of a domain's inactive XML.
 fn config_hash(xml: &str) -> String {
