@@ -272,7 +272,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }));
     }
 
-    // Telemetry.
+    // Telemetry. `refresh` reads the journal's cursors (redb): the ticker
+    // and the endpoint call it on the blocking pool.
     let refresh = {
         let journal = journal.clone();
         let metrics = metrics.clone();
@@ -317,7 +318,10 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             loop {
                 tokio::select! {
                     _ = rx.recv() => return,
-                    _ = t.tick() => refresh(),
+                    _ = t.tick() => {
+                        let refresh = refresh.clone();
+                        let _ = tokio::task::spawn_blocking(move || refresh()).await;
+                    }
                 }
             }
         })

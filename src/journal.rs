@@ -666,12 +666,13 @@ impl JournalWriter {
             pending_sync = !durable;
             self.shared.writable.store(true, Ordering::Relaxed);
             self.shared.commits.fetch_add(1, Ordering::Relaxed);
+            // Before the barriers: after `sync()` the watch shows the commit.
+            self.committed.send_replace(self.last_host_seq);
             for op in batch.drain(..) {
                 if let Op::Barrier(tx) = op {
                     let _ = tx.send(());
                 }
             }
-            self.committed.send_replace(self.last_host_seq);
         }
     }
 

@@ -1,14 +1,17 @@
 //! Sinks: each reads the journal from its own cursor, publishes, and
 //! acknowledges back to the journal. Shared pieces live here: the
-//! contiguous-ack window and the reversible subject-token encoding of host
-//! ids.
+//! contiguous-ack window, the reversible subject-token encoding of host
+//! ids, and (`journal_io`) the journal reads and cursor writes, which run
+//! on the blocking pool, never on the async thread.
 //!
 //! Invariants:
 //! - a sink's cursor is the highest `host_seq` such that every entry at or
-//!   below it was acknowledged by the broker; it only moves forward;
+//!   below it was acknowledged by the broker; it only moves forward, and
+//!   its writes reach the journal in order;
 //! - a slow or dead sink never blocks the tracker or another sink (the
 //!   journal absorbs the difference, within `journal.max_bytes`).
 
+mod journal_io;
 pub mod kafka;
 pub mod nats;
 

@@ -9,7 +9,9 @@
 //!   total deadline, so dripping bytes does not extend it) and
 //!   [`Limits::write_timeout`] to take the response; then it is dropped;
 //! - a failing `accept` (EMFILE, ENFILE, ENOBUFS, …) is retried after a
-//!   sleep that doubles up to [`Limits::backoff_max`], never in a hot loop.
+//!   sleep that doubles up to [`Limits::backoff_max`], never in a hot loop;
+//! - responses are built on the blocking pool, not on the async thread the
+//!   sinks share (a `/metrics` scrape reads the journal's cursors).
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -252,7 +254,7 @@ async fn serve_with(
         let route = route.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = handle(sock, &limits, &*route).await {
+            if let Err(e) = handle(sock, &limits, route).await {
                 tracing::debug!(error = %e, "metrics endpoint: connection dropped");
             }
         });
@@ -263,7 +265,7 @@ async fn serve_with(
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut sock: S,
     limits: &Limits,
-    route: &Route,
+    route: Arc<Route>,
 ) -> Result<(), ConnError> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut n = 0;
@@ -287,8 +289,14 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let req = String::from_utf8_lossy(&buf[..n]);
     let mut parts = req.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let resp = route(method, path);
+    let (method, path) = (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    );
+    // Not on the async thread: a `/metrics` scrape reads the journal.
+    let resp = tokio::task::spawn_blocking(move || route(&method, &path))
+        .await
+        .map_err(std::io::Error::other)?;
     let out = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         resp.status,
@@ -353,10 +361,9 @@ mod tests {
                 .await
                 .unwrap();
             let route = big_route();
-            let r =
-                tokio::time::timeout(Duration::from_secs(3), handle(server, &limits(), &*route))
-                    .await
-                    .expect("the connection is given up within the write timeout");
+            let r = tokio::time::timeout(Duration::from_secs(3), handle(server, &limits(), route))
+                .await
+                .expect("the connection is given up within the write timeout");
             assert!(matches!(r, Err(ConnError::WriteTimeout(_))), "{r:?}");
             drop(client);
         });
@@ -378,7 +385,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             };
             let (r, _) = tokio::join!(
-                tokio::time::timeout(Duration::from_secs(3), handle(server, &limits, &*route)),
+                tokio::time::timeout(Duration::from_secs(3), handle(server, &limits, route)),
                 tokio::time::timeout(Duration::from_secs(3), drip),
             );
             let r = r.expect("dropped within the read timeout");

@@ -21,7 +21,8 @@
 //!   epoch) is already there; those are acknowledged, not sent again.
 //!
 //! Acks are handled before new work (`select! { biased; }`); the cursor
-//! and offsets are written back at most every 10 ms.
+//! and offsets are written back at most every 10 ms. Journal reads and
+//! cursor writes run on the blocking pool (`sinks::journal_io`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +47,7 @@ use super::{
 use crate::config::KafkaConfig;
 use crate::journal::{Entry, Journal};
 use crate::model::parse_event_id;
+use crate::sinks::journal_io::{CursorWriter, ReadAhead};
 use crate::sinks::AckWindow;
 use crate::telemetry::{Health, Metrics, SinkState};
 use crate::tracker::now_micros;
@@ -463,12 +465,11 @@ impl KafkaSink {
         let mut found = self
             .recover(&base, start, &mut offsets, &enc, shutdown)
             .await?;
-        self.journal
-            .ack_with_state(
-                SINK_NAME,
-                start,
-                serde_json::to_vec(&offsets).expect("offsets serialize"),
-            )
+        let journal = self.journal.clone();
+        let state = serde_json::to_vec(&offsets).expect("offsets serialize");
+        tokio::task::spawn_blocking(move || journal.ack_with_state(SINK_NAME, start, state))
+            .await
+            .map_err(Self::journal_err)?
             .map_err(Self::journal_err)?;
 
         // 3. Publish.
@@ -492,6 +493,7 @@ impl KafkaSink {
             c.create_with_context(ctx.clone())
                 .map_err(|e| KafkaSinkError::Config(e.to_string()))?
         };
+        let mut acks = CursorWriter::new(self.journal.clone(), SINK_NAME);
         let result = self
             .publish(
                 &producer,
@@ -499,11 +501,15 @@ impl KafkaSink {
                 &enc,
                 start,
                 &mut offsets,
+                &mut acks,
                 &mut found,
                 shutdown,
                 drain_deadline,
             )
             .await;
+        // What the session wrote back is in the journal's queue before the
+        // next session loads the cursor and offsets (or the sink returns).
+        acks.flush().await;
         // Dropping the producer purges what is queued and waits up to
         // 500 ms; keep that off the async thread. Whatever it held stays
         // in the journal and is found by the next read-back if stored.
@@ -519,6 +525,7 @@ impl KafkaSink {
         cursor: u64,
         acked_above: &mut BTreeMap<u64, Placed>,
         offsets: &mut Offsets,
+        acks: &mut CursorWriter,
     ) {
         let rest = acked_above.split_off(&(cursor + 1));
         for (_, (t, p, o)) in std::mem::replace(acked_above, rest) {
@@ -530,9 +537,7 @@ impl KafkaSink {
                 .insert(p, o + 1);
         }
         let state = serde_json::to_vec(&*offsets).expect("offsets serialize");
-        if let Err(e) = self.journal.ack_with_state(SINK_NAME, cursor, state) {
-            tracing::warn!(error = %e, "cannot record the Kafka cursor");
-        }
+        acks.write(cursor, Some(state));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -543,6 +548,7 @@ impl KafkaSink {
         encoding: &EncodingContext,
         start: u64,
         offsets: &mut Offsets,
+        acks: &mut CursorWriter,
         found: &mut HashMap<u64, Placed>,
         shutdown: &mut broadcast::Receiver<()>,
         drain_deadline: Duration,
@@ -559,6 +565,7 @@ impl KafkaSink {
         let mut acked_above: BTreeMap<u64, Placed> = BTreeMap::new();
         let mut read_upto = start;
         let mut committed = self.journal.committed();
+        let mut reads = ReadAhead::new(self.journal.clone());
         let mut pending: std::collections::VecDeque<Entry> = Default::default();
         let mut inflight = FuturesUnordered::new();
         let mut flushed_cursor = start;
@@ -585,17 +592,10 @@ impl KafkaSink {
                     missing_topic(p.client(), &names)
                 }));
             }
-            // Read ahead from the journal.
+            // Read ahead from the journal (the entries arrive below).
             let head = *committed.borrow_and_update();
-            if pending.len() < READ_AHEAD && read_upto < head {
-                let entries = self
-                    .journal
-                    .read_after(read_upto, READ_AHEAD - pending.len())
-                    .map_err(Self::journal_err)?;
-                for e in entries {
-                    read_upto = e.host_seq;
-                    pending.push_back(e);
-                }
+            if !reads.busy() && pending.len() < READ_AHEAD && read_upto < head {
+                reads.start(read_upto, READ_AHEAD - pending.len());
             }
             // Dispatch in host_seq order.
             if queue_full_until.is_some_and(|t| Instant::now() >= t) {
@@ -656,7 +656,7 @@ impl KafkaSink {
             {
                 flushed_cursor = window.cursor();
                 last_flush = Instant::now();
-                self.write_back(encoding, flushed_cursor, &mut acked_above, offsets);
+                self.write_back(encoding, flushed_cursor, &mut acked_above, offsets, acks);
             }
             // Health: deliveries stalled, behind client errors (2 s) or
             // behind a broker that accepts connections but does not answer
@@ -685,7 +685,7 @@ impl KafkaSink {
             if let Some(deadline) = draining {
                 if window.cursor() >= head || Instant::now() >= deadline {
                     if window.cursor() > flushed_cursor {
-                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets, acks);
                     }
                     tracing::info!(cursor = window.cursor(), head, "Kafka sink stopped");
                     return Ok(SessionEnd::Shutdown);
@@ -710,9 +710,9 @@ impl KafkaSink {
                             // Not acknowledged: the next session reads back
                             // whether it is stored.
                             let name = &encoding.topics[topic].0;
-                            self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                            self.write_back(encoding, window.cursor(), &mut acked_above, offsets, acks);
                             offsets.topics.remove(name);
-                            self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                            self.write_back(encoding, window.cursor(), &mut acked_above, offsets, acks);
                             return Err(KafkaSinkError::Broker {
                                 brokers: self.cfg.brokers.0.join(","),
                                 message: format!("topic {name} partition {p} went back to offset {o}: deleted and created again while publishing"),
@@ -741,7 +741,7 @@ impl KafkaSink {
                             // stored.
                             errors.inc();
                             if window.cursor() > flushed_cursor {
-                                self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                                self.write_back(encoding, window.cursor(), &mut acked_above, offsets, acks);
                             }
                             return Err(KafkaSinkError::Broker {
                                 brokers: self.cfg.brokers.0.join(","),
@@ -750,14 +750,20 @@ impl KafkaSink {
                         }
                     }
                 }
+                entries = reads.done(), if reads.busy() => {
+                    for e in entries.map_err(Self::journal_err)? {
+                        read_upto = e.host_seq;
+                        pending.push_back(e);
+                    }
+                }
                 r = async { check.as_mut().expect("guarded").await }, if check.is_some() => {
                     check = None;
                     next_check = Instant::now() + TOPIC_CHECK_EVERY;
                     if let Ok(Some(name)) = r {
                         // Its recorded offsets belong to the deleted topic.
-                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets, acks);
                         offsets.topics.remove(&name);
-                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets);
+                        self.write_back(encoding, window.cursor(), &mut acked_above, offsets, acks);
                         return Err(KafkaSinkError::Broker {
                             brokers: self.cfg.brokers.0.join(","),
                             message: format!("topic {name} was deleted while publishing"),
@@ -768,7 +774,7 @@ impl KafkaSink {
                     tracing::info!(deadline = ?drain_deadline, in_flight = inflight.len(), "Kafka sink draining");
                     draining = Some(Instant::now() + drain_deadline);
                 }
-                r = committed.changed(), if draining.is_none() && pending.len() < READ_AHEAD => {
+                r = committed.changed(), if draining.is_none() && !reads.busy() && pending.len() < READ_AHEAD => {
                     if r.is_err() {
                         draining.get_or_insert(Instant::now() + drain_deadline);
                     }

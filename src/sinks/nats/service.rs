@@ -23,7 +23,8 @@
 //!   void and dropped.
 //!
 //! Acks are handled before new work (`select! { biased; }`); the cursor is
-//! written back to the journal at most every 10 ms.
+//! written back to the journal at most every 10 ms. Journal reads and
+//! cursor writes run on the blocking pool (`sinks::journal_io`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use super::{ensure_streams, NatsError};
 use crate::config::NatsConfig;
 use crate::journal::{Entry, Journal, Kind};
 use crate::model::parse_event_id;
+use crate::sinks::journal_io::{CursorWriter, ReadAhead};
 use crate::sinks::AckWindow;
 use crate::telemetry::{Health, Metrics, SinkState};
 use crate::tracker::now_micros;
@@ -291,13 +293,16 @@ impl NatsSink {
         let errors = self.metrics.publish_errors.get_or_create(&labels).clone();
         let latency = self.metrics.publish_latency.get_or_create(&labels).clone();
 
-        let start = self
-            .journal
-            .cursor(SINK_NAME)
+        let journal = self.journal.clone();
+        let start = tokio::task::spawn_blocking(move || journal.cursor(SINK_NAME))
+            .await
+            .map_err(|e| NatsError::Api(e.to_string()))?
             .map_err(|e| NatsError::Api(e.to_string()))?;
         let mut window = AckWindow::new(start);
         let mut read_upto = start;
         let mut committed = self.journal.committed();
+        let mut reads = ReadAhead::new(self.journal.clone());
+        let mut acks = CursorWriter::new(self.journal.clone(), SINK_NAME);
         let mut queues: HashMap<String, VecDeque<Entry>> = HashMap::new();
         // Subjects that are ready, in flight or waiting for a retry.
         let mut scheduled: HashSet<String> = HashSet::new();
@@ -316,22 +321,10 @@ impl NatsSink {
         let mut reprovision = false;
 
         loop {
-            // Read ahead from the journal.
+            // Read ahead from the journal (the entries arrive below).
             let head = *committed.borrow_and_update();
-            if buffered < READ_AHEAD && read_upto < head {
-                let entries = self
-                    .journal
-                    .read_after(read_upto, READ_AHEAD - buffered)
-                    .map_err(|e| NatsError::Api(e.to_string()))?;
-                for entry in entries {
-                    read_upto = entry.host_seq;
-                    let subject = super::encoding::subject(&self.encoding, &entry);
-                    if scheduled.insert(subject.clone()) {
-                        ready.push_back(subject.clone());
-                    }
-                    queues.entry(subject).or_default().push_back(entry);
-                    buffered += 1;
-                }
+            if !reads.busy() && buffered < READ_AHEAD && read_upto < head {
+                reads.start(read_upto, READ_AHEAD - buffered);
             }
             let backing_off = backoff_until.is_some_and(|t| Instant::now() < t);
             // Re-provision once nothing is in flight: a late ack from the
@@ -424,14 +417,15 @@ impl NatsSink {
             {
                 flushed_cursor = window.cursor();
                 last_flush = Instant::now();
-                let _ = self.journal.ack(SINK_NAME, flushed_cursor);
+                acks.write(flushed_cursor, None);
             }
             if let Some(deadline) = draining {
                 let done = window.cursor() >= head || Instant::now() >= deadline;
                 if done {
                     if window.cursor() > flushed_cursor {
-                        let _ = self.journal.ack(SINK_NAME, window.cursor());
+                        acks.write(window.cursor(), None);
                     }
+                    acks.flush().await;
                     tracing::info!(cursor = window.cursor(), head, "NATS sink stopped");
                     return Ok(());
                 }
@@ -518,11 +512,22 @@ impl NatsSink {
                         }
                     }
                 }
+                entries = reads.done(), if reads.busy() => {
+                    for entry in entries.map_err(|e| NatsError::Api(e.to_string()))? {
+                        read_upto = entry.host_seq;
+                        let subject = super::encoding::subject(&self.encoding, &entry);
+                        if scheduled.insert(subject.clone()) {
+                            ready.push_back(subject.clone());
+                        }
+                        queues.entry(subject).or_default().push_back(entry);
+                        buffered += 1;
+                    }
+                }
                 _ = shutdown.recv(), if draining.is_none() => {
                     tracing::info!(deadline = ?drain_deadline, in_flight = inflight.len(), "NATS sink draining");
                     draining = Some(Instant::now() + drain_deadline);
                 }
-                r = committed.changed(), if draining.is_none() && buffered < READ_AHEAD => {
+                r = committed.changed(), if draining.is_none() && !reads.busy() && buffered < READ_AHEAD => {
                     if r.is_err() {
                         // The journal is gone: finish what is in flight.
                         draining.get_or_insert(Instant::now() + drain_deadline);
