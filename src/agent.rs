@@ -273,13 +273,18 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     }
 
     // Telemetry. `refresh` reads the journal's cursors (redb): the ticker
-    // and the endpoint call it on the blocking pool.
+    // and the endpoint call it on the blocking pool, one at a time, so a
+    // scrape never shows values read before its own refresh.
     let refresh = {
         let journal = journal.clone();
         let metrics = metrics.clone();
         let health = health.clone();
         let sinks = sink_names.clone();
+        let one_at_a_time = std::sync::Mutex::new(());
         Arc::new(move || {
+            let _one = one_at_a_time
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             // Per-sink backlog from the recorded cursors: known even while
             // a sink cannot reach its broker.
             let head = *journal.committed().borrow();
