@@ -14,7 +14,8 @@
 //!   tracker handed over is dropped;
 //! - a group of sink cursor updates alone is committed without fsync
 //!   (redb `Durability::None`) and becomes durable with the next group
-//!   that appends: a crash may forget the latest cursors, which only
+//!   that appends, once the writer is idle, or within 1 s: a crash may
+//!   forget the latest cursors, which only
 //!   means re-publishing what the buses already hold (de-duplicated as
 //!   after any crash between a broker's ack and the cursor's commit).
 
@@ -44,6 +45,8 @@ const FILE_NAME: &str = "journal.redb";
 /// thousand events/s, spacing them gathers a dozen entries per commit for
 /// at most this much latency (measured: see docs/journal.md).
 const COMMIT_SPACING: Duration = Duration::from_millis(5);
+/// Longest time sink cursors stay committed without fsync.
+const CURSOR_SYNC_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -605,6 +608,7 @@ impl JournalWriter {
         // A commit without fsync is not durable yet.
         let mut pending_sync = false;
         let mut last_commit = Instant::now() - COMMIT_SPACING;
+        let mut last_durable = Instant::now();
         loop {
             match self.ops.recv_timeout(Duration::from_millis(500)) {
                 Ok(op) => batch.push(op),
@@ -615,6 +619,7 @@ impl JournalWriter {
                         match self.commit(&[], true) {
                             Ok(()) => {
                                 pending_sync = false;
+                                last_durable = Instant::now();
                                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(e) => {
@@ -648,9 +653,13 @@ impl JournalWriter {
             // Only what was appended (and a caller waiting for a barrier)
             // needs the fsync; a batch of sink cursors alone is committed
             // without it and made durable by the next such commit.
+            // (Nor longer than CURSOR_SYNC_MAX: while sinks drain a
+            // backlog nothing is appended, and trimmed space is reusable
+            // only after a durable commit.)
             let durable = batch
                 .iter()
-                .any(|op| matches!(op, Op::Append { .. } | Op::Barrier(_)));
+                .any(|op| matches!(op, Op::Append { .. } | Op::Barrier(_)))
+                || last_durable.elapsed() >= CURSOR_SYNC_MAX;
             let mut delay = Duration::from_millis(50);
             loop {
                 match self.commit(&batch, durable) {
@@ -664,6 +673,9 @@ impl JournalWriter {
                 }
             }
             pending_sync = !durable;
+            if durable {
+                last_durable = Instant::now();
+            }
             self.shared.writable.store(true, Ordering::Relaxed);
             self.shared.commits.fetch_add(1, Ordering::Relaxed);
             // Before the barriers: after `sync()` the watch shows the commit.

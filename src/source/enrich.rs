@@ -64,9 +64,21 @@ pub struct EnrichOptions {
 /// What the enricher knows of a domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Known {
-    /// `None` while the fetch that tells it is under way.
+    /// `None` while the fetch that tells it is under way (or failed).
     pub persistent: Option<bool>,
     pub shutoff: bool,
+    /// Facts were had (a fetch, a listing or the journal): a domain whose
+    /// fetch failed is fetched again with its next event.
+    pub complete: bool,
+}
+
+/// What events since a listing's barrier settled about a domain (as the
+/// tracker's `Touch`): the listing may be older and does not undo it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Touched {
+    state: bool,
+    persistence: bool,
+    defined: bool,
 }
 
 impl Known {
@@ -98,7 +110,7 @@ pub struct Enricher<I: Inspector> {
     known: HashMap<String, Known>,
     /// Between a listing's barrier and the listing: domains events
     /// touched (the listing may be older than them).
-    touched: Option<HashSet<String>>,
+    touched: Option<HashMap<String, Touched>>,
     /// UUID → agent time at which a lookup found no such domain. Events
     /// observed before that time are not looked up again: the answer
     /// cannot be better.
@@ -124,6 +136,7 @@ impl<I: Inspector> Enricher<I> {
         let k = Known {
             persistent: Some(persistent),
             shutoff,
+            complete: true,
         };
         if !k.gone() {
             self.known.insert(uuid.to_owned(), k);
@@ -150,7 +163,7 @@ impl<I: Inspector> Enricher<I> {
         for (i, item) in items.iter().enumerate() {
             match item {
                 Item::Event(raw) => {
-                    if let Some(want_xml) = self.needs(raw) {
+                    if let Some(want_xml) = self.needs(raw, slot.contains_key(&raw.uuid)) {
                         let w = *slot.entry(raw.uuid.clone()).or_insert_with(|| {
                             wanted.push((raw.uuid.clone(), false));
                             wanted.len() - 1
@@ -160,7 +173,7 @@ impl<I: Inspector> Enricher<I> {
                     }
                     self.note(raw);
                 }
-                Item::ListingBegin { .. } => self.touched = Some(HashSet::new()),
+                Item::ListingBegin { .. } => self.touched = Some(HashMap::new()),
                 Item::Resync { listing, .. } => self.apply_listing(listing),
                 Item::Disconnected { .. } => self.touched = None,
                 Item::StaleSnapshots(_) => {}
@@ -174,9 +187,15 @@ impl<I: Inspector> Enricher<I> {
             let Some(k) = self.known.get_mut(uuid) else {
                 continue;
             };
-            if k.persistent.is_none() {
-                // Not found: it is not (or no longer) defined on the host.
-                k.persistent = Some(f.as_ref().is_some_and(|f| f.persistent));
+            match f {
+                Ok(f) => {
+                    k.persistent = k.persistent.or(Some(f.persistent));
+                    k.complete = true;
+                }
+                // Not found: not (or no longer) defined on the host.
+                Err(LookupError::NoDomain) => k.persistent = k.persistent.or(Some(false)),
+                // Unknown: asked again with the next event.
+                Err(_) => {}
             }
             if k.gone() {
                 // Created and gone within the batch (churn): forgotten, so
@@ -185,14 +204,15 @@ impl<I: Inspector> Enricher<I> {
             }
         }
         for (i, w) in needs {
-            if let (Item::Event(raw), Some(f)) = (&mut items[i], &answers[w]) {
+            if let (Item::Event(raw), Ok(f)) = (&mut items[i], &answers[w]) {
                 raw.facts = Some(Box::new(f.clone()));
             }
         }
     }
 
-    /// `Some(want_xml)` when the event needs a fetch.
-    fn needs(&self, raw: &RawEvent) -> Option<bool> {
+    /// `Some(want_xml)` when the event needs a fetch; `scheduled` when one
+    /// is already asked for this domain in the batch.
+    fn needs(&self, raw: &RawEvent, scheduled: bool) -> Option<bool> {
         let (event, _) = EventType::classify(raw.event_id, raw.type_code, raw.detail_code);
         let live = self.known.get(&raw.uuid).filter(|k| !k.gone());
         // An event that ends the domain: nothing left to look up.
@@ -211,6 +231,7 @@ impl<I: Inspector> Enricher<I> {
         }
         match live {
             None => Some(true),
+            Some(k) if !k.complete && !scheduled => Some(true),
             Some(_) if event == EventType::DEFINED => Some(true),
             Some(_) if self.opts.xml == XmlMode::Always => Some(true),
             Some(_) => None,
@@ -221,7 +242,10 @@ impl<I: Inspector> Enricher<I> {
     fn note(&mut self, raw: &RawEvent) {
         let (event, _) = EventType::classify(raw.event_id, raw.type_code, raw.detail_code);
         if let Some(t) = self.touched.as_mut() {
-            t.insert(raw.uuid.clone());
+            let t = t.entry(raw.uuid.clone()).or_default();
+            t.state |= shuts_off(event).is_some();
+            t.persistence |= matches!(event, EventType::DEFINED | EventType::UNDEFINED);
+            t.defined |= event == EventType::DEFINED;
         }
         let k = self
             .known
@@ -230,12 +254,15 @@ impl<I: Inspector> Enricher<I> {
                 if k.gone() {
                     // Back on the host: the fetch tells what it is now.
                     k.persistent = None;
+                    k.complete = false;
                 }
             })
             .or_insert(Known {
                 persistent: None,
-                // A new definition is shut off until it starts.
-                shutoff: event == EventType::DEFINED,
+                // A new definition is shut off until it starts; an
+                // undefined domain never seen is gone (as for the tracker).
+                shutoff: matches!(event, EventType::DEFINED | EventType::UNDEFINED),
+                complete: false,
             });
         match event {
             EventType::DEFINED => k.persistent = Some(true),
@@ -255,31 +282,62 @@ impl<I: Inspector> Enricher<I> {
         self.missing_since.remove(uuid);
     }
 
-    /// A listing: what it shows replaces what the enricher knew, except
-    /// for domains events touched after its barrier.
+    /// A listing, applied by the tracker's list + watch rule: what it
+    /// shows replaces what the enricher knew, except what events after
+    /// its barrier settled (state, persistence); a domain it lacks is
+    /// gone unless such an event showed it exists.
     fn apply_listing(&mut self, listing: &[(String, Facts)]) {
         let touched = self.touched.take().unwrap_or_default();
         let listed: HashSet<&str> = listing.iter().map(|(u, _)| u.as_str()).collect();
-        self.known
-            .retain(|u, _| listed.contains(u.as_str()) || touched.contains(u));
+        self.known.retain(|u, _| {
+            listed.contains(u.as_str()) || touched.get(u).is_some_and(|t| t.state || t.defined)
+        });
         for (uuid, f) in listing {
-            if touched.contains(uuid) {
-                continue;
+            let shutoff = f.state.state == DomainState::SHUTOFF;
+            let k = match (touched.get(uuid), self.known.get_mut(uuid)) {
+                (Some(t), Some(k)) => {
+                    if !t.persistence {
+                        k.persistent = Some(f.persistent);
+                    }
+                    if !t.state {
+                        k.shutoff = shutoff;
+                    }
+                    k.complete = true;
+                    *k
+                }
+                (Some(t), None) => {
+                    // Forgotten since the barrier: an event ended it.
+                    let k = Known {
+                        persistent: Some(!t.persistence && f.persistent),
+                        shutoff: t.state || shutoff,
+                        complete: true,
+                    };
+                    if !k.gone() {
+                        self.known.insert(uuid.clone(), k);
+                    }
+                    k
+                }
+                (None, _) => {
+                    let k = Known {
+                        persistent: Some(f.persistent),
+                        shutoff,
+                        complete: true,
+                    };
+                    self.known.insert(uuid.clone(), k);
+                    k
+                }
+            };
+            if k.gone() {
+                self.forget(uuid);
             }
-            self.known.insert(
-                uuid.clone(),
-                Known {
-                    persistent: Some(f.persistent),
-                    shutoff: f.state.state == DomainState::SHUTOFF,
-                },
-            );
         }
     }
 
     /// Facts for every wanted domain (`None`: could not be had). Domains
     /// not found are retried with backoff, all together.
-    fn fetch(&mut self, wanted: &[(String, bool)]) -> Vec<Option<Facts>> {
-        let mut out: Vec<Option<Facts>> = vec![None; wanted.len()];
+    fn fetch(&mut self, wanted: &[(String, bool)]) -> Vec<Result<Facts, LookupError>> {
+        let mut out: Vec<Result<Facts, LookupError>> =
+            vec![Err(LookupError::NoDomain); wanted.len()];
         let mut pending: Vec<usize> = (0..wanted.len()).collect();
         let attempts = self.opts.lookup_attempts.max(1);
         let mut delay = Duration::from_millis(2);
@@ -292,11 +350,12 @@ impl<I: Inspector> Enricher<I> {
                 match r {
                     Ok(f) => {
                         self.missing_since.remove(&wanted[i].0);
-                        out[i] = Some(f);
+                        out[i] = Ok(f);
                     }
                     Err(LookupError::NoDomain) => missing.push(i),
                     Err(e) => {
                         tracing::debug!(uuid = %wanted[i].0, error = %e, "lookup failed; publishing what the event tells");
+                        out[i] = Err(e);
                     }
                 }
             }

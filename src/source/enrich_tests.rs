@@ -31,6 +31,9 @@ struct Counting {
 
 impl Inspector for Counting {
     fn inspect(&self, uuid: &str, _xml: bool) -> Result<Facts, LookupError> {
+        if uuid.starts_with("ffffffff") {
+            return Err(LookupError::Libvirt("internal error".into()));
+        }
         self.table
             .lock()
             .unwrap()
@@ -267,4 +270,43 @@ fn churn_leaves_nothing_behind() {
     }
     assert_eq!(e.memory(), (0, 0));
     assert!(!c.calls().is_empty());
+}
+
+#[test]
+fn a_failed_fetch_is_asked_again_and_says_nothing_of_persistence() {
+    let (mut e, c) = enricher(XmlMode::Off);
+    let u = "ffffffff-3333-0000-0000-000000000000";
+    let mut items = vec![ev(u, STARTED)];
+    e.enrich(&mut items);
+    assert_eq!(has_facts(&items), vec![false]);
+    assert_eq!(c.calls().len(), 1, "not retried like a missing domain");
+    // The next event asks again; its STOPPED does not make it gone.
+    let mut items = vec![ev(u, SUSPENDED)];
+    e.enrich(&mut items);
+    assert_eq!(c.calls().len(), 1);
+    e.enrich(&mut [ev(u, STOPPED)]);
+    assert_eq!(e.memory().0, 1, "persistence unknown: still on the host");
+}
+
+#[test]
+fn a_listing_gives_the_persistence_an_event_after_its_barrier_did_not_settle() {
+    let (mut e, c) = enricher(XmlMode::Off);
+    // Known persistent (from the journal), but libvirt made it transient.
+    e.seed(A, true, false);
+    c.put(A, false, DomainState::RUNNING);
+    let old = listing(&c);
+    e.enrich(&mut [Item::ListingBegin { dropped: 0 }, ev(A, SUSPENDED), old]);
+    // Transient, so its stop is its end; created again, it is fetched.
+    e.enrich(&mut [ev(A, STOPPED)]);
+    assert_eq!(e.memory().0, 0);
+    let mut items = vec![ev(A, STARTED)];
+    e.enrich(&mut items);
+    assert_eq!(has_facts(&items), vec![true]);
+}
+
+#[test]
+fn an_undefined_domain_never_seen_is_gone() {
+    let (mut e, _c) = enricher(XmlMode::Off);
+    e.enrich(&mut [ev(A, UNDEFINED)]);
+    assert_eq!(e.memory().0, 0);
 }

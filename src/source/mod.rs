@@ -320,8 +320,9 @@ fn lookup_error(e: virt::error::Error) -> LookupError {
 }
 
 /// From this many domains on, persistence and autostart come from two
-/// list calls instead of two calls per domain.
-const LIST_FLAGS_FROM: usize = 8;
+/// list calls (of every domain on the host) instead of two calls per
+/// domain.
+const LIST_FLAGS_FROM: usize = 64;
 
 impl Inspector for LibvirtInspector {
     fn inspect(&self, uuid: &str, want_xml: bool) -> Result<Facts, LookupError> {

@@ -256,3 +256,17 @@ fn a_redefinition_after_the_listing_was_read_keeps_its_configuration() {
     assert_eq!(snap.config_hash.as_deref(), Some("sha256:new"));
     assert_eq!(snap.vcpus, Some(8));
 }
+
+#[test]
+fn undefining_a_running_domain_clears_its_autostart() {
+    let mut t = tracker();
+    let mut f = facts(DomainState::RUNNING, "BOOTED", true);
+    f.autostart = Some(true);
+    let l = vec![(A.to_string(), f)];
+    t.begin_listing();
+    t.on_resync(&l, 1);
+    let o = t.on_event(&ev(A, UNDEFINED, 0));
+    assert!(!o.event.persistent);
+    assert_eq!(o.event.autostart, Some(false));
+    assert_eq!(o.event.state_after.state, DomainState::RUNNING);
+}

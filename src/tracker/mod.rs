@@ -779,6 +779,9 @@ impl Tracker {
             }
         };
         let (autostart, vcpus, memory_kib, config_hash) = pick(facts, prev.as_ref());
+        // A domain that is not persistent does not autostart (UNDEFINED of
+        // a running domain carries no facts).
+        let autostart = if persistent { autostart } else { Some(false) };
         let xml = self.xml_for(prev.as_ref(), facts, &config_hash);
         let seq = prev.as_ref().map_or(0, |p| p.seq) + 1;
         let record = DomainRecord {
@@ -1051,6 +1054,9 @@ pub struct TrackerTask {
     pub snapshot: SnapshotOptions,
 }
 
+/// How long a stopping tracker waits for the stage before it to hang up.
+const STOP_WAIT: Duration = Duration::from_secs(60);
+
 /// How often the tracker forgets gone domains (`Tracker::sweep`).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -1142,10 +1148,16 @@ impl TrackerTask {
             }
             let stopping = self.stop.load(Ordering::Relaxed);
             let item = if stopping {
-                // The stage before passes on what it holds, then hangs up.
-                match self.items.recv_timeout(Duration::from_secs(1)) {
+                // The stage before passes on what it holds, then hangs up
+                // (a fetch it is in ends at the latest when libvirt's
+                // keepalive gives the connection up).
+                match self.items.recv_timeout(STOP_WAIT) {
                     Ok(item) => item,
-                    Err(_) => break,
+                    Err(RecvTimeoutError::Timeout) => {
+                        tracing::warn!(waited = ?STOP_WAIT, "the enricher did not hand over its last items; stopping without them");
+                        break;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
             } else {
                 match self.items.recv_timeout(Duration::from_millis(100)) {
