@@ -115,8 +115,6 @@ pub struct Enricher<I: Inspector> {
     /// observed before that time are not looked up again: the answer
     /// cannot be better.
     missing_since: HashMap<String, i64>,
-    /// Lookups made (for tests and metrics).
-    pub lookups: u64,
 }
 
 impl<I: Inspector> Enricher<I> {
@@ -127,7 +125,6 @@ impl<I: Inspector> Enricher<I> {
             known: HashMap::new(),
             touched: None,
             missing_since: HashMap::new(),
-            lookups: 0,
         }
     }
 
@@ -343,7 +340,6 @@ impl<I: Inspector> Enricher<I> {
         let mut delay = Duration::from_millis(2);
         for attempt in 1..=attempts {
             let ask: Vec<(String, bool)> = pending.iter().map(|&i| wanted[i].clone()).collect();
-            self.lookups += ask.len() as u64;
             let answers = self.inspector.inspect_many(&ask);
             let mut missing = Vec::new();
             for (&i, r) in pending.iter().zip(answers) {
