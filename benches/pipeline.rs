@@ -203,6 +203,7 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
             health: health.clone(),
             metrics: metrics.clone(),
             observer: Some(observer(&a)),
+            sent_upto: Arc::new(std::sync::atomic::AtomicU64::new(rec.host_seq)),
         }
     });
     let (shutdown, _) = broadcast::channel(1);

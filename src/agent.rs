@@ -261,6 +261,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             health: health.clone(),
             metrics: metrics.clone(),
             observer: None,
+            sent_upto: Arc::new(std::sync::atomic::AtomicU64::new(recovered.host_seq)),
         };
         let rx = shutdown_tx.subscribe();
         let deadline = cfg.host.shutdown_timeout.0;

@@ -118,6 +118,15 @@ pub struct KafkaSink {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub observer: Option<AckObserver>,
+    /// The highest `host_seq` of this epoch this process may have put on
+    /// the bus: the journal's head when it was opened (an earlier process
+    /// published nothing beyond it), then every entry handed to the
+    /// producer. A record of this epoch beyond it was written by a process
+    /// whose journal went further: this journal was restored. (The
+    /// journal's current head would not do: while the broker cannot be
+    /// reached, new entries take the host_seq values the bus already
+    /// holds, and read back as already stored.)
+    pub sent_upto: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How a session ended without an error.
@@ -331,9 +340,10 @@ impl KafkaSink {
                 .and_then(|v| v.to_string().parse().ok())
                 .unwrap_or(0)
                 .max(reader::DEFAULT_LOOKBACK);
-            // Nothing of this epoch can be stored beyond the journal's head
-            // unless the journal was restored.
-            let head = *self.journal.committed().borrow();
+            // Nothing of this epoch can be stored beyond what this process
+            // sent or found journaled at open, unless the journal was
+            // restored.
+            let head = self.sent_upto.load(Ordering::Acquire);
             tokio::task::spawn_blocking(move || {
                 let mut beyond: Option<u64> = None;
                 let mut found: HashMap<u64, (i32, i64)> = HashMap::new();
@@ -579,7 +589,11 @@ impl KafkaSink {
         // A deleted topic: librdkafka retries into it forever (or a broker
         // acks into nothing), so its metadata is checked now and then, and
         // an offset that goes backwards in a partition ends the session.
-        let mut last_offset: HashMap<(usize, i32), i64> = HashMap::new();
+        // Per (topic, partition): the delivery of the highest host_seq so
+        // far, (host_seq, offset). Deliveries complete in any order (one
+        // poll can finish several); within a partition offsets must still
+        // grow with host_seq, or the partition was created again.
+        let mut last_offset: HashMap<(usize, i32), (u64, i64)> = HashMap::new();
         let mut next_check = Instant::now() + TOPIC_CHECK_EVERY;
         let mut check: Option<tokio::task::JoinHandle<Option<String>>> = None;
         let names: Vec<String> = encoding.topics.iter().map(|(t, _)| t.clone()).collect();
@@ -629,13 +643,16 @@ impl KafkaSink {
                     record = record.payload(v.as_ref());
                 }
                 match producer.send_result(record) {
-                    Ok(fut) => inflight.push(async move {
-                        let r = match fut.await {
-                            Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                            Ok(Err((e, _))) => Err(e.to_string()),
-                            Err(_) => Err("producer dropped the message".to_string()),
-                        };
-                        (entry, topic, r)
+                    Ok(fut) => inflight.push({
+                        self.sent_upto.fetch_max(entry.host_seq, Ordering::AcqRel);
+                        async move {
+                            let r = match fut.await {
+                                Ok(Ok(d)) => Ok((d.partition, d.offset)),
+                                Ok(Err((e, _))) => Err(e.to_string()),
+                                Err(_) => Err("producer dropped the message".to_string()),
+                            };
+                            (entry, topic, r)
+                        }
                     }),
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                         pending.push_front(entry);
@@ -706,7 +723,9 @@ impl KafkaSink {
                 Some((entry, topic, result)) = inflight.next(), if !inflight.is_empty() => {
                     let (entry, topic, result): Delivery = (entry, topic, result);
                     match result {
-                        Ok((p, o)) if last_offset.get(&(topic, p)).is_some_and(|l| o <= *l) => {
+                        Ok((p, o)) if last_offset
+                            .get(&(topic, p))
+                            .is_some_and(|&(hs, off)| (entry.host_seq > hs) != (o > off)) => {
                             // Not acknowledged: the next session reads back
                             // whether it is stored.
                             let name = &encoding.topics[topic].0;
@@ -719,7 +738,10 @@ impl KafkaSink {
                             });
                         }
                         Ok((p, o)) => {
-                            last_offset.insert((topic, p), o);
+                            let l = last_offset.entry((topic, p)).or_insert((entry.host_seq, o));
+                            if entry.host_seq > l.0 {
+                                *l = (entry.host_seq, o);
+                            }
                             published.inc();
                             latency.observe((now_micros() - entry.observed_at).max(0) as f64 / 1e6);
                             if let Some(obs) = &self.observer {
