@@ -17,6 +17,7 @@
 //!   journal entry went without asking the broker.
 
 pub mod encoding;
+mod offsets;
 pub mod probe;
 pub mod reader;
 pub mod service;

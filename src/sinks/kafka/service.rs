@@ -35,10 +35,11 @@ use rdkafka::admin::AdminClient;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::encoding::{EncodingContext, EVENT_ID_HEADER};
+use super::offsets::forget_offsets;
+pub use super::offsets::{Offsets, TopicOffsets};
 use super::reader::{self, Flow, ReadOptions, Start};
 use super::{
     admin_client, client_config, missing_topic, partition_for, provision_topics, KafkaContext,
@@ -63,47 +64,6 @@ const READ_AHEAD: usize = 8192;
 const STALL_WITH_ERRORS: Duration = Duration::from_secs(2);
 /// No acknowledgement for this long, errors or not: failing.
 const STALL_SILENT: Duration = Duration::from_secs(5);
-
-/// What the journal keeps, per topic, besides the sink's cursor.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TopicOffsets {
-    /// Partition count the offsets were recorded under.
-    pub partitions: i32,
-    /// Per partition: the offset past this host's last record at or below
-    /// the cursor (or past a stretch read back and found free of this
-    /// host's records above the cursor).
-    pub next: BTreeMap<i32, i64>,
-    /// After a partition count change: the previous count, and the
-    /// `host_seq` up to which entries may have been placed under it.
-    #[serde(default)]
-    pub prior: Option<(i32, u64)>,
-}
-
-/// [`TopicOffsets`] by topic name.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Offsets {
-    pub topics: BTreeMap<String, TopicOffsets>,
-}
-
-impl Offsets {
-    /// The cursor and the offsets recorded with it (one read, after
-    /// everything queued for the journal is committed). Unreadable offsets
-    /// (another format) are dropped: partitions are then read back from
-    /// their start, which is slower but equally correct.
-    fn load(journal: &Journal) -> Result<(u64, Offsets), KafkaSinkError> {
-        let err = |e: crate::journal::JournalError| KafkaSinkError::Journal(e.to_string());
-        journal.sync().map_err(err)?;
-        let (cursor, state) = journal.cursor_and_state(SINK_NAME).map_err(err)?;
-        let offsets = match state {
-            None => Offsets::default(),
-            Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "stored Kafka offsets are unreadable; reading back from the start of each partition");
-                Offsets::default()
-            }),
-        };
-        Ok((cursor, offsets))
-    }
-}
 
 /// Called for every entry the broker stored (benchmarks measure latency).
 pub type AckObserver = Arc<dyn Fn(&Entry) + Send + Sync>;
@@ -140,17 +100,6 @@ type Delivery = (Entry, usize, Result<(i32, i64), String>);
 type Placed = (usize, i32, i64);
 /// Per topic: partition → the highest `host_seq` of the backlog there.
 type PartitionChecks = [BTreeMap<i32, u64>; 3];
-
-/// Drops the recorded offsets of topics created just now: they belonged
-/// to a deleted topic of the same name (its partitions start again at 0),
-/// so those partitions are read back from their start.
-fn forget_offsets(offsets: &mut Offsets, created: &[String]) {
-    for t in created {
-        if offsets.topics.remove(t).is_some_and(|o| !o.next.is_empty()) {
-            tracing::warn!(topic = %t, "topic was created again; its recorded offsets are void, reading it back from the start");
-        }
-    }
-}
 
 /// How often the publish loop checks that its topics still exist.
 const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(3);
@@ -437,9 +386,10 @@ impl KafkaSink {
     ) -> Result<([i32; 3], u64, Offsets), KafkaSinkError> {
         let provisioned = provision_topics(admin, &self.cfg).await?;
         let journal = self.journal.clone();
-        let (start, mut offsets) = tokio::task::spawn_blocking(move || Offsets::load(&journal))
-            .await
-            .map_err(Self::journal_err)??;
+        let (start, mut offsets) =
+            tokio::task::spawn_blocking(move || Offsets::load(&journal, SINK_NAME))
+                .await
+                .map_err(Self::journal_err)??;
         forget_offsets(&mut offsets, &provisioned.created);
         Ok((provisioned.partitions, start, offsets))
     }
