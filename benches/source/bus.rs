@@ -20,7 +20,7 @@ use crate::common;
 
 /// Where the bridge writes (created here, like an operator would).
 pub const BRIDGE_STREAM: &str = "BRIDGE";
-/// The agent's default (DESIGN §5).
+/// The agent's default (docs/contract.md §3).
 pub const AGENT_STREAM: &str = "VIRT_EVENTS";
 /// As the agent's test config (`common::kafka_section`) asks.
 const PARTITIONS: i32 = 4;
