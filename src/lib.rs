@@ -8,6 +8,7 @@
 //! `config` and `telemetry` serve the operator; `agent` wires it together.
 
 pub mod agent;
+pub mod bus;
 pub mod codec;
 pub mod config;
 pub mod consumer;

@@ -11,7 +11,7 @@
 //!   events topic from the earliest offset, given offsets, or the first
 //!   record at or after a time (per partition; the broker's time index is
 //!   not used). A partition's end is found by fetching until nothing new
-//!   arrives (`sinks::kafka::reader`), never from the high watermark.
+//!   arrives (`bus::kafka::reader`), never from the high watermark.
 //!   Each events partition is a contiguous lane (the topic is not
 //!   compacted and the producer is not transactional).
 //!
@@ -26,10 +26,10 @@ use futures::StreamExt;
 use rdkafka::message::{Headers as _, Message};
 
 use super::record::{self, Headers, Lane, Position, Record, RecordError};
+use crate::bus::kafka::reader::{self, Flow, ReadOptions, Start};
+use crate::bus::kafka::{self, KafkaContext};
+use crate::bus::wire::TOMBSTONE_HEADER;
 use crate::config::{KafkaConfig, NatsConfig};
-use crate::sinks::kafka::reader::{self, Flow, ReadOptions, Start};
-use crate::sinks::kafka::{self, KafkaContext};
-use crate::sinks::TOMBSTONE_HEADER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -105,7 +105,7 @@ pub async fn read_nats(
     from: &From,
     on_item: &mut (dyn FnMut(Item) + Send),
 ) -> Result<ReadTotals, BusError> {
-    let client = crate::sinks::nats::connect_once(cfg, "virtstream-reader")
+    let client = crate::bus::nats::connect_once(cfg, "virtstream-reader")
         .await
         .map_err(|e| BusError::NatsConnect {
             url: cfg.url.clone(),
@@ -243,7 +243,7 @@ pub fn read_kafka(
     from: &From,
     on_item: &mut dyn FnMut(Item),
 ) -> Result<ReadTotals, BusError> {
-    let kerr = |e: kafka::KafkaSinkError| BusError::Kafka(e.to_string());
+    let kerr = |e: kafka::KafkaError| BusError::Kafka(e.to_string());
     let base = kafka::client_config(cfg, "virtstream-reader").map_err(kerr)?;
     let mut totals = ReadTotals::default();
     for topic in [&cfg.host_snapshots_topic, &cfg.domain_snapshots_topic] {

@@ -4,7 +4,7 @@
 //! (`stream_seq` and `subject` on NATS; `topic`, `partition` and `offset`
 //! on Kafka). On NATS it stops at the end of the stream as it was when
 //! replay began; on Kafka when fetches come back empty (the broker's high
-//! watermark is not trusted, see `sinks::kafka::reader`).
+//! watermark is not trusted, see `bus::kafka::reader`).
 //!
 //! Invariants: a message that cannot be decoded is reported on stderr with
 //! its stream sequence and the reason, never silently skipped, and never
@@ -16,10 +16,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 
+use crate::bus::kafka::reader::{self, Flow, ReadOptions, Start};
+use crate::bus::kafka::{self, KafkaContext};
 use crate::codec;
 use crate::config::{KafkaConfig, NatsConfig};
-use crate::sinks::kafka::reader::{self, Flow, ReadOptions, Start};
-use crate::sinks::kafka::{self, KafkaContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -55,7 +55,7 @@ pub async fn replay_nats(
     domain: Option<&str>,
     out: &mut (dyn Write + Send),
 ) -> Result<ReplayStats, ReplayError> {
-    let client = crate::sinks::nats::connect_once(cfg, "virtstream-replay")
+    let client = crate::bus::nats::connect_once(cfg, "virtstream-replay")
         .await
         .map_err(|e| ReplayError::Connect {
             url: cfg.url.clone(),
@@ -165,7 +165,7 @@ pub fn replay_kafka(
     domain: Option<&str>,
     out: &mut dyn Write,
 ) -> Result<ReplayStats, ReplayError> {
-    let kerr = |e: kafka::KafkaSinkError| ReplayError::Kafka(e.to_string());
+    let kerr = |e: kafka::KafkaError| ReplayError::Kafka(e.to_string());
     let base = kafka::client_config(cfg, "virtstream-replay").map_err(kerr)?;
     let probe: rdkafka::consumer::BaseConsumer<KafkaContext> = base
         .create_with_context(KafkaContext::default())

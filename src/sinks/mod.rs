@@ -1,8 +1,9 @@
 //! Sinks: each reads the journal from its own cursor, publishes, and
 //! acknowledges back to the journal. Shared pieces live here: the
-//! contiguous-ack window, the reversible subject-token encoding of host
-//! ids, and (`journal_io`) the journal reads and cursor writes, which run
-//! on the blocking pool, never on the async thread.
+//! bus-independent parts of a message, the contiguous-ack window, and
+//! (`journal_io`) the journal reads and cursor writes, which run on the
+//! blocking pool, never on the async thread. Connections, topics, streams
+//! and wire names are the bus layer's ([`crate::bus`]).
 //!
 //! Invariants:
 //! - a sink's cursor is the highest `host_seq` such that every entry at or
@@ -24,13 +25,7 @@ use crate::config::Encoding;
 use crate::journal::{Entry, Kind};
 use crate::model::event_id;
 
-/// Reads a secret file named by config key `key`: its content without the
-/// trailing newline. The error names the key and the path, never content.
-pub(crate) fn read_secret(key: &str, path: &std::path::Path) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-        .map_err(|e| format!("{key} {}: {e}", path.display()))
-}
+pub use crate::bus::wire::{host_from_token, subject_token, TOMBSTONE_HEADER};
 
 /// The bus-independent parts of a message: its id, CloudEvents binary-mode
 /// headers (plus schema name and fingerprint) and body. Both sinks build
@@ -43,10 +38,6 @@ pub struct MessageParts {
     /// body with [`TOMBSTONE_HEADER`].
     pub tombstone: bool,
 }
-
-/// Header marking a deletion (tombstone) on NATS, and on Kafka too (where
-/// the value is null).
-pub const TOMBSTONE_HEADER: &str = "virtstream-tombstone";
 
 /// Builds the [`MessageParts`] of a journal entry. Deterministic: the same
 /// entry always yields the same id, headers and body.
@@ -132,40 +123,6 @@ impl AckWindow {
     }
 }
 
-/// Encodes a host id as one NATS subject token, reversibly: ASCII letters,
-/// digits and `-` stay as they are; every other byte (including `_`, `.`,
-/// `*`, `>` and whitespace) becomes `_XX` (upper-case hex).
-/// `node1.example.com` → `node1_2Eexample_2Ecom`.
-pub fn subject_token(host_id: &str) -> String {
-    let mut out = String::with_capacity(host_id.len());
-    for b in host_id.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'-' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("_{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Inverse of [`subject_token`]; `None` for a token it cannot have made.
-pub fn host_from_token(token: &str) -> Option<String> {
-    let bytes = token.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'_' {
-            let hex = token.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,23 +136,5 @@ mod tests {
         assert_eq!(w.cursor(), 12);
         assert!(w.ack(13));
         assert_eq!(w.cursor(), 13);
-    }
-
-    #[test]
-    fn subject_token_is_reversible_and_safe() {
-        for h in [
-            "host-a",
-            "node1.example.com",
-            "a b*c>d_e",
-            "ünï",
-            "x:y/z",
-            "",
-        ] {
-            let t = subject_token(h);
-            assert!(!t.contains(['.', '*', '>', ' ']), "{t}");
-            assert_eq!(host_from_token(&t).as_deref(), Some(h));
-        }
-        assert_eq!(subject_token("node1.example.com"), "node1_2Eexample_2Ecom");
-        assert_eq!(host_from_token("bad_Z"), None);
     }
 }
