@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use virtstream::config::XmlMode;
-use virtstream::consumer::feed::Piped;
+use virtstream::consumer::lanes::Piped;
 use virtstream::consumer::rebuild::Fleet;
 use virtstream::consumer::record::{Body, Lane, Position, Record, Tombstone};
 use virtstream::consumer::usage::Usage;

@@ -37,7 +37,8 @@ use serde::Serialize;
 
 use super::epochs::EpochOrder;
 use super::feed::Feed;
-use super::lanes::{lane_origin, Hole, HoleKind};
+use super::hole::{Hole, HoleKind};
+use super::lanes::lane_origin;
 use super::liveness::{LastWord, Liveness};
 use super::record::{Body, Lane, Position, Record, RecordError};
 use crate::model::{parse_event_id, EventType, HostSnapshotKind};
@@ -522,7 +523,7 @@ impl Feed for Auditor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consumer::feed::Piped;
+    use crate::consumer::lanes::Piped;
     use crate::consumer::rebuild::tests::{ev, pos, U1};
     use crate::model::DomainState;
 

@@ -8,8 +8,8 @@
 //! do nothing by default.
 
 use super::bus::Message;
-use super::lanes::{Hole, Lanes};
-use super::record::{Lane, Position, Record, RecordError};
+use super::hole::Hole;
+use super::record::{Position, Record, RecordError};
 
 /// A consumer of what was read.
 pub trait Feed {
@@ -37,41 +37,4 @@ pub trait Feed {
 
     /// Messages missing from a contiguous lane (see `lanes`).
     fn hole(&mut self, _hole: &Hole) {}
-}
-
-/// A feed behind a lanes stage of its own, for handing it records one at
-/// a time (tests, or records from elsewhere than a bus).
-#[derive(Debug, Default)]
-pub struct Piped<F> {
-    lanes: Lanes,
-    pub feed: F,
-}
-
-impl<F: Feed> Piped<F> {
-    pub fn new(feed: F) -> Piped<F> {
-        Piped {
-            lanes: Lanes::new(),
-            feed,
-        }
-    }
-
-    /// See [`Lanes::record`].
-    pub fn record(&mut self, rec: &Record, contiguous: bool) {
-        self.lanes.record(rec, contiguous, &mut self.feed);
-    }
-
-    /// See [`Lanes::undecodable`].
-    pub fn undecodable(&mut self, pos: &Position, error: &RecordError, contiguous: bool) {
-        self.lanes
-            .undecodable(pos, error, contiguous, &mut self.feed);
-    }
-
-    /// See [`Lanes::lane_end`].
-    pub fn lane_end(&mut self, lane: &Lane, last: u64, time_us: Option<i64>) {
-        self.lanes.lane_end(lane, last, time_us, &mut self.feed);
-    }
-
-    pub fn into_inner(self) -> F {
-        self.feed
-    }
 }

@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 
 use super::feed::Feed;
+use super::hole::{Hole, HoleKind};
 use super::record::{Lane, Position, Record, RecordError};
 
 /// The first position of a lane that never lost anything: stream
@@ -30,65 +31,6 @@ pub fn lane_origin(pos: &Position) -> u64 {
         0
     } else {
         1
-    }
-}
-
-/// Messages missing from a contiguous lane.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Hole {
-    pub lane: Lane,
-    pub kind: HoleKind,
-    /// Broker time of the message after the hole, of the undecodable
-    /// message, or of the lane's end: every message lost there was emitted
-    /// before it.
-    pub time: Option<i64>,
-    /// The last record read in the lane before the hole, if any.
-    pub after: Option<Position>,
-}
-
-/// Where a hole is.
-#[derive(Debug, Clone, PartialEq)]
-pub enum HoleKind {
-    /// Nothing was read in the lane before `next`, which is past the
-    /// lane's origin: its head is gone (retention, deletion).
-    Head { next: Position },
-    /// Positions before `next` are missing. `unread`: some after the last
-    /// message read (decoded or not); when false, only records are
-    /// missing since [`Hole::after`] (messages read between could not be
-    /// decoded).
-    Before { next: Position, unread: bool },
-    /// The message at `at` could not be decoded: its content is lost.
-    Undecodable { at: Position },
-    /// Positions up to `last`, where the lane ended when reading began,
-    /// are missing at its end. `unread` as for [`HoleKind::Before`].
-    End { last: u64, unread: bool },
-}
-
-impl Hole {
-    /// Whether messages are missing from the lane's positions (never
-    /// read, or read but undecodable): the holes rebuild and usage count.
-    /// False for a hole only in the records between [`Hole::after`] and
-    /// the next one, which the audit alone counts.
-    pub fn missing_from_lane(&self) -> bool {
-        match &self.kind {
-            HoleKind::Head { .. } | HoleKind::Undecodable { .. } => true,
-            HoleKind::Before { unread, .. } | HoleKind::End { unread, .. } => *unread,
-        }
-    }
-
-    /// Where, for a report: `before <position>`, `at <position>` or
-    /// `at its end (position <last>)`.
-    pub fn at(&self) -> String {
-        match &self.kind {
-            HoleKind::Head { next } | HoleKind::Before { next, .. } => format!("before {next}"),
-            HoleKind::Undecodable { at } => format!("at {at}"),
-            HoleKind::End { last, .. } => format!("at its end (position {last})"),
-        }
-    }
-
-    /// `messages missing from <lane> <where>`.
-    pub fn reason(&self) -> String {
-        format!("messages missing from {} {}", self.lane, self.at())
     }
 }
 
@@ -198,11 +140,57 @@ impl Lanes {
     }
 }
 
+/// A feed behind a lanes stage of its own, for handing it records one at
+/// a time (tests, or records from elsewhere than a bus).
+#[derive(Debug, Default)]
+pub struct Piped<F> {
+    lanes: Lanes,
+    pub feed: F,
+}
+
+impl<F: Feed> Piped<F> {
+    pub fn new(feed: F) -> Piped<F> {
+        Piped {
+            lanes: Lanes::new(),
+            feed,
+        }
+    }
+
+    /// See [`Lanes::record`].
+    pub fn record(&mut self, rec: &Record, contiguous: bool) {
+        self.lanes.record(rec, contiguous, &mut self.feed);
+    }
+
+    /// See [`Lanes::undecodable`].
+    pub fn undecodable(&mut self, pos: &Position, error: &RecordError, contiguous: bool) {
+        self.lanes
+            .undecodable(pos, error, contiguous, &mut self.feed);
+    }
+
+    /// See [`Lanes::lane_end`].
+    pub fn lane_end(&mut self, lane: &Lane, last: u64, time_us: Option<i64>) {
+        self.lanes.lane_end(lane, last, time_us, &mut self.feed);
+    }
+
+    pub fn into_inner(self) -> F {
+        self.feed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consumer::rebuild::tests::{ev, pos, U1};
-    use crate::model::DomainState;
+    use crate::consumer::record::{Body, Tombstone};
+    use std::sync::Arc;
+
+    fn pos(src: &str, offset: u64) -> Position {
+        Position {
+            source: Arc::from(src),
+            partition: None,
+            offset,
+            time_us: None,
+        }
+    }
 
     #[derive(Default)]
     struct Holes(Vec<Hole>);
@@ -215,7 +203,12 @@ mod tests {
 
     fn rec(offset: u64) -> Record {
         Record {
-            body: ev("e", offset, U1, offset, DomainState::RUNNING),
+            body: Body::Tombstone(Tombstone {
+                host_id: "h".into(),
+                epoch: "e".into(),
+                host_seq: offset,
+                uuid: "u".into(),
+            }),
             pos: pos("EV", offset),
         }
     }

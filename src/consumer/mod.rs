@@ -9,8 +9,8 @@
 //! 2. `record`: decodes a message into a record (skipped for a feed that
 //!    wants the bytes only);
 //! 3. `lanes`: finds the holes in each contiguous lane's positions, once
-//!    for every tool, and hands them on as `lanes::Hole`s just before the
-//!    record that revealed them;
+//!    for every tool, and hands them on as `hole::Hole`s (the one hole
+//!    type) just before the record that revealed them;
 //! 4. `feed`: the tools, each a `feed::Feed`: `rebuild` (fleet state,
 //!    DESIGN §6, for `state`), `usage` (running/paused seconds, vCPU·s
 //!    and GiB·s over a window), `audit` (continuity per host and domain)
@@ -23,13 +23,14 @@
 //!
 //! Invariants: `rebuild`, `usage` and `audit` are pure (records and holes
 //! in, results out: they never touch a bus, so they can be fed from
-//! anything through `feed::Piped`); every message read reaches the feed,
+//! anything through `lanes::Piped`); every message read reaches the feed,
 //! decoded or as undecodable.
 
 pub mod audit;
 pub mod bus;
 pub mod epochs;
 pub mod feed;
+pub mod hole;
 pub mod lanes;
 pub mod liveness;
 pub mod rebuild;

@@ -37,7 +37,7 @@ use serde::Serialize;
 
 use super::epochs::EpochOrder;
 use super::feed::Feed;
-use super::lanes::{Hole, HoleKind};
+use super::hole::{Hole, HoleKind};
 use super::liveness::{LastWord, Liveness};
 use super::record::{Body, Lane, Record};
 use crate::model::{DomainState, EventType};

@@ -40,7 +40,7 @@ use serde::Serialize;
 
 use super::epochs::EpochOrder;
 use super::feed::Feed;
-use super::lanes::Hole;
+use super::hole::Hole;
 use super::liveness::Liveness;
 use super::record::{Body, Record};
 use host::{Host, Pending, Step};

@@ -2,7 +2,7 @@
 //! the audit and usage tests).
 
 use super::*;
-use crate::consumer::feed::Piped;
+use crate::consumer::lanes::Piped;
 use crate::consumer::liveness::Liveness;
 use crate::consumer::record::{Position, RecordError};
 use crate::model::{
