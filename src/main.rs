@@ -1,4 +1,7 @@
-//! The `virtstream` binary: the agent (`run`) and its tools.
+//! The `virtstream` binary: the agent (`run`) and its tools. Here are
+//! only the command line and the wiring: the tools run in
+//! `consumer` and their outputs are rendered by `consumer::report`; this
+//! file writes them out and picks the exit code.
 //!
 //! Exit codes: 0 success; 1 runtime failure; 64 usage or configuration
 //! error (bad flag, unknown key, wrong type, unwritable journal path).

@@ -41,7 +41,7 @@ pub mod usage;
 
 use crate::config::Config;
 use bus::{BusError, Item, Next, Scope, StartAt};
-use feed::Feed;
+pub use feed::Feed;
 use lanes::Lanes;
 use record::Position;
 
