@@ -27,7 +27,7 @@ use futures::StreamExt;
 use virtstream::codec;
 use virtstream::config::{Config, NatsConfig};
 use virtstream::consumer::audit::{AuditOptions, Auditor};
-use virtstream::consumer::bus::From;
+use virtstream::consumer::bus::StartAt;
 use virtstream::consumer::rebuild::Fleet;
 use virtstream::consumer::record::{self, Headers, Position, Record};
 use virtstream::consumer::usage::Usage;
@@ -383,12 +383,8 @@ fn end_to_end(name: &str, cfg: &Config, bus: virtstream::consumer::BusKind) {
     let cpu0 = thread_cpu_seconds();
     let start = Instant::now();
     let mut fleet = Fleet::new();
-    let out = virtstream::consumer::read(cfg, bus, &From::Start, &mut |it| {
-        if let virtstream::consumer::bus::Item::Record { record, contiguous } = it {
-            fleet.apply(record, *contiguous)
-        }
-    })
-    .expect("read the bus");
+    let out =
+        virtstream::consumer::read(cfg, bus, &StartAt::Start, &mut fleet).expect("read the bus");
     let wall = start.elapsed().as_secs_f64();
     let cpu = thread_cpu_seconds() - cpu0;
     assert_eq!(out.totals.events as usize, EVENTS);

@@ -1,4 +1,7 @@
-//! The `virtstream` binary: the agent (`run`) and its tools.
+//! The `virtstream` binary: the agent (`run`) and its tools. Here are
+//! only the command line and the wiring: the tools run in
+//! `consumer` and their outputs are rendered by `consumer::report`; this
+//! file writes them out and picks the exit code.
 //!
 //! Exit codes: 0 success; 1 runtime failure; 64 usage or configuration
 //! error (bad flag, unknown key, wrong type, unwritable journal path).
@@ -9,9 +12,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use virtstream::config::{Config, LogFormat};
-use virtstream::consumer::bus::From;
-use virtstream::consumer::replay;
-use virtstream::consumer::{self, BusKind};
+use virtstream::consumer::bus::StartAt;
+use virtstream::consumer::{self, replay, report, BusKind};
 
 const EX_USAGE: u8 = 64;
 
@@ -121,24 +123,24 @@ struct StartArgs {
 
 impl StartArgs {
     /// The start point for `bus`; usage errors are reported here.
-    fn resolve(&self, bus: Bus) -> Result<From, ExitCode> {
+    fn resolve(&self, bus: Bus) -> Result<StartAt, ExitCode> {
         let usage = |msg: &str| {
             eprintln!("virtstream: {msg}");
             ExitCode::from(EX_USAGE)
         };
         if let Some(t) = &self.since {
-            return parse_since(t).map(From::Time);
+            return parse_since(t).map(StartAt::Time);
         }
         match (bus, self.from_stream_seq, self.from_offset.is_empty()) {
-            (Bus::Nats, Some(n), _) => Ok(From::StreamSeq(n)),
+            (Bus::Nats, Some(n), _) => Ok(StartAt::StreamSeq(n)),
             (Bus::Nats, None, false) => Err(usage(
                 "--from-offset is for --bus kafka; use --from-stream-seq",
             )),
             (Bus::Kafka, Some(_), _) => Err(usage(
                 "--from-stream-seq is for --bus nats; use --from-offset PARTITION:OFFSET",
             )),
-            (Bus::Kafka, None, false) => Ok(From::Offsets(self.from_offset.clone())),
-            (_, None, true) => Ok(From::Start),
+            (Bus::Kafka, None, false) => Ok(StartAt::Offsets(self.from_offset.clone())),
+            (_, None, true) => Ok(StartAt::Start),
         }
     }
 }
@@ -255,10 +257,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-/// Reports messages that could not be decoded (stderr).
-fn report_undecodable(out: &consumer::ReadOutcome) {
-    for (pos, why) in &out.undecodable {
-        eprintln!("virtstream: {pos}: cannot decode: {why}");
+/// Diagnostics on stderr, each as `virtstream: <line>`.
+fn diagnose(lines: Vec<String>) {
+    for line in lines {
+        eprintln!("virtstream: {line}");
     }
 }
 
@@ -292,79 +294,35 @@ fn state_cmd(cfg: &Config, bus: BusKind, silent_after: u32, table: bool) -> Exit
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
-    report_undecodable(&out);
+    diagnose(report::undecodable(&out));
     let domains = fleet.domains();
-    for h in fleet.hosts().iter().filter(|h| h.stale) {
-        eprintln!(
-            "virtstream: host {} is stale: {}",
-            h.host_id,
-            h.stale_reason.as_deref().unwrap_or("")
-        );
-    }
-    if !table {
-        let json = serde_json::to_string_pretty(&domains).unwrap_or_default();
-        return write_out(&format!("{json}\n"));
-    }
-    let mut rows = vec![[
-        "HOST",
-        "NAME",
-        "UUID",
-        "STATE",
-        "REASON",
-        "PERSISTENT",
-        "VCPUS",
-        "MEMORY_KIB",
-        "SEQ",
-        "STALE",
-    ]
-    .map(String::from)];
-    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-    for d in &domains {
-        rows.push([
-            d.host_id.clone(),
-            d.name.clone(),
-            d.uuid.clone(),
-            d.state.clone(),
-            d.reason.clone(),
-            d.persistent.to_string(),
-            opt(d.vcpus.map(|v| v.to_string())),
-            opt(d.memory_kib.map(|v| v.to_string())),
-            d.seq.to_string(),
-            if d.stale { "yes" } else { "no" }.into(),
-        ]);
-    }
-    let widths: Vec<usize> = (0..10)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut text = String::new();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        text.push_str(line.join("  ").trim_end());
-        text.push('\n');
-    }
-    write_out(&text)
+    diagnose(report::stale_hosts(&fleet.hosts()));
+    write_out(&if table {
+        report::state_table(&domains)
+    } else {
+        report::json(&domains)
+    })
 }
 
-fn audit_cmd(cfg: &Config, bus: BusKind, from: &From, silent_after: u32, json: bool) -> ExitCode {
-    let report = match consumer::audit(cfg, bus, from, silent_after, now_us()) {
+fn audit_cmd(
+    cfg: &Config,
+    bus: BusKind,
+    from: &StartAt,
+    silent_after: u32,
+    json: bool,
+) -> ExitCode {
+    let audit = match consumer::audit(cfg, bus, from, silent_after, now_us()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
     let text = if json {
-        format!(
-            "{}\n",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        )
+        report::json(&audit)
     } else {
-        report.to_text()
+        report::audit_text(&audit)
     };
     match write_out(&text) {
         code if code != ExitCode::SUCCESS => code,
-        _ if report.continuous => ExitCode::SUCCESS,
+        _ if audit.continuous => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     }
 }
@@ -380,31 +338,12 @@ fn usage_cmd(
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
-    report_undecodable(&out);
-    if !csv {
-        let json = serde_json::to_string_pretty(&rows).unwrap_or_default();
-        return write_out(&format!("{json}\n"));
-    }
-    let mut text = String::from(
-        "host_id,uuid,name,running_seconds,paused_seconds,vcpu_seconds,memory_gib_seconds,unknown_seconds,stale,stale_reason\n",
-    );
-    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-    for r in &rows {
-        text.push_str(&format!(
-            "{},{},{},{:.6},{:.6},{:.6},{:.6},{:.6},{},{}\n",
-            quote(&r.host_id),
-            r.uuid,
-            quote(&r.name),
-            r.running_seconds,
-            r.paused_seconds,
-            r.vcpu_seconds,
-            r.memory_gib_seconds,
-            r.unknown_seconds,
-            r.stale,
-            quote(r.stale_reason.as_deref().unwrap_or(""))
-        ));
-    }
-    write_out(&text)
+    diagnose(report::undecodable(&out));
+    write_out(&if csv {
+        report::usage_csv(&rows)
+    } else {
+        report::json(&rows)
+    })
 }
 
 fn main() -> ExitCode {
@@ -513,49 +452,28 @@ fn main() -> ExitCode {
                 (Ok(c), Ok(f)) => (c, f),
                 (Err(code), _) | (_, Err(code)) => return code,
             };
-            match target.bus {
-                Bus::Nats => {
-                    let Some(ncfg) = cfg.nats.clone() else {
-                        eprintln!("virtstream: config key `nats`: replay --bus nats needs a [nats] section");
-                        return ExitCode::from(EX_USAGE);
-                    };
-                    let from = match from {
-                        From::Time(t) => replay::From::Time(t),
-                        From::StreamSeq(n) => replay::From::StreamSeq(n),
-                        From::Start | From::Offsets(_) => replay::From::Start,
-                    };
-                    replay_exit(runtime().and_then(|rt| {
-                        rt.block_on(async {
-                            let mut out = std::io::BufWriter::new(std::io::stdout());
-                            replay::replay_nats(&ncfg, from, domain.as_deref(), &mut out).await
-                        })
-                        .map_err(anyhow::Error::from)
-                    }))
+            let from = match (target.bus, from) {
+                (Bus::Nats, _) if cfg.nats.is_none() => {
+                    eprintln!(
+                        "virtstream: config key `nats`: replay --bus nats needs a [nats] section"
+                    );
+                    return ExitCode::from(EX_USAGE);
                 }
-                Bus::Kafka => {
-                    let Some(kcfg) = cfg.kafka.clone() else {
-                        eprintln!("virtstream: config key `kafka`: replay --bus kafka needs a [kafka] section");
-                        return ExitCode::from(EX_USAGE);
-                    };
-                    let from = match from {
-                        From::Time(t) => replay::KafkaFrom::Time(t),
-                        From::Offsets(o) if o.len() > 1 => {
-                            eprintln!("virtstream: replay reads one partition from an offset; give --from-offset once");
-                            return ExitCode::from(EX_USAGE);
-                        }
-                        From::Offsets(o) => replay::KafkaFrom::Offset {
-                            partition: o[0].0,
-                            offset: o[0].1,
-                        },
-                        From::Start | From::StreamSeq(_) => replay::KafkaFrom::Start,
-                    };
-                    let mut out = std::io::BufWriter::new(std::io::stdout());
-                    replay_exit(
-                        replay::replay_kafka(&kcfg, from, domain.as_deref(), &mut out)
-                            .map_err(anyhow::Error::from),
-                    )
+                (Bus::Kafka, _) if cfg.kafka.is_none() => {
+                    eprintln!("virtstream: config key `kafka`: replay --bus kafka needs a [kafka] section");
+                    return ExitCode::from(EX_USAGE);
                 }
-            }
+                (Bus::Kafka, StartAt::Offsets(o)) if o.len() > 1 => {
+                    eprintln!("virtstream: replay reads one partition from an offset; give --from-offset once");
+                    return ExitCode::from(EX_USAGE);
+                }
+                (_, from) => from,
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout());
+            replay_exit(
+                consumer::replay(&cfg, target.bus.into(), &from, domain.as_deref(), &mut out)
+                    .map_err(anyhow::Error::from),
+            )
         }
     }
 }

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use virtstream::config::XmlMode;
+use virtstream::consumer::lanes::Piped;
 use virtstream::consumer::rebuild::Fleet;
 use virtstream::consumer::record::{Body, Lane, Position, Record, Tombstone};
 use virtstream::consumer::usage::Usage;
@@ -770,12 +771,12 @@ fn complete_delivered_rounds(d: &Delivered, host: &str) -> Vec<(String, u64)> {
 }
 
 fn rebuild(d: &Delivered) -> Fleet {
-    let mut f = Fleet::new();
+    let mut f = Piped::new(Fleet::new());
     for (r, c) in &d.records {
-        f.apply(r, *c);
+        f.record(r, *c);
     }
     f.lane_end(&d.end.0, d.end.1, d.end.2);
-    f
+    f.into_inner()
 }
 
 /// Checks the rebuilt state of every host against libvirt's truth where
@@ -977,10 +978,10 @@ proptest! {
         let d = deliver(&sim, how, &Faults { dups, ..Faults::none() });
         let start = 1_800_000_000 * SEC;
         let (from, to) = (start + window.0 * SEC, start + (window.0 + window.1) * SEC);
-        let mut u = Usage::new();
-        for (r, c) in &d.records { u.add(r, *c); }
+        let mut u = Piped::new(Usage::new());
+        for (r, c) in &d.records { u.record(r, *c); }
         u.lane_end(&d.end.0, d.end.1, d.end.2);
-        let rows = u.compute(from, to);
+        let rows = u.feed.compute(from, to);
         let truth = true_usage(&sim, from, to);
         let got: BTreeMap<(String, String), [f64; 4]> = rows
             .iter()

@@ -24,6 +24,10 @@
 //!   between two consecutive heartbeats by `host_seq`
 //!   (`missing_heartbeat`).
 //!
+//! The audit is a `Feed`: holes in positions come from the lanes stage
+//! (the audit counts by record: see `lanes`); its text is rendered in
+//! `report`.
+//!
 //! Invariant: every problem names the host (and domain) and the position
 //! of the message where it was found.
 
@@ -32,8 +36,11 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 use super::epochs::EpochOrder;
+use super::feed::Feed;
+use super::hole::{Hole, HoleKind};
+use super::lanes::lane_origin;
 use super::liveness::{LastWord, Liveness};
-use super::record::{Body, Lane, Position, Record};
+use super::record::{Body, Lane, Position, Record, RecordError};
 use crate::model::{parse_event_id, EventType, HostSnapshotKind};
 
 /// What kind of problem.
@@ -134,7 +141,8 @@ pub struct Auditor {
     opts: AuditOptions,
     hosts: HashMap<(String, String), HostTrack>,
     epochs: HashMap<String, EpochOrder>,
-    lane_last: HashMap<Lane, Position>,
+    /// Contiguous lanes a record was read in.
+    lanes_read: HashSet<Lane>,
     lane_origin: HashSet<Lane>,
     problems: Vec<Problem>,
     records: u64,
@@ -146,7 +154,7 @@ impl Auditor {
             opts,
             hosts: HashMap::new(),
             epochs: HashMap::new(),
-            lane_last: HashMap::new(),
+            lanes_read: HashSet::new(),
             lane_origin: HashSet::new(),
             problems: Vec::new(),
             records: 0,
@@ -166,63 +174,67 @@ impl Auditor {
         });
     }
 
-    /// Notes where a contiguous lane ended when reading began (the NATS
-    /// stream's last sequence): positions after the last one read are
-    /// missing (e.g. a deleted last message).
-    pub fn lane_end(&mut self, lane: &Lane, last: u64) {
-        let read = self.lane_last.get(lane).map(|p| p.offset);
-        if read.is_some_and(|r| r >= last) {
-            return;
+    /// Notes records missing from a contiguous lane (see `lanes`):
+    /// positions between two records read, or after the last record read
+    /// at the lane's end (e.g. a deleted last message). Messages that could
+    /// not be decoded are reported by [`Auditor::undecodable`] instead; a
+    /// lane's head gone is not a problem here (a domain's first seq is
+    /// checked instead).
+    pub fn hole(&mut self, hole: &Hole) {
+        let lane = &hole.lane;
+        match (&hole.kind, &hole.after) {
+            (HoleKind::Before { next: pos, .. }, Some(prev)) => {
+                let (a, b) = (prev.offset + 1, pos.offset - 1);
+                let what = if a == b {
+                    format!("{a} is")
+                } else {
+                    format!("{a}..={b} are")
+                };
+                self.problems.push(Problem {
+                    kind: ProblemKind::StreamHole,
+                    host_id: None,
+                    epoch: None,
+                    uuid: None,
+                    at: Some(pos.to_string()),
+                    message: format!(
+                        "{lane}: position {what} missing (deleted or lost), between {prev} and {pos}"
+                    ),
+                });
+            }
+            (HoleKind::End { last, .. }, after) => {
+                let read = after.as_ref().map(|p| p.offset);
+                let first = read.map_or(0, |r| r + 1);
+                self.problems.push(Problem {
+                    kind: ProblemKind::StreamHole,
+                    host_id: None,
+                    epoch: None,
+                    uuid: None,
+                    at: None,
+                    message: format!(
+                        "{lane}: positions {first}..={last} are missing at its end (deleted or lost){}",
+                        read.map(|r| format!(", after position {r}"))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+            _ => {}
         }
-        let first = read.map_or(0, |r| r + 1);
-        self.problems.push(Problem {
-            kind: ProblemKind::StreamHole,
-            host_id: None,
-            epoch: None,
-            uuid: None,
-            at: None,
-            message: format!(
-                "{lane}: positions {first}..={last} are missing at its end (deleted or lost){}",
-                read.map(|r| format!(", after position {r}"))
-                    .unwrap_or_default()
-            ),
-        });
     }
 
-    /// Adds one record; `contiguous` as for `rebuild::Fleet::apply`.
+    /// Adds one record, after the holes found before it; `contiguous` as
+    /// for `rebuild::Fleet::apply`.
     pub fn add(&mut self, rec: &Record, contiguous: bool) {
         self.records += 1;
         let pos = &rec.pos;
         let lane = pos.lane();
-        if contiguous {
-            match self.lane_last.get(&lane) {
-                Some(prev) if pos.offset > prev.offset.saturating_add(1) => {
-                    let (a, b) = (prev.offset + 1, pos.offset - 1);
-                    let what = if a == b {
-                        format!("{a} is")
-                    } else {
-                        format!("{a}..={b} are")
-                    };
-                    self.problems.push(Problem {
-                        kind: ProblemKind::StreamHole,
-                        host_id: None,
-                        epoch: None,
-                        uuid: None,
-                        at: Some(pos.to_string()),
-                        message: format!(
-                            "{lane}: position {what} missing (deleted or lost), between {prev} and {pos}"
-                        ),
-                    });
-                }
-                None => {
-                    let origin = if pos.partition.is_some() { 0 } else { 1 };
-                    if self.opts.from_start && pos.offset == origin {
-                        self.lane_origin.insert(lane.clone());
-                    }
-                }
-                _ => {}
-            }
-            self.lane_last.insert(lane.clone(), pos.clone());
+        // The lane's first record at its origin, read from the start: the
+        // lane was read from its very beginning.
+        if contiguous
+            && self.lanes_read.insert(lane.clone())
+            && self.opts.from_start
+            && pos.offset == lane_origin(pos)
+        {
+            self.lane_origin.insert(lane.clone());
         }
         let (host, epoch, host_seq) = rec.body.origin();
         let key = (host.to_owned(), epoch.to_owned());
@@ -496,47 +508,22 @@ impl Auditor {
     }
 }
 
-impl AuditReport {
-    /// The human-readable report.
-    pub fn to_text(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let _ = writeln!(s, "records read: {}", self.records);
-        for h in &self.hosts {
-            let _ = writeln!(
-                s,
-                "host {} epoch {}: {} events, {} snapshot records, {} domains, host_seq {}..={}",
-                h.host_id,
-                h.epoch,
-                h.events,
-                h.snapshot_records,
-                h.domains,
-                h.first_host_seq,
-                h.last_host_seq
-            );
-        }
-        for n in &self.notices {
-            let _ = writeln!(s, "notice {:?}: {}", n.kind, n.message);
-        }
-        for p in &self.problems {
-            let _ = writeln!(s, "PROBLEM {:?}: {}", p.kind, p.message);
-        }
-        let _ = writeln!(
-            s,
-            "{}",
-            if self.continuous {
-                "continuous: no gaps, duplicates, reorderings or epoch changes".to_string()
-            } else {
-                format!("NOT continuous: {} problem(s)", self.problems.len())
-            }
-        );
-        s
+impl Feed for Auditor {
+    fn record(&mut self, rec: &Record, contiguous: bool) {
+        self.add(rec, contiguous)
+    }
+    fn undecodable(&mut self, pos: &Position, error: &RecordError) {
+        Auditor::undecodable(self, pos, &error.to_string())
+    }
+    fn hole(&mut self, hole: &Hole) {
+        Auditor::hole(self, hole)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consumer::lanes::Piped;
     use crate::consumer::rebuild::tests::{ev, pos, U1};
     use crate::model::DomainState;
 
@@ -550,17 +537,17 @@ mod tests {
 
     #[test]
     fn a_deleted_last_message_is_a_hole_at_the_end() {
-        let mut a = auditor();
         let body = ev("e", 1, U1, 1, DomainState::RUNNING);
-        a.add(
+        let mut a = Piped::new(auditor());
+        a.record(
             &Record {
                 body,
                 pos: pos("EV", 1),
             },
             true,
         );
-        a.lane_end(&pos("EV", 1).lane(), 3);
-        let r = a.finish();
+        a.lane_end(&pos("EV", 1).lane(), 3, None);
+        let r = a.into_inner().finish();
         let hole = r
             .problems
             .iter()

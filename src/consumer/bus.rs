@@ -1,6 +1,8 @@
-//! Reads what agents wrote from a bus, as [`Record`]s with their positions:
-//! first the snapshot stream/topics (so rounds are known before the events
-//! that follow them), then the events stream/topic.
+//! The bus stage of the consumer pipeline: reads what agents wrote, as raw
+//! [`Message`]s with their positions, first the snapshot stream/topics (so
+//! rounds are known before the events that follow them), then the events
+//! stream/topic. Decoding is left to the caller (see `consumer::read`), so
+//! a tool that wants the bytes as written (replay) reads through here too.
 //!
 //! - NATS: `VIRT_SNAPSHOTS` in full (it keeps one message per subject),
 //!   then `VIRT_EVENTS` from the start, a stream sequence or a time, to
@@ -14,16 +16,21 @@
 //!   arrives (`bus::kafka::reader`), never from the high watermark.
 //!   Each events partition is a contiguous lane (the topic is not
 //!   compacted and the producer is not transactional).
+//! - With a domain ([`ReadSpec::domain`]), only that domain's events: on
+//!   NATS by subject, on Kafka from its partition (by key) unless offsets
+//!   name the partitions.
 //!
-//! Invariants: every message read is handed on, decoded or with the reason
-//! it could not be; nothing is skipped silently.
+//! Invariants: every message read is handed on, nothing is skipped
+//! silently (except what a domain or start time leaves out); the read
+//! stops early only when the caller asks it to.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
-use rdkafka::message::{Headers as _, Message};
+use rdkafka::message::{Headers as _, Message as _};
 
 use super::record::{self, Headers, Lane, Position, Record, RecordError};
 use crate::bus::kafka::reader::{self, Flow, ReadOptions, Start};
@@ -43,7 +50,7 @@ pub enum BusError {
 
 /// Where the events are read from (snapshots are always read in full).
 #[derive(Debug, Clone, Default)]
-pub enum From {
+pub enum StartAt {
     #[default]
     Start,
     /// NATS: this stream sequence.
@@ -54,57 +61,78 @@ pub enum From {
     Time(time::OffsetDateTime),
 }
 
-/// One message read. Items are handed on one at a time and never stored,
-/// so the size difference between the variants costs nothing.
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum Item {
-    /// A decoded record; `contiguous` tells whether its lane's positions
-    /// are contiguous when nothing is lost (see `rebuild::Fleet::apply`).
-    Record { record: Record, contiguous: bool },
-    /// A message that is not a record of a shipped schema.
-    Undecodable {
-        pos: Position,
-        error: RecordError,
-        contiguous: bool,
-    },
+/// What is read.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Scope<'a> {
+    /// Snapshots, then events, each events lane kept whole after the
+    /// start point (`state`, `usage`, `audit`): a NATS stream idle with
+    /// messages still pending is an error, and with a start time each
+    /// Kafka partition is read from its first record at or after it.
+    #[default]
+    Fleet,
+    /// Only the events, optionally of one domain (`replay`): an idle NATS
+    /// stream ends the read, errors name the stream only when it is
+    /// missing, and every Kafka record stamped before a start time is
+    /// left out.
+    Events { domain: Option<&'a str> },
+}
+
+impl Scope<'_> {
+    fn domain(&self) -> Option<&str> {
+        match self {
+            Scope::Fleet => None,
+            Scope::Events { domain } => *domain,
+        }
+    }
+}
+
+/// One message as read.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub pos: &'a Position,
+    pub payload: &'a [u8],
+    pub headers: Headers<'a>,
+    /// The NATS subject (`None` on Kafka).
+    pub subject: Option<&'a str>,
+    /// Whether its lane's positions are contiguous when nothing is lost.
+    pub contiguous: bool,
+}
+
+impl Message<'_> {
+    /// The record it carries.
+    pub fn decode(&self) -> Result<Record, RecordError> {
+        record::decode(self.payload, self.headers).map(|body| Record {
+            body,
+            pos: self.pos.clone(),
+        })
+    }
+}
+
+/// What a read hands on, in the order read.
+#[derive(Debug, Clone, Copy)]
+pub enum Item<'a> {
+    Message(Message<'a>),
     /// The last position a contiguous lane had when reading began (NATS),
     /// and when it was stored: positions read short of it were lost.
     LaneEnd {
-        lane: Lane,
+        lane: &'a Lane,
         last: u64,
         time_us: Option<i64>,
     },
 }
 
-/// Totals of one read.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ReadTotals {
-    pub events: u64,
-    pub snapshots: u64,
-    pub undecodable: u64,
-}
+/// What the caller of a read says after each item: go on, or stop the
+/// whole read (what was read so far stands).
+pub type Next = ControlFlow<()>;
 
-fn item(body: &[u8], headers: Headers<'_>, pos: Position, contiguous: bool) -> Item {
-    match record::decode(body, headers) {
-        Ok(body) => Item::Record {
-            record: Record { body, pos },
-            contiguous,
-        },
-        Err(error) => Item::Undecodable {
-            pos,
-            error,
-            contiguous,
-        },
-    }
-}
-
-/// Reads the snapshot stream, then the events stream, from NATS.
+/// Reads the snapshot stream (with [`Scope::Fleet`]), then the events
+/// stream, from NATS.
 pub async fn read_nats(
     cfg: &NatsConfig,
-    from: &From,
-    on_item: &mut (dyn FnMut(Item) + Send),
-) -> Result<ReadTotals, BusError> {
+    from: &StartAt,
+    scope: Scope<'_>,
+    on_item: &mut (dyn FnMut(Item<'_>) -> Next + Send),
+) -> Result<(), BusError> {
     let client = crate::bus::nats::connect_once(cfg, "virtstream-reader")
         .await
         .map_err(|e| BusError::NatsConnect {
@@ -112,156 +140,202 @@ pub async fn read_nats(
             message: e.to_string(),
         })?;
     let js = jetstream::new(client);
-    let mut totals = ReadTotals::default();
-    let snaps = read_stream(
-        &js,
-        &cfg.snapshots_stream,
-        DeliverPolicy::All,
-        false,
-        on_item,
-    )
-    .await?;
-    totals.snapshots = snaps.0;
-    totals.undecodable += snaps.1;
-    let policy = match from {
-        From::Start => DeliverPolicy::All,
-        From::StreamSeq(n) => DeliverPolicy::ByStartSequence {
+    let fleet = matches!(scope, Scope::Fleet);
+    if fleet {
+        let snaps = NatsRead {
+            name: &cfg.snapshots_stream,
+            deliver_policy: DeliverPolicy::All,
+            contiguous: false,
+            filter_subject: String::new(),
+            strict: true,
+        };
+        if snaps.read(&js, on_item).await?.is_break() {
+            return Ok(());
+        }
+    }
+    let deliver_policy = match from {
+        StartAt::Start => DeliverPolicy::All,
+        StartAt::StreamSeq(n) => DeliverPolicy::ByStartSequence {
             start_sequence: (*n).max(1),
         },
-        From::Time(t) => DeliverPolicy::ByStartTime { start_time: *t },
-        From::Offsets(_) => {
+        StartAt::Time(t) => DeliverPolicy::ByStartTime { start_time: *t },
+        StartAt::Offsets(_) if fleet => {
             return Err(BusError::Nats(
                 "partition offsets are for Kafka; use a stream sequence".into(),
             ))
         }
+        StartAt::Offsets(_) => DeliverPolicy::All,
     };
-    let events = read_stream(&js, &cfg.events_stream, policy, true, on_item).await?;
-    totals.events = events.0;
-    totals.undecodable += events.1;
-    Ok(totals)
+    let filter_subject = match (fleet, scope.domain()) {
+        (true, _) => String::new(),
+        (false, Some(uuid)) => format!("{}.*.{uuid}", cfg.events_subject_prefix),
+        (false, None) => format!("{}.>", cfg.events_subject_prefix),
+    };
+    let events = NatsRead {
+        name: &cfg.events_stream,
+        deliver_policy,
+        contiguous: true,
+        filter_subject,
+        strict: fleet,
+    };
+    events.read(&js, on_item).await.map(|_| ())
 }
 
-/// Reads one stream to the end it had when reading began.
-async fn read_stream(
-    js: &jetstream::Context,
-    name: &str,
+/// One NATS stream to read, to the end it had when reading began.
+struct NatsRead<'a> {
+    name: &'a str,
     deliver_policy: DeliverPolicy,
     contiguous: bool,
-    on_item: &mut (dyn FnMut(Item) + Send),
-) -> Result<(u64, u64), BusError> {
-    let api = |e: &dyn std::fmt::Display| BusError::Nats(format!("stream {name}: {e}"));
-    let mut stream = js.get_stream(name).await.map_err(|e| api(&e))?;
-    let (messages, last, last_time) = {
-        let info = stream.info().await.map_err(|e| api(&e))?;
-        (
-            info.state.messages,
-            info.state.last_sequence,
-            micros(info.state.last_timestamp),
-        )
-    };
-    let source: Arc<str> = Arc::from(name);
-    let end = |on_item: &mut (dyn FnMut(Item) + Send)| {
-        if contiguous && last > 0 {
-            on_item(Item::LaneEnd {
-                lane: Lane {
-                    source: source.clone(),
-                    partition: None,
-                },
-                last,
-                time_us: Some(last_time),
-            });
-        }
-    };
-    if messages == 0 {
-        end(on_item);
-        return Ok((0, 0));
-    }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| api(&e))?;
-    let mut messages = consumer.messages().await.map_err(|e| api(&e))?;
-    let (mut read, mut bad) = (0u64, 0u64);
-    let mut pending_after_last = None;
-    loop {
-        // A start point past every message gives nothing: stop when idle.
-        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
-        let msg = match next {
-            Err(_) | Ok(None) => match pending_after_last {
-                Some(p) if p > 0 => {
-                    return Err(BusError::Nats(format!(
-                        "stream {name}: no message for 2 s with {p} still pending; the read is incomplete"
-                    )))
-                }
-                _ => break,
-            },
-            Ok(Some(Err(e))) => return Err(api(&e)),
-            Ok(Some(Ok(m))) => m,
+    filter_subject: String,
+    /// See [`Scope::Fleet`]; otherwise as [`Scope::Events`].
+    strict: bool,
+}
+
+impl NatsRead<'_> {
+    async fn read(
+        self,
+        js: &jetstream::Context,
+        on_item: &mut (dyn FnMut(Item<'_>) -> Next + Send),
+    ) -> Result<Next, BusError> {
+        let name = self.name;
+        let missing = |e: &dyn std::fmt::Display| BusError::Nats(format!("stream {name}: {e}"));
+        let api = |e: &dyn std::fmt::Display| match self.strict {
+            true => missing(e),
+            false => BusError::Nats(e.to_string()),
         };
-        let info = msg.info().map_err(|e| api(&e))?;
-        let (seq, pending) = (info.stream_sequence, info.pending);
-        pending_after_last = Some(pending);
-        let pos = Position {
+        let mut stream = js.get_stream(name).await.map_err(|e| missing(&e))?;
+        let (messages, last, last_time) = {
+            let info = stream.info().await.map_err(|e| api(&e))?;
+            (
+                info.state.messages,
+                info.state.last_sequence,
+                micros(info.state.last_timestamp),
+            )
+        };
+        let source: Arc<str> = Arc::from(name);
+        let lane = Lane {
             source: source.clone(),
             partition: None,
-            offset: seq,
-            time_us: Some(micros(info.published)),
         };
-        let h = msg.headers.as_ref();
-        let get = |k: &str| h.and_then(|h| h.get(k)).map(|v| v.as_str());
-        let headers = Headers {
-            tombstone: get(TOMBSTONE_HEADER) == Some("true"),
-            ce_id: get("ce_id"),
-            ce_subject: get("ce_subject"),
+        let end = |on_item: &mut (dyn FnMut(Item<'_>) -> Next + Send)| {
+            if self.contiguous && self.strict && last > 0 {
+                on_item(Item::LaneEnd {
+                    lane: &lane,
+                    last,
+                    time_us: Some(last_time),
+                })
+            } else {
+                Next::Continue(())
+            }
         };
-        let it = item(&msg.payload, headers, pos, contiguous);
-        if matches!(it, Item::Undecodable { .. }) {
-            bad += 1;
-        } else {
-            read += 1;
+        if self.strict && messages == 0 {
+            return Ok(end(on_item));
         }
-        on_item(it);
-        if pending == 0 || seq >= last {
-            break;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: self.deliver_policy,
+                filter_subject: self.filter_subject.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| api(&e))?;
+        if last == 0 {
+            return Ok(Next::Continue(()));
         }
+        let mut messages = consumer.messages().await.map_err(|e| api(&e))?;
+        let mut pending_after_last = None;
+        loop {
+            // A start point past every message gives nothing: stop when idle.
+            let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
+            let msg = match next {
+                Err(_) | Ok(None) => match pending_after_last {
+                    Some(p) if p > 0 && self.strict => {
+                        return Err(BusError::Nats(format!(
+                            "stream {name}: no message for 2 s with {p} still pending; the read is incomplete"
+                        )))
+                    }
+                    _ => break,
+                },
+                Ok(Some(Err(e))) => return Err(api(&e)),
+                Ok(Some(Ok(m))) => m,
+            };
+            let info = msg.info().map_err(|e| api(&e))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            pending_after_last = Some(pending);
+            let pos = Position {
+                source: source.clone(),
+                partition: None,
+                offset: seq,
+                time_us: Some(micros(info.published)),
+            };
+            let h = msg.headers.as_ref();
+            let get = |k: &str| h.and_then(|h| h.get(k)).map(|v| v.as_str());
+            let headers = Headers {
+                tombstone: get(TOMBSTONE_HEADER) == Some("true"),
+                ce_id: get("ce_id"),
+                ce_subject: get("ce_subject"),
+            };
+            let it = Item::Message(Message {
+                pos: &pos,
+                payload: &msg.payload,
+                headers,
+                subject: Some(msg.subject.as_str()),
+                contiguous: self.contiguous,
+            });
+            if on_item(it).is_break() {
+                return Ok(Next::Break(()));
+            }
+            if pending == 0 || seq >= last {
+                break;
+            }
+        }
+        Ok(end(on_item))
     }
-    end(on_item);
-    Ok((read, bad))
 }
 
 fn micros(t: time::OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
 }
 
-/// Reads the snapshot topics, then the events topic, from Kafka
-/// (blocking: call it from a thread of its own).
+/// Reads the snapshot topics (with [`Scope::Fleet`]), then the events
+/// topic, from Kafka (blocking: call it from a thread of its own).
 pub fn read_kafka(
     cfg: &KafkaConfig,
-    from: &From,
-    on_item: &mut dyn FnMut(Item),
-) -> Result<ReadTotals, BusError> {
+    from: &StartAt,
+    scope: Scope<'_>,
+    on_item: &mut dyn FnMut(Item<'_>) -> Next,
+) -> Result<(), BusError> {
     let kerr = |e: kafka::KafkaError| BusError::Kafka(e.to_string());
     let base = kafka::client_config(cfg, "virtstream-reader").map_err(kerr)?;
-    let mut totals = ReadTotals::default();
-    for topic in [&cfg.host_snapshots_topic, &cfg.domain_snapshots_topic] {
-        let n = partitions(cfg, &base, topic)?;
-        let starts = (0..n).map(|p| (p, Start::Earliest)).collect();
-        let (read, bad) = read_topic(cfg, &base, topic, starts, None, false, on_item)?;
-        totals.snapshots += read;
-        totals.undecodable += bad;
+    let fleet = matches!(scope, Scope::Fleet);
+    if fleet {
+        for topic in [&cfg.host_snapshots_topic, &cfg.domain_snapshots_topic] {
+            let n = partitions(cfg, &base, topic)?;
+            let read = KafkaRead {
+                topic,
+                starts: (0..n).map(|p| (p, Start::Earliest)).collect(),
+                since_ms: None,
+                contiguous: false,
+                scope,
+            };
+            if read.read(cfg, &base, on_item)?.is_break() {
+                return Ok(());
+            }
+        }
     }
     let topic = &cfg.events_topic;
     let n = partitions(cfg, &base, topic)?;
+    // All of a domain's messages are in one partition.
+    let all = || -> Vec<(i32, Start)> {
+        match scope.domain() {
+            Some(uuid) => vec![(kafka::partition_for(uuid, n), Start::Earliest)],
+            None => (0..n).map(|p| (p, Start::Earliest)).collect(),
+        }
+    };
     let (starts, since_ms) = match from {
-        From::Start => ((0..n).map(|p| (p, Start::Earliest)).collect(), None),
-        From::Time(t) => (
-            (0..n).map(|p| (p, Start::Earliest)).collect(),
-            Some((t.unix_timestamp_nanos() / 1_000_000) as i64),
-        ),
-        From::Offsets(offsets) => {
+        StartAt::Start => (all(), None),
+        StartAt::Time(t) => (all(), Some((t.unix_timestamp_nanos() / 1_000_000) as i64)),
+        StartAt::Offsets(offsets) => {
             let mut v = Vec::new();
             for (p, o) in offsets {
                 if !(0..n).contains(p) {
@@ -274,16 +348,21 @@ pub fn read_kafka(
             }
             (v, None)
         }
-        From::StreamSeq(_) => {
+        StartAt::StreamSeq(_) if fleet => {
             return Err(BusError::Kafka(
                 "stream sequences are for NATS; use PARTITION:OFFSET".into(),
             ))
         }
+        StartAt::StreamSeq(_) => (all(), None),
     };
-    let (read, bad) = read_topic(cfg, &base, topic, starts, since_ms, true, on_item)?;
-    totals.events = read;
-    totals.undecodable += bad;
-    Ok(totals)
+    let read = KafkaRead {
+        topic,
+        starts,
+        since_ms,
+        contiguous: true,
+        scope,
+    };
+    read.read(cfg, &base, on_item).map(|_| ())
 }
 
 fn partitions(
@@ -314,76 +393,105 @@ fn partitions(
     Ok(n)
 }
 
-fn read_topic(
-    cfg: &KafkaConfig,
-    base: &rdkafka::ClientConfig,
-    topic: &str,
+/// One Kafka topic to read, each partition to its end.
+struct KafkaRead<'a> {
+    topic: &'a str,
     starts: Vec<(i32, Start)>,
     since_ms: Option<i64>,
     contiguous: bool,
-    on_item: &mut dyn FnMut(Item),
-) -> Result<(u64, u64), BusError> {
-    let source: Arc<str> = Arc::from(topic);
-    let (mut read, mut bad) = (0u64, 0u64);
-    // With a start time, each partition is read from its first record at
-    // or after it; everything after that is kept, so clock differences
-    // between hosts cannot open false holes.
-    let mut begun: std::collections::HashSet<i32> = std::collections::HashSet::new();
-    reader::read_to_end(
-        base,
-        ReadOptions {
-            topic,
-            starts,
-            idle: cfg.readback_idle.0,
-            max_clock_skew: cfg.readback_max_clock_skew.0,
-            not_before_ms: None,
-            stall: Duration::from_secs(30),
-            stop: None,
-            lookback: reader::DEFAULT_LOOKBACK,
-        },
-        |m| {
-            let p = m.partition();
-            if let Some(since) = since_ms {
-                if !begun.contains(&p) {
-                    if m.timestamp().to_millis().is_some_and(|t| t < since) {
+    scope: Scope<'a>,
+}
+
+impl KafkaRead<'_> {
+    fn read(
+        self,
+        cfg: &KafkaConfig,
+        base: &rdkafka::ClientConfig,
+        on_item: &mut dyn FnMut(Item<'_>) -> Next,
+    ) -> Result<Next, BusError> {
+        let (topic, since_ms, scope) = (self.topic, self.since_ms, self.scope);
+        let source: Arc<str> = Arc::from(topic);
+        let mut stopped = false;
+        // Fleet: with a start time, each partition is read from its first
+        // record at or after it; everything after that is kept, so clock
+        // differences between hosts cannot open false holes.
+        let mut begun: std::collections::HashSet<i32> = std::collections::HashSet::new();
+        reader::read_to_end(
+            base,
+            ReadOptions {
+                topic,
+                starts: self.starts,
+                idle: cfg.readback_idle.0,
+                max_clock_skew: cfg.readback_max_clock_skew.0,
+                not_before_ms: None,
+                stall: Duration::from_secs(30),
+                stop: None,
+                lookback: reader::DEFAULT_LOOKBACK,
+            },
+            |m| {
+                if stopped {
+                    return Flow::PartitionDone;
+                }
+                let p = m.partition();
+                if let Some(uuid) = scope.domain() {
+                    if m.key() != Some(uuid.as_bytes()) {
                         return Flow::Continue;
                     }
-                    begun.insert(p);
                 }
-            }
-            let (mut tomb, mut ce_id, mut ce_subject) = (false, None, None);
-            if let Some(hs) = m.headers() {
-                for h in hs.iter() {
-                    let v = h.value.and_then(|v| std::str::from_utf8(v).ok());
-                    match h.key {
-                        TOMBSTONE_HEADER => tomb = v == Some("true"),
-                        "ce_id" => ce_id = v,
-                        "ce_subject" => ce_subject = v,
-                        _ => {}
+                if let Some(since) = since_ms {
+                    let before = m.timestamp().to_millis().is_some_and(|t| t < since);
+                    match scope {
+                        Scope::Events { .. } if before => return Flow::Continue,
+                        Scope::Events { .. } => {}
+                        Scope::Fleet if begun.contains(&p) => {}
+                        Scope::Fleet if before => return Flow::Continue,
+                        Scope::Fleet => {
+                            begun.insert(p);
+                        }
                     }
                 }
-            }
-            let pos = Position {
-                source: source.clone(),
-                partition: Some(p),
-                offset: m.offset().max(0) as u64,
-                time_us: m.timestamp().to_millis().map(|t| t.saturating_mul(1000)),
-            };
-            let headers = Headers {
-                tombstone: tomb || m.payload().is_none(),
-                ce_id,
-                ce_subject,
-            };
-            let it = item(m.payload().unwrap_or_default(), headers, pos, contiguous);
-            if matches!(it, Item::Undecodable { .. }) {
-                bad += 1;
-            } else {
-                read += 1;
-            }
-            on_item(it);
-            Flow::Continue
-        },
-    )
-    .map_err(|e| BusError::Kafka(e.to_string()))?;
-    Ok((read, bad))
+                let (mut tomb, mut ce_id, mut ce_subject) = (false, None, None);
+                if let Some(hs) = m.headers() {
+                    for h in hs.iter() {
+                        let v = h.value.and_then(|v| std::str::from_utf8(v).ok());
+                        match h.key {
+                            TOMBSTONE_HEADER => tomb = v == Some("true"),
+                            "ce_id" => ce_id = v,
+                            "ce_subject" => ce_subject = v,
+                            _ => {}
+                        }
+                    }
+                }
+                let pos = Position {
+                    source: source.clone(),
+                    partition: Some(p),
+                    offset: m.offset().max(0) as u64,
+                    time_us: m.timestamp().to_millis().map(|t| t.saturating_mul(1000)),
+                };
+                let headers = Headers {
+                    tombstone: tomb || m.payload().is_none(),
+                    ce_id,
+                    ce_subject,
+                };
+                let it = Item::Message(Message {
+                    pos: &pos,
+                    payload: m.payload().unwrap_or_default(),
+                    headers,
+                    subject: None,
+                    contiguous: self.contiguous,
+                });
+                if on_item(it).is_break() {
+                    stopped = true;
+                    return Flow::PartitionDone;
+                }
+                Flow::Continue
+            },
+        )
+        .map_err(|e| BusError::Kafka(e.to_string()))?;
+        Ok(if stopped {
+            Next::Break(())
+        } else {
+            Next::Continue(())
+        })
+    }
 }

@@ -1,29 +1,48 @@
 //! Consumer tools (same binary as the agent, and a library others can
 //! embed): read what agents wrote back from the buses.
 //!
-//! - `record`: one decoded message of any kind and where it was read;
-//! - `bus`: reads the streams (NATS) or topics (Kafka) into records;
-//! - `rebuild`: fleet state from snapshot rounds and events (DESIGN §6);
-//! - `audit`: continuity per host and domain;
-//! - `usage`: running/paused seconds, vCPU·s and GiB·s over a window;
-//! - `liveness`: when a host counts as silent (shared by the three);
-//! - `epochs`: which of a host's epochs is newest, by stream position;
-//! - `replay`: decoded messages as JSON lines.
+//! The pipeline runs one way, each stage knowing only the next:
 //!
-//! `rebuild`, `audit` and `usage` are pure: they take records in the order
-//! they were read and never touch a bus, so they can be fed from anything.
+//! 1. `bus`: reads the streams (NATS) or topics (Kafka) into raw
+//!    messages with their positions, and says where each contiguous lane
+//!    ended;
+//! 2. `record`: decodes a message into a record (skipped for a feed that
+//!    wants the bytes only);
+//! 3. `lanes`: finds the holes in each contiguous lane's positions, once
+//!    for every tool, and hands them on as `hole::Hole`s (the one hole
+//!    type) just before the record that revealed them;
+//! 4. `feed`: the tools, each a `feed::Feed`: `rebuild` (fleet state,
+//!    DESIGN §6, for `state`), `usage` (running/paused seconds, vCPU·s
+//!    and GiB·s over a window), `audit` (continuity per host and domain)
+//!    and `replay` (the messages as written);
+//! 5. `report`: every rendering of what the tools found (JSON, the state
+//!    table, the usage CSV, the audit text, replay's JSON lines).
+//!
+//! Shared by the tools: `liveness` (when a host counts as silent) and
+//! `epochs` (which of a host's epochs is newest, by stream position).
+//!
+//! Invariants: `rebuild`, `usage` and `audit` are pure (records and holes
+//! in, results out: they never touch a bus, so they can be fed from
+//! anything through `lanes::Piped`); every message read reaches the feed,
+//! decoded or as undecodable.
 
 pub mod audit;
 pub mod bus;
 pub mod epochs;
+pub mod feed;
+pub mod hole;
+pub mod lanes;
 pub mod liveness;
 pub mod rebuild;
 pub mod record;
 pub mod replay;
+pub mod report;
 pub mod usage;
 
 use crate::config::Config;
-use bus::{BusError, From, Item, ReadTotals};
+use bus::{BusError, Item, Next, Scope, StartAt};
+pub use feed::Feed;
+use lanes::Lanes;
 use record::Position;
 
 /// Which bus to read.
@@ -43,7 +62,17 @@ pub enum ConsumerError {
     Runtime(std::io::Error),
 }
 
-/// What a whole-bus read gives besides the records.
+/// Totals of one read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReadTotals {
+    /// Records of the events stream/topic.
+    pub events: u64,
+    /// Records of the snapshot streams/topics.
+    pub snapshots: u64,
+    pub undecodable: u64,
+}
+
+/// What a whole-bus read gives besides what the feed took.
 #[derive(Debug, Default, Clone)]
 pub struct ReadOutcome {
     pub totals: ReadTotals,
@@ -51,23 +80,52 @@ pub struct ReadOutcome {
     pub undecodable: Vec<(Position, String)>,
 }
 
-/// Reads a bus configured in `cfg` (snapshots, then events from `from`),
-/// handing every item to `on_item` in the order read. Undecodable
-/// messages are also collected in the outcome, for the report.
-pub fn read(
+/// Reads a bus configured in `cfg` (see `bus`) through the lanes into
+/// `feed`. Undecodable messages are also collected in the outcome, for
+/// the report. The read stops early when the feed is done.
+pub fn read_scoped(
     cfg: &Config,
     bus: BusKind,
-    from: &From,
-    on_item: &mut (dyn FnMut(&Item) + Send),
+    from: &StartAt,
+    scope: Scope<'_>,
+    feed: &mut (dyn Feed + Send),
 ) -> Result<ReadOutcome, ConsumerError> {
-    let mut undecodable = Vec::new();
-    let mut each = |it: Item| {
-        on_item(&it);
-        if let Item::Undecodable { pos, error, .. } = it {
-            undecodable.push((pos, error.to_string()));
+    let mut lanes = Lanes::new();
+    let mut out = ReadOutcome::default();
+    let mut each = |it: Item<'_>| {
+        match it {
+            Item::Message(msg) => {
+                feed.message(&msg);
+                if feed.wants_records() {
+                    match msg.decode() {
+                        Ok(rec) => {
+                            match msg.contiguous {
+                                true => out.totals.events += 1,
+                                false => out.totals.snapshots += 1,
+                            }
+                            lanes.record(&rec, msg.contiguous, feed);
+                        }
+                        Err(error) => {
+                            out.totals.undecodable += 1;
+                            lanes.undecodable(msg.pos, &error, msg.contiguous, feed);
+                            out.undecodable.push((msg.pos.clone(), error.to_string()));
+                        }
+                    }
+                }
+            }
+            Item::LaneEnd {
+                lane,
+                last,
+                time_us,
+            } => lanes.lane_end(lane, last, time_us, feed),
+        }
+        if feed.done() {
+            Next::Break(())
+        } else {
+            Next::Continue(())
         }
     };
-    let totals = match bus {
+    match bus {
         BusKind::Nats => {
             let ncfg = cfg
                 .nats
@@ -77,71 +135,28 @@ pub fn read(
                 .enable_all()
                 .build()
                 .map_err(ConsumerError::Runtime)?
-                .block_on(bus::read_nats(ncfg, from, &mut each))?
+                .block_on(bus::read_nats(ncfg, from, scope, &mut each))?
         }
         BusKind::Kafka => {
             let kcfg = cfg
                 .kafka
                 .as_ref()
                 .ok_or(ConsumerError::MissingSection("kafka"))?;
-            bus::read_kafka(kcfg, from, &mut each)?
+            bus::read_kafka(kcfg, from, scope, &mut each)?
         }
     };
-    Ok(ReadOutcome {
-        totals,
-        undecodable,
-    })
+    Ok(out)
 }
 
-/// What the rebuild and usage take from a read: records, losses at a
-/// position of a contiguous lane, and where such a lane ended.
-pub trait Feed {
-    fn record(&mut self, rec: &record::Record, contiguous: bool);
-    fn lost(&mut self, pos: &Position);
-    fn lane_end(&mut self, lane: &record::Lane, last: u64, time_us: Option<i64>);
-
-    /// Hands one item read over (an undecodable message of a contiguous
-    /// lane counts as a lost one).
-    fn feed(&mut self, it: &Item) {
-        match it {
-            Item::Record { record, contiguous } => self.record(record, *contiguous),
-            Item::Undecodable {
-                pos,
-                contiguous: true,
-                ..
-            } => self.lost(pos),
-            Item::Undecodable { .. } => {}
-            Item::LaneEnd {
-                lane,
-                last,
-                time_us,
-            } => self.lane_end(lane, *last, *time_us),
-        }
-    }
-}
-
-impl Feed for rebuild::Fleet {
-    fn record(&mut self, rec: &record::Record, contiguous: bool) {
-        self.apply(rec, contiguous)
-    }
-    fn lost(&mut self, pos: &Position) {
-        rebuild::Fleet::lost(self, pos)
-    }
-    fn lane_end(&mut self, lane: &record::Lane, last: u64, time_us: Option<i64>) {
-        rebuild::Fleet::lane_end(self, lane, last, time_us)
-    }
-}
-
-impl Feed for usage::Usage {
-    fn record(&mut self, rec: &record::Record, contiguous: bool) {
-        self.add(rec, contiguous)
-    }
-    fn lost(&mut self, pos: &Position) {
-        usage::Usage::lost(self, pos)
-    }
-    fn lane_end(&mut self, lane: &record::Lane, last: u64, time_us: Option<i64>) {
-        usage::Usage::lane_end(self, lane, last, time_us)
-    }
+/// Reads snapshots, then events from `from`, of the whole fleet into
+/// `feed` (see [`read_scoped`]).
+pub fn read(
+    cfg: &Config,
+    bus: BusKind,
+    from: &StartAt,
+    feed: &mut (dyn Feed + Send),
+) -> Result<ReadOutcome, ConsumerError> {
+    read_scoped(cfg, bus, from, Scope::Fleet, feed)
 }
 
 /// Clock skew allowed between agents and brokers when placing a hole in
@@ -171,7 +186,7 @@ pub fn state(
     let mut fleet = rebuild::Fleet::new()
         .with_clock_skew(clock_skew(cfg, bus))
         .with_liveness(liveness(cfg, silent_after), now_us);
-    let out = read(cfg, bus, &From::Start, &mut |it| fleet.feed(it))?;
+    let out = read(cfg, bus, &StartAt::Start, &mut fleet)?;
     Ok((fleet, out))
 }
 
@@ -179,20 +194,16 @@ pub fn state(
 pub fn audit(
     cfg: &Config,
     bus: BusKind,
-    from: &From,
+    from: &StartAt,
     silent_after: u32,
     now_us: i64,
 ) -> Result<audit::AuditReport, ConsumerError> {
     let mut auditor = audit::Auditor::new(audit::AuditOptions {
         liveness: liveness(cfg, silent_after),
         now_us,
-        from_start: matches!(from, From::Start),
+        from_start: matches!(from, StartAt::Start),
     });
-    read(cfg, bus, from, &mut |it| match it {
-        Item::Record { record, contiguous } => auditor.add(record, *contiguous),
-        Item::Undecodable { pos, error, .. } => auditor.undecodable(pos, &error.to_string()),
-        Item::LaneEnd { lane, last, .. } => auditor.lane_end(lane, *last),
-    })?;
+    read(cfg, bus, from, &mut auditor)?;
     Ok(auditor.finish())
 }
 
@@ -208,7 +219,21 @@ pub fn usage(
     now_us: i64,
 ) -> Result<(Vec<usage::UsageRow>, ReadOutcome), ConsumerError> {
     let mut u = usage::Usage::new().with_liveness(liveness(cfg, silent_after), now_us);
-    let out = read(cfg, bus, &From::Start, &mut |it| u.feed(it))?;
+    let out = read(cfg, bus, &StartAt::Start, &mut u)?;
     let skew = i64::try_from(clock_skew(cfg, bus).as_micros()).unwrap_or(i64::MAX);
     Ok((u.compute_with_skew(from_us, to_us, skew), out))
+}
+
+/// `virtstream replay`: the events from `from` (of one domain, if given)
+/// written to `out` as JSON lines (see `replay`).
+pub fn replay(
+    cfg: &Config,
+    bus: BusKind,
+    from: &StartAt,
+    domain: Option<&str>,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<replay::ReplayStats, replay::ReplayError> {
+    let mut r = replay::Replay::new(out);
+    read_scoped(cfg, bus, from, Scope::Events { domain }, &mut r)?;
+    r.finish()
 }

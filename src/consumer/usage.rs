@@ -26,6 +26,8 @@
 //! - a host's epochs are ordered by stream position (see `epochs`), not by
 //!   agent time; an epoch's timelines end where the next one begins.
 //!
+//! Usage is a `Feed`: holes in positions come from the lanes stage.
+//!
 //! Invariant: usage does not depend on the order or multiplicity in which
 //! records were read (they are deduplicated and ordered by `host_seq`).
 
@@ -34,9 +36,10 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 use super::epochs::EpochOrder;
+use super::feed::Feed;
+use super::hole::{Hole, HoleKind};
 use super::liveness::{LastWord, Liveness};
-use super::rebuild::lane_origin;
-use super::record::{Body, Lane, Position, Record};
+use super::record::{Body, Lane, Record};
 use crate::model::{DomainState, EventType};
 
 /// One (host, domain) row.
@@ -104,26 +107,16 @@ struct HostEpoch {
 /// the hole's time, and why.
 type OpenHole = (u64, Option<i64>, String);
 
-/// Messages missing from a lane.
-#[derive(Debug)]
-struct Hole {
-    lane: Lane,
-    /// Broker time after the hole: lost messages were emitted before it.
-    time: Option<i64>,
-    /// Before the lane's first record read (retention): the missing
-    /// history is handled per domain (see `compute`).
-    head: bool,
-    at: String,
-}
-
 /// Collects records; [`Usage::compute`] then gives the rows.
 #[derive(Debug, Default)]
 pub struct Usage {
     /// (host, epoch, uuid) → host_seq → point.
     timelines: HashMap<(String, String, String), BTreeMap<u64, Point>>,
     hosts: HashMap<(String, String), HostEpoch>,
+    /// Holes in lanes' positions (see `lanes`), in the order found. A
+    /// lane's head gone (retention) is handled per domain instead (see
+    /// `compute`).
     holes: Vec<Hole>,
-    lane_last_pos: HashMap<Lane, u64>,
     /// Per host, its epochs' order.
     epochs: HashMap<String, EpochOrder>,
     /// The silence rule and the time it is judged at (µs).
@@ -143,51 +136,19 @@ impl Usage {
         self
     }
 
-    /// Notes a lost message of a contiguous lane at `pos` (one that
-    /// could not be decoded, say).
-    pub fn lost(&mut self, pos: &Position) {
-        let lane = pos.lane();
-        self.holes.push(Hole {
-            lane: lane.clone(),
-            time: pos.time_us,
-            head: false,
-            at: format!("at {pos}"),
-        });
-        let e = self.lane_last_pos.entry(lane).or_insert(pos.offset);
-        *e = (*e).max(pos.offset);
-    }
-
-    /// Notes where a contiguous lane ended (see `rebuild::Fleet::lane_end`).
-    pub fn lane_end(&mut self, lane: &Lane, last: u64, time_us: Option<i64>) {
-        if self.lane_last_pos.get(lane).is_none_or(|p| *p < last) {
-            self.holes.push(Hole {
-                lane: lane.clone(),
-                time: time_us,
-                head: false,
-                at: format!("at its end (position {last})"),
-            });
+    /// Notes messages missing from a lane (see `lanes`). Holes only in
+    /// the records between two read (the audit's view) are not losses
+    /// here.
+    pub fn hole(&mut self, hole: &Hole) {
+        if hole.missing_from_lane() {
+            self.holes.push(hole.clone());
         }
     }
 
-    /// Adds one record; `contiguous` as for [`super::rebuild::Fleet::apply`].
+    /// Adds one record, after the holes found before it; `contiguous` as
+    /// for [`super::rebuild::Fleet::apply`].
     pub fn add(&mut self, rec: &Record, contiguous: bool) {
         let lane = rec.pos.lane();
-        if contiguous {
-            let (hole, head) = match self.lane_last_pos.get(&lane) {
-                None => (rec.pos.offset > lane_origin(&rec.pos), true),
-                Some(last) => (rec.pos.offset > last.saturating_add(1), false),
-            };
-            if hole {
-                self.holes.push(Hole {
-                    lane: lane.clone(),
-                    time: rec.pos.time_us,
-                    head,
-                    at: format!("before {}", rec.pos),
-                });
-            }
-            let e = self.lane_last_pos.entry(lane.clone()).or_insert(0);
-            *e = (*e).max(rec.pos.offset);
-        }
         let (host, epoch, host_seq) = rec.body.origin();
         self.epochs.entry(host.to_owned()).or_default().note(
             epoch,
@@ -216,12 +177,8 @@ impl Usage {
             let mut n = seen;
             for (i, hole) in self.holes.iter().filter(|h| h.lane == lane).enumerate() {
                 n = i + 1;
-                if i >= seen && !hole.head {
-                    he.holes.push((
-                        last,
-                        host_seq,
-                        format!("messages missing from {lane} {}", hole.at),
-                    ));
+                if i >= seen && !is_head(hole) {
+                    he.holes.push((last, host_seq, hole.reason()));
                 }
             }
             he.lane_last.insert(lane, (last.max(host_seq), n));
@@ -319,13 +276,13 @@ impl Usage {
                     .filter(|hole| {
                         let i = per_lane.entry(&hole.lane).or_insert(0);
                         *i += 1;
-                        !hole.head && he.lane_last.get(&hole.lane).map_or(0, |l| l.1) < *i
+                        !is_head(hole) && he.lane_last.get(&hole.lane).map_or(0, |l| l.1) < *i
                     })
                     .map(|hole| {
                         (
                             he.lane_last.get(&hole.lane).map_or(0, |l| l.0),
                             hole.time,
-                            format!("messages missing from {} {}", hole.lane, hole.at),
+                            hole.reason(),
                         )
                     })
                     .collect();
@@ -419,6 +376,21 @@ impl Usage {
         }
         bill(spans, from, to)
     }
+}
+
+impl Feed for Usage {
+    fn record(&mut self, rec: &Record, contiguous: bool) {
+        self.add(rec, contiguous)
+    }
+    fn hole(&mut self, hole: &Hole) {
+        Usage::hole(self, hole)
+    }
+}
+
+/// Before a lane's first message read: the missing history is handled
+/// per domain (see `compute`).
+fn is_head(hole: &Hole) -> bool {
+    matches!(hole.kind, HoleKind::Head { .. })
 }
 
 impl HostEpoch {

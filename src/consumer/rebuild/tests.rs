@@ -2,8 +2,13 @@
 //! the audit and usage tests).
 
 use super::*;
+use crate::consumer::lanes::Piped;
 use crate::consumer::liveness::Liveness;
-use crate::model::{event_id, Detail, DomainRef, HostInfo, Origin, AGENT_VERSION};
+use crate::consumer::record::{Position, RecordError};
+use crate::model::{
+    event_id, Detail, DomainEvent, DomainRef, DomainSnapshot, DomainState, EventType, HostInfo,
+    HostSnapshot, HostSnapshotKind, Origin, StateReason, AGENT_VERSION,
+};
 use std::sync::Arc;
 
 pub(crate) const U1: &str = "00000000-0000-4000-8000-000000000001";
@@ -259,30 +264,30 @@ fn an_epoch_change_is_stale_until_a_round_of_the_new_epoch() {
 
 #[test]
 fn a_position_hole_is_bounded_by_the_hosts_next_record() {
-    let mut f = Fleet::new();
+    let mut f = Piped::new(Fleet::new());
     let lane_rec = |body, offset| Record {
         body,
         pos: pos("EV", offset),
     };
-    f.apply(&lane_rec(ev("e", 1, U1, 1, DomainState::RUNNING), 1), true);
+    f.record(&lane_rec(ev("e", 1, U1, 1, DomainState::RUNNING), 1), true);
     // Position 2 is missing; this host's next record there is host_seq 3.
-    f.apply(&lane_rec(ev("e", 3, U1, 2, DomainState::PAUSED), 3), true);
-    assert!(view(&f, U1).unwrap().stale);
-    feed(&mut f, round("e", 2, &[(U1, 1, DomainState::RUNNING)]));
+    f.record(&lane_rec(ev("e", 3, U1, 2, DomainState::PAUSED), 3), true);
+    assert!(view(&f.feed, U1).unwrap().stale);
+    feed(&mut f.feed, round("e", 2, &[(U1, 1, DomainState::RUNNING)]));
     assert!(
-        view(&f, U1).unwrap().stale,
+        view(&f.feed, U1).unwrap().stale,
         "the round began before the bound"
     );
-    feed(&mut f, round("e", 4, &[(U1, 2, DomainState::PAUSED)]));
-    assert!(!view(&f, U1).unwrap().stale);
+    feed(&mut f.feed, round("e", 4, &[(U1, 2, DomainState::PAUSED)]));
+    assert!(!view(&f.feed, U1).unwrap().stale);
     // A last message deleted: the stream's end says so.
     f.lane_end(&pos("EV", 0).lane(), 5, None);
-    assert!(view(&f, U1).unwrap().stale);
+    assert!(view(&f.feed, U1).unwrap().stale);
 }
 
 #[test]
 fn a_host_quiet_after_a_hole_is_stale_until_a_round_taken_after_it() {
-    let mut f = Fleet::new().with_clock_skew(std::time::Duration::from_secs(1));
+    let mut f = Piped::new(Fleet::new().with_clock_skew(std::time::Duration::from_secs(1)));
     // Host h published at position 1; position 2 is lost (another
     // host's message after it, at broker time 100 s). h has nothing
     // after the hole.
@@ -293,16 +298,19 @@ fn a_host_quiet_after_a_hole_is_stale_until_a_round_taken_after_it() {
             ..pos("EV", offset)
         },
     };
-    f.apply(&rec(ev("e", 1, U1, 1, DomainState::RUNNING), 1, 1), true);
+    f.record(&rec(ev("e", 1, U1, 1, DomainState::RUNNING), 1, 1), true);
     let mut other = ev("e", 1, U2, 1, DomainState::RUNNING);
     if let Body::Event(e) = &mut other {
         e.host_id = "other".into();
     }
-    f.apply(&rec(other, 3, 100), true);
-    assert!(view(&f, U1).unwrap().stale, "h may have lost its message");
+    f.record(&rec(other, 3, 100), true);
+    assert!(
+        view(&f.feed, U1).unwrap().stale,
+        "h may have lost its message"
+    );
     // A complete round of h taken before the hole's time: not enough.
-    feed(&mut f, round("e", 2, &[(U1, 1, DomainState::RUNNING)]));
-    assert!(view(&f, U1).unwrap().stale);
+    feed(&mut f.feed, round("e", 2, &[(U1, 1, DomainState::RUNNING)]));
+    assert!(view(&f.feed, U1).unwrap().stale);
     // One taken after it (observed at 120 s): covered.
     let mut r = round("e", 10, &[(U1, 1, DomainState::RUNNING)]);
     for b in &mut r {
@@ -312,31 +320,32 @@ fn a_host_quiet_after_a_hole_is_stale_until_a_round_taken_after_it() {
             _ => {}
         }
     }
-    feed(&mut f, r);
-    assert!(!view(&f, U1).unwrap().stale);
+    feed(&mut f.feed, r);
+    assert!(!view(&f.feed, U1).unwrap().stale);
     // An undecodable message later in the lane is a loss again.
-    f.lost(&Position {
+    let lost = Position {
         time_us: Some(200_000_000),
         ..pos("EV", 4)
-    });
-    assert!(view(&f, U1).unwrap().stale);
+    };
+    f.undecodable(&lost, &RecordError::Tombstone("ce_id"), true);
+    assert!(view(&f.feed, U1).unwrap().stale);
 }
 
 #[test]
 fn a_kafka_partition_read_from_past_offset_0_lost_its_head() {
-    let mut f = Fleet::new();
+    let mut f = Piped::new(Fleet::new());
     let p = Position {
         partition: Some(2),
         ..pos("topic", 1)
     };
-    f.apply(
+    f.record(
         &Record {
             body: ev("e", 1, U1, 1, DomainState::RUNNING),
             pos: p,
         },
         true,
     );
-    assert!(view(&f, U1).unwrap().stale);
+    assert!(view(&f.feed, U1).unwrap().stale);
 }
 
 #[test]

@@ -1,12 +1,17 @@
 //! What the rebuild shows: per host its newest epoch (older epochs fill
 //! in domains the newest has said nothing of until its first complete
 //! round), and why a host or domain is stale.
+//!
+//! Invariant: views are computed on demand from the rebuild's state and
+//! never change it; they are sorted (hosts by id; domains by host, name
+//! and uuid), so the same records always give the same views.
 
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use super::{Dom, DomainView, Epochs, Fleet, Host};
+use super::host::{Dom, Host};
+use super::{DomainView, Epochs, Fleet};
 use crate::consumer::record::Lane;
 
 impl Fleet {
@@ -59,7 +64,8 @@ impl Fleet {
             if *i > seen && !host.covered_since(hole.time, self.clock_skew_us) {
                 return Some(format!(
                     "messages missing from {} {}, and no complete snapshot round of this host since",
-                    hole.lane, hole.at
+                    hole.lane,
+                    hole.at()
                 ));
             }
         }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use virtstream::codec;
 use virtstream::consumer::audit::{AuditOptions, Auditor};
+use virtstream::consumer::lanes::Piped;
 use virtstream::consumer::liveness::Liveness;
 use virtstream::consumer::rebuild::Fleet;
 use virtstream::consumer::record::{self, Headers, Position, Record};
@@ -26,13 +27,13 @@ fuzz_target!(|data: &[u8]| {
     let schemas = codec::schemas();
     let now_us = 1_800_000_000_000_000;
     let rule = Liveness::new(std::time::Duration::from_secs(30), 3);
-    let mut fleet = Fleet::new().with_liveness(rule, now_us);
-    let mut audit = Auditor::new(AuditOptions {
+    let mut fleet = Piped::new(Fleet::new().with_liveness(rule, now_us));
+    let mut audit = Piped::new(Auditor::new(AuditOptions {
         liveness: rule,
         now_us,
         from_start: true,
-    });
-    let mut usage = Usage::new().with_liveness(rule, now_us);
+    }));
+    let mut usage = Piped::new(Usage::new().with_liveness(rule, now_us));
     let source: Arc<str> = Arc::from("FUZZ");
     let mut rest = data;
     let mut offset = 0u64;
@@ -82,9 +83,9 @@ fuzz_target!(|data: &[u8]| {
                     },
                 };
                 let contiguous = mode & 0x10 != 0;
-                fleet.apply(&rec, contiguous);
-                audit.add(&rec, contiguous);
-                usage.add(&rec, contiguous);
+                fleet.record(&rec, contiguous);
+                audit.record(&rec, contiguous);
+                usage.record(&rec, contiguous);
             }
             Err(e) => {
                 assert!(!e.to_string().is_empty());
@@ -94,9 +95,9 @@ fuzz_target!(|data: &[u8]| {
                     offset,
                     time_us: None,
                 };
-                fleet.lost(&pos);
-                usage.lost(&pos);
-                audit.undecodable(&pos, &e.to_string());
+                fleet.undecodable(&pos, &e, true);
+                usage.undecodable(&pos, &e, true);
+                audit.undecodable(&pos, &e, true);
             }
         }
     }
@@ -109,10 +110,10 @@ fuzz_target!(|data: &[u8]| {
     .lane();
     fleet.lane_end(&lane, offset + 2, None);
     usage.lane_end(&lane, offset + 2, None);
-    audit.lane_end(&lane, offset + 2);
-    let _ = fleet.domains();
-    let _ = fleet.hosts();
-    let report = audit.finish();
-    let _ = report.to_text();
-    let _ = usage.compute(0, 1_900_000_000_000_000);
+    audit.lane_end(&lane, offset + 2, None);
+    let _ = fleet.feed.domains();
+    let _ = fleet.feed.hosts();
+    let report = audit.into_inner().finish();
+    let _ = virtstream::consumer::report::audit_text(&report);
+    let _ = usage.feed.compute(0, 1_900_000_000_000_000);
 });
