@@ -8,10 +8,12 @@
 //! `config` and `telemetry` serve the operator; `agent` wires it together.
 
 pub mod agent;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod consumer;
 pub mod epoch;
+pub mod heap;
 pub mod journal;
 pub mod model;
 pub mod sinks;

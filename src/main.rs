@@ -426,7 +426,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { config } => {
-            virtstream::source::ffi::limit_malloc_arenas();
+            virtstream::heap::limit_arenas();
             let cfg = match load_checked(&config) {
                 Ok(c) => c,
                 Err(code) => return code,

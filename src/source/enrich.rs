@@ -27,9 +27,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::now_micros;
 use crate::config::XmlMode;
 use crate::model::{DomainState, EventType};
-use crate::tracker::{now_micros, Facts, Item, RawEvent};
+use crate::source::{Facts, Item, RawEvent};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum LookupError {

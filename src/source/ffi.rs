@@ -23,8 +23,9 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt_sys as sys;
 
+use crate::clock::now_micros;
 use crate::model::event_id;
-use crate::tracker::{now_micros, Item, RawEvent};
+use crate::source::{Item, RawEvent};
 
 /// Registers libvirt's default event loop implementation (once per
 /// process, before any connection is opened) and runs it on a dedicated

@@ -15,6 +15,9 @@
 
 pub mod enrich;
 pub mod ffi;
+mod handoff;
+
+pub use handoff::{Facts, Item, RawEvent, ResyncRequests};
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,9 +29,9 @@ use sha2::{Digest, Sha256};
 use virt::connect::Connect;
 use virt::domain::Domain;
 
+use crate::clock::now_micros;
 use crate::model::{HostInfo, StateReason};
 use crate::telemetry::{Health, Metrics};
-use crate::tracker::{now_micros, Facts, Item, ResyncRequests};
 use enrich::{Inspector, LookupError};
 
 #[derive(Debug, thiserror::Error)]

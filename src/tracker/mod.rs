@@ -37,43 +37,11 @@ use crate::model::{
 };
 use crate::telemetry::Metrics;
 
+// Kept for callers that still name it here; the clock is `crate::clock`.
+pub use crate::clock::now_micros;
+use crate::source::{Facts, Item, RawEvent, ResyncRequests};
+
 mod stale;
-
-/// What the libvirt callback hands over. Built without calling libvirt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawEvent {
-    pub uuid: String,
-    pub name: String,
-    /// libvirt domain id, when the domain object carried one.
-    pub id: Option<i32>,
-    /// `VIR_DOMAIN_EVENT_ID_*`.
-    pub event_id: i32,
-    /// Lifecycle event type integer (-1 for other event ids).
-    pub type_code: i32,
-    /// Lifecycle detail integer (-1 for other event ids).
-    pub detail_code: i32,
-    /// Agent receive time (µs since the Unix epoch).
-    pub observed_at: i64,
-    /// What the enricher fetched for this event (see `source::enrich`):
-    /// only for a DEFINED, a domain not known to exist, or when every
-    /// message carries the XML. `None` otherwise, or when libvirt could
-    /// not tell: the event is published with what is known.
-    pub facts: Option<Box<Facts>>,
-}
-
-/// What a lookup or listing tells about a domain.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Facts {
-    pub name: String,
-    pub id: Option<i32>,
-    pub state: StateReason,
-    pub persistent: bool,
-    pub autostart: Option<bool>,
-    pub vcpus: Option<i32>,
-    pub memory_kib: Option<i64>,
-    pub config_hash: Option<String>,
-    pub xml: Option<String>,
-}
 
 /// Why a gap marker is emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,35 +76,6 @@ impl GapCause {
     }
 }
 
-/// Items on the hand-off queue, in the order the tracker must see them.
-#[derive(Debug, Clone)]
-pub enum Item {
-    /// Boxed so the queue's slots stay small (the queue preallocates).
-    Event(Box<RawEvent>),
-    /// The barrier of a list + watch: the source is about to take a
-    /// listing. Every event after this item on the queue was delivered
-    /// after the listing began, so the listing that follows may be older
-    /// than it and must not undo it. `dropped` is the callback's count of
-    /// events dropped on a full queue when the barrier was queued: a drop
-    /// after it may be newer than the listing.
-    ListingBegin { dropped: u64 },
-    /// A complete listing of the host's domains (after connect, or on
-    /// request), taken after the last `ListingBegin`; the tracker emits
-    /// RECONCILE events for every difference it may repair.
-    Resync {
-        listing: Vec<(String, Facts)>,
-        observed_at: i64,
-        /// What the connection's libvirt is (carried by HostSnapshot).
-        info: HostInfo,
-    },
-    /// The libvirt connection was lost: events may be missing from here on.
-    Disconnected { observed_at: i64 },
-    /// Domains whose latest snapshot record on a bus is from another
-    /// (earlier) epoch of this host and not a tombstone: the next complete
-    /// round tombstones those it does not contain (see `stale.rs`).
-    StaleSnapshots(Vec<String>),
-}
-
 /// What the events applied since a listing began settled about one
 /// domain: the listing may be older than them, so it does not override
 /// what they settled.
@@ -150,34 +89,6 @@ pub struct Touch {
     pub defined: bool,
     /// DEFINED's lookup fixed the configuration (hash, sizes, autostart).
     pub config: bool,
-}
-
-/// Listing requests from the tracker to the source. Requests merge (a
-/// full one absorbs a light one) instead of queueing, so a full listing
-/// asked for after a gap is never lost behind a pending light one.
-#[derive(Debug, Default)]
-pub struct ResyncRequests {
-    pending: std::sync::Mutex<Option<bool>>,
-    wake: std::sync::Condvar,
-}
-
-impl ResyncRequests {
-    /// Asks for a listing; `full` for one with config hashes.
-    pub fn request(&self, full: bool) {
-        let mut p = self.pending.lock().expect("resync requests");
-        *p = Some(p.unwrap_or(false) || full);
-        self.wake.notify_one();
-    }
-
-    /// Waits up to `timeout` for a request; `Some(full)` takes it.
-    pub fn wait(&self, timeout: Duration) -> Option<bool> {
-        let p = self.pending.lock().expect("resync requests");
-        let (mut p, _) = self
-            .wake
-            .wait_timeout_while(p, timeout, |p| p.is_none())
-            .expect("resync requests");
-        p.take()
-    }
 }
 
 /// The tracker's memory of one domain (persisted in the journal).
@@ -1027,14 +938,6 @@ pub fn decode_records(raw: &HashMap<String, Vec<u8>>) -> HashMap<String, DomainR
         .collect()
 }
 
-/// Current time in µs since the Unix epoch.
-pub fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
 /// The tracker's thread: queue in, journal out.
 pub struct TrackerTask {
     pub tracker: Tracker,
@@ -1112,7 +1015,7 @@ impl TrackerTask {
                 }
                 // What a round's burst left behind (listing, records, sink
                 // buffers) goes back to the system.
-                crate::source::ffi::trim_heap();
+                crate::heap::trim();
             }
             if now >= next_sweep {
                 next_sweep = now + SWEEP_EVERY;
@@ -1223,7 +1126,7 @@ impl TrackerTask {
                     for s in snaps {
                         self.append_snap(s);
                     }
-                    crate::source::ffi::trim_heap();
+                    crate::heap::trim();
                     self.metrics.snapshot_rounds.inc();
                     // Losses while the listing was under way: the round may
                     // miss them, so a marker follows it, and a new listing.
