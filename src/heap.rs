@@ -9,7 +9,8 @@
 
 use crate::source::ffi;
 
-/// Limits glibc malloc to one arena. The agent has a handful of threads
+/// Limits glibc malloc to one arena (per-thread caches still serve small
+/// allocations without locking). The agent has a handful of threads
 /// with small heaps; glibc's default (one arena per contending thread, up
 /// to 8 × cores) only keeps freed memory resident. Call at start-up,
 /// before any other thread starts.

@@ -7,6 +7,8 @@
 //! `codec` and `model` define the messages; `consumer` reads them back;
 //! `config` and `telemetry` serve the operator; `agent` wires it together.
 
+#![deny(unsafe_code)]
+
 pub mod agent;
 pub mod clock;
 pub mod codec;

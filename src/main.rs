@@ -3,6 +3,8 @@
 //! Exit codes: 0 success; 1 runtime failure; 64 usage or configuration
 //! error (bad flag, unknown key, wrong type, unwritable journal path).
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -14,6 +14,8 @@
 //!   never waits for it.
 
 pub mod enrich;
+// The one module allowed `unsafe` (see its header).
+#[allow(unsafe_code)]
 pub mod ffi;
 mod handoff;
 
