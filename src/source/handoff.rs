@@ -110,3 +110,20 @@ impl ResyncRequests {
         p.take()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resync_requests_merge_and_a_full_one_is_never_lost() {
+        let r = ResyncRequests::default();
+        assert_eq!(r.wait(Duration::from_millis(1)), None);
+        r.request(true);
+        r.request(false);
+        assert_eq!(r.wait(Duration::from_millis(1)), Some(true));
+        assert_eq!(r.wait(Duration::from_millis(1)), None);
+        r.request(false);
+        assert_eq!(r.wait(Duration::from_millis(1)), Some(false));
+    }
+}
