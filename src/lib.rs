@@ -5,7 +5,11 @@
 //! Data flow, one module per stage:
 //! `source` (libvirt) → `tracker` → `journal` → `sinks` (NATS, …);
 //! `codec` and `model` define the messages; `consumer` reads them back;
-//! `config` and `telemetry` serve the operator; `agent` wires it together.
+//! `config` and `telemetry` serve the operator; `agent` wires it together;
+//! `clock` and `heap` are small helpers every stage may use.
+//!
+//! `unsafe` is denied here and allowed in one module only,
+//! `source::ffi`, where libvirt's and glibc's C calls live.
 
 #![deny(unsafe_code)]
 
