@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
+use virtstream::clock::now_micros;
 use virtstream::config::{KafkaConfig, NatsConfig, XmlMode};
 use virtstream::journal::{Journal, OpenOptions};
 use virtstream::model::{DomainState, StateReason};
@@ -35,10 +36,9 @@ use virtstream::sinks::kafka::service::KafkaSink;
 use virtstream::sinks::nats::encoding::EncodingContext;
 use virtstream::sinks::nats::service::NatsSink;
 use virtstream::source::enrich::{EnrichOptions, EnrichTask, Enricher, Inspector, LookupError};
+use virtstream::source::{Facts, Item, RawEvent};
 use virtstream::telemetry::{Health, Metrics};
-use virtstream::tracker::{
-    now_micros, Facts, Item, RawEvent, Tracker, TrackerOptions, TrackerTask,
-};
+use virtstream::tracker::{Tracker, TrackerOptions, TrackerTask};
 
 const DOMAINS: usize = 1000;
 const FLOOD: u64 = 150_000;
@@ -128,7 +128,7 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
     // first event is looked up), the tracker.
     let (items_tx, items_rx) = std::sync::mpsc::sync_channel(16384);
     let (enriched_tx, enriched_rx) = std::sync::mpsc::sync_channel(16384);
-    let resync = std::sync::Arc::new(virtstream::tracker::ResyncRequests::default());
+    let resync = std::sync::Arc::new(virtstream::source::ResyncRequests::default());
     let stop = Arc::new(AtomicBool::new(false));
     let enrich = EnrichTask {
         enricher: Enricher::new(

@@ -139,7 +139,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     // Callbacks and source → enricher → tracker.
     let (items_tx, items_rx) = std::sync::mpsc::sync_channel(cfg.libvirt.queue_capacity);
     let (enriched_tx, enriched_rx) = std::sync::mpsc::sync_channel(cfg.libvirt.queue_capacity);
-    let resync = Arc::new(crate::tracker::ResyncRequests::default());
+    let resync = Arc::new(crate::source::ResyncRequests::default());
     let overflow = Arc::new(AtomicBool::new(false));
     let conn_slot = Arc::new(RwLock::new(None));
     let seeding = crate::epoch::spawn_stale_seeding(

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::journal::{Journal, Recovered};
 use crate::sinks::kafka::{self, probe as kafka_probe};
 use crate::sinks::nats::probe as nats_probe;
-use crate::tracker::Item;
+use crate::source::Item;
 
 /// How long a bus may take to tell its highest `host_seq` at start.
 const NATS_PROBE: Duration = Duration::from_secs(5);

@@ -3,16 +3,26 @@
 //! to rebuild fleet state from them.
 //!
 //! Data flow, one module per stage:
-//! `source` (libvirt) → `tracker` → `journal` → `sinks` (NATS, …);
-//! `codec` and `model` define the messages; `consumer` reads them back;
-//! `config` and `telemetry` serve the operator; `agent` wires it together.
+//! `source` (libvirt) → `tracker` → `journal` → `sinks` (NATS, Kafka) on
+//! the agent's side; `bus` → `consumer` (lanes → feed → report) on the
+//! reading side, `bus` being how both sides reach NATS and Kafka;
+//! `codec` and `model` define the messages;
+//! `config` and `telemetry` serve the operator; `agent` wires it together;
+//! `clock` and `heap` are small helpers every stage may use.
+//!
+//! `unsafe` is denied here and allowed in one module only,
+//! `source::ffi`, where libvirt's and glibc's C calls live.
+
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod bus;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod consumer;
 pub mod epoch;
+pub mod heap;
 pub mod journal;
 pub mod model;
 pub mod sinks;

@@ -6,6 +6,8 @@
 //! Exit codes: 0 success; 1 runtime failure; 64 usage or configuration
 //! error (bad flag, unknown key, wrong type, unwritable journal path).
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -365,7 +367,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { config } => {
-            virtstream::source::ffi::limit_malloc_arenas();
+            virtstream::heap::limit_arenas();
             let cfg = match load_checked(&config) {
                 Ok(c) => c,
                 Err(code) => return code,

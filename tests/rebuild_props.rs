@@ -23,7 +23,8 @@ use virtstream::consumer::record::{Body, Lane, Position, Record, Tombstone};
 use virtstream::consumer::usage::Usage;
 use virtstream::model::{DomainState, HostInfo, HostSnapshotKind, StateReason};
 use virtstream::source::enrich::{EnrichOptions, Enricher, Inspector, LookupError};
-use virtstream::tracker::{Facts, GapCause, Item, RawEvent, Snap, Tracker, TrackerOptions};
+use virtstream::source::{Facts, Item, RawEvent};
+use virtstream::tracker::{GapCause, Snap, Tracker, TrackerOptions};
 
 type Table = Arc<Mutex<HashMap<String, Facts>>>;
 

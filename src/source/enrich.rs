@@ -11,13 +11,13 @@
 //!   domain the enricher does not know to exist, or every event when the
 //!   XML is wanted with every message (`xml = "always"`); a fetch may
 //!   already see a later state, and the tracker never lets it override the
-//!   state the event leads to (DESIGN §2);
+//!   state the event leads to (see `tracker::derive`);
 //! - fetches are batched: every item queued when a batch starts is looked
 //!   at together and the domains it needs are fetched at once (one bulk
 //!   stats call for all of them, see `Inspector::inspect_many`);
 //! - what the enricher knows of a domain follows events and listings the
 //!   way the tracker's records do; a listing does not undo what events
-//!   after its barrier settled (list + watch, see `tracker`). Where the
+//!   after its barrier settled (list + watch, see `tracker::rounds`). Where the
 //!   two disagree the cost is one needless fetch, or one event published
 //!   with the tracker's last known facts, repaired by the next round.
 
@@ -27,9 +27,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::now_micros;
 use crate::config::XmlMode;
 use crate::model::{DomainState, EventType};
-use crate::tracker::{now_micros, Facts, Item, RawEvent};
+use crate::source::{Facts, Item, RawEvent};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum LookupError {

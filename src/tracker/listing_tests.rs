@@ -1,8 +1,13 @@
 //! The list + watch rule: a listing never undoes an event delivered after
 //! it began, and repairs only what such events could not tell.
 
-use super::tests::{facts, Enriched, TableInspector};
-use super::*;
+use std::collections::HashMap;
+
+use crate::model::{DomainSnapshot, DomainState, EventType, HostInfo, Origin};
+use crate::source::RawEvent;
+
+use super::testkit::{facts, Enriched, TableInspector};
+use super::types::{DomainRecord, Snap};
 
 const A: &str = "aaaaaaaa-1111-0000-0000-000000000000";
 const B: &str = "bbbbbbbb-1111-0000-0000-000000000000";
@@ -15,11 +20,11 @@ const SUSPENDED: i32 = 3;
 const STOPPED: i32 = 5;
 
 fn tracker() -> Enriched {
-    super::tests::tracker(TableInspector::default())
+    super::testkit::tracker(TableInspector::default())
 }
 
 fn ev(uuid: &str, ty: i32, detail: i32) -> RawEvent {
-    super::tests::raw(uuid, ty, detail)
+    super::testkit::raw(uuid, ty, detail)
 }
 
 fn info() -> HostInfo {
@@ -173,18 +178,6 @@ fn a_cancelled_listing_protects_nothing_later() {
     let listing = vec![(A.to_string(), facts(DomainState::RUNNING, "UNPAUSED", true))];
     // The suspend came before this listing began: the listing is newer.
     assert_eq!(t.on_resync(&listing, 5).len(), 1);
-}
-
-#[test]
-fn resync_requests_merge_and_a_full_one_is_never_lost() {
-    let r = ResyncRequests::default();
-    assert_eq!(r.wait(Duration::from_millis(1)), None);
-    r.request(true);
-    r.request(false);
-    assert_eq!(r.wait(Duration::from_millis(1)), Some(true));
-    assert_eq!(r.wait(Duration::from_millis(1)), None);
-    r.request(false);
-    assert_eq!(r.wait(Duration::from_millis(1)), Some(false));
 }
 
 #[test]

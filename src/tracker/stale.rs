@@ -13,7 +13,8 @@
 
 use std::collections::HashSet;
 
-use super::{Snap, Tracker};
+use super::state::Tracker;
+use super::types::Snap;
 
 impl Tracker {
     /// Adds UUIDs whose latest snapshot record on a bus belongs to an
@@ -67,9 +68,13 @@ impl Tracker {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::facts;
-    use super::super::*;
-    use crate::model::DomainState;
+    use std::collections::HashMap;
+
+    use super::super::testkit::facts;
+    use super::super::types::TrackerOptions;
+    use super::*;
+    use crate::config::XmlMode;
+    use crate::model::{DomainState, HostInfo};
 
     const A: &str = "aaaaaaaa-2222-0000-0000-000000000000";
     const X: &str = "eeeeeeee-2222-0000-0000-000000000000";
