@@ -1,8 +1,9 @@
 //! Sample records for the tests of the codec and of the sinks.
 //!
 //! Invariants:
-//! - every sample uses each optional field both ways across the set, and
-//!   stays stable: tests compare encoded bytes and decoded values.
+//! - the samples are fixed values with realistic ids and fields, some
+//!   optional fields set and some not; tests compare what the decoders and
+//!   sinks return against them.
 
 use crate::model::{
     event_id, Detail, DomainEvent, DomainRef, DomainSnapshot, DomainState, EventType, HostSnapshot,
