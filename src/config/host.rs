@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::values::{d_true, Dur};
 use super::{key_err, ConfigError};
+use crate::journal::WhenFull;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -63,14 +64,6 @@ pub struct LibvirtConfig {
     /// Domain XML in messages: off | on-change | always.
     #[serde(default = "d_xml")]
     pub xml: XmlMode,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WhenFull {
-    /// Accepted entries are kept; new events are not journaled while full.
-    /// A gap marker and a reconcile follow once space is free again.
-    RejectNew,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

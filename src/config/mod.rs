@@ -24,8 +24,9 @@ mod secrets;
 mod service;
 mod values;
 
+pub use crate::journal::WhenFull;
 pub use env::ENV_PREFIX;
-pub use host::{HostConfig, JournalConfig, LibvirtConfig, WhenFull, XmlMode};
+pub use host::{HostConfig, JournalConfig, LibvirtConfig, XmlMode};
 pub use kafka::{Brokers, KafkaConfig, PropValue, SaslMechanism, KAFKA_RESERVED_PROPERTIES};
 pub use nats::NatsConfig;
 pub use secrets::Secret;

@@ -221,6 +221,7 @@ pub fn journal_host_seq(agent: &Agent) -> u64 {
         sinks: vec![],
         group_commit_max: 1,
         queue: 1,
+        when_full: virtstream::journal::WhenFull::RejectNew,
     })
     .expect("journal opens after the agent stopped");
     drop(j);
