@@ -90,6 +90,7 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
             .collect(),
         group_commit_max: 1024,
         queue: 2048,
+        when_full: virtstream::journal::WhenFull::RejectNew,
     })
     .unwrap();
     std::thread::Builder::new()

@@ -99,6 +99,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         sinks,
         group_commit_max: cfg.journal.group_commit_max,
         queue: cfg.journal.group_commit_max * 2,
+        when_full: cfg.journal.when_full,
     })?;
     tracing::info!(
         host_id = %recovered.host_id,

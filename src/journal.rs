@@ -26,6 +26,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use when_full::WhenFull;
+
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
@@ -198,6 +200,7 @@ pub struct Journal {
     ops: SyncSender<Op>,
     committed: watch::Receiver<u64>,
     shared: Arc<Shared>,
+    when_full: WhenFull,
 }
 
 struct Shared {
@@ -231,6 +234,8 @@ pub struct OpenOptions<'a> {
     pub group_commit_max: usize,
     /// Capacity of the queue in front of the writer.
     pub queue: usize,
+    /// What new entries meet once the backlog is at its bound.
+    pub when_full: WhenFull,
 }
 
 fn meta_get(
@@ -372,6 +377,7 @@ impl Journal {
             ops: tx,
             committed: crx,
             shared: shared.clone(),
+            when_full: opts.when_full,
         };
         let writer = JournalWriter {
             db,
@@ -781,6 +787,8 @@ impl JournalWriter {
         Ok(())
     }
 }
+
+mod when_full;
 
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,7 @@ fn open(dir: &Path, sinks: &[&str]) -> (Journal, std::thread::JoinHandle<()>, Re
         sinks: sinks.iter().map(|s| s.to_string()).collect(),
         group_commit_max: 64,
         queue: 128,
+        when_full: WhenFull::RejectNew,
     })
     .unwrap();
     (j, std::thread::spawn(move || w.run()), r)
@@ -181,6 +182,7 @@ fn refuses_another_hosts_journal() {
         sinks: vec![],
         group_commit_max: 1,
         queue: 1,
+        when_full: WhenFull::RejectNew,
     })
     .err()
     .unwrap();
@@ -208,6 +210,7 @@ fn rotating_the_epoch_starts_over_and_survives_reopen() {
             sinks: vec!["kafka".into()],
             group_commit_max: 64,
             queue: 128,
+            when_full: WhenFull::RejectNew,
         })
         .unwrap();
         old = r.epoch.clone();
@@ -228,6 +231,7 @@ fn rotating_the_epoch_starts_over_and_survives_reopen() {
         sinks: vec!["kafka".into()],
         group_commit_max: 64,
         queue: 128,
+        when_full: WhenFull::RejectNew,
     })
     .unwrap();
     assert_eq!((r.epoch.as_str(), r.host_seq), (old.as_str(), 5));

@@ -141,6 +141,7 @@ mod tests {
             sinks: vec!["s".into()],
             group_commit_max: 64,
             queue: 128,
+            when_full: crate::journal::WhenFull::RejectNew,
         })
         .unwrap();
         let writer = std::thread::spawn(move || writer.run());

@@ -91,7 +91,9 @@ impl TrackerTask {
             // While the journal is full nothing new is journaled: no
             // periodic round, no heartbeat (the journal-full gap marker is
             // followed by a full listing and round once space is free).
-            let full_now = self.journal.backlog_bytes() >= self.tracker.opts.max_journal_bytes;
+            let full_now = self
+                .journal
+                .rejects_new(self.tracker.opts.max_journal_bytes);
             if now >= next_round {
                 // The listing it asks for comes back as a Resync: reconcile,
                 // then the round.
@@ -135,7 +137,9 @@ impl TrackerTask {
                 }
                 self.request_resync(true);
             }
-            let full = self.journal.backlog_bytes() >= self.tracker.opts.max_journal_bytes;
+            let full = self
+                .journal
+                .rejects_new(self.tracker.opts.max_journal_bytes);
             if !full && full_gap_pending {
                 full_gap_pending = false;
                 let o = self.tracker.gap(GapCause::JournalFull, now_micros());
