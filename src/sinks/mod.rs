@@ -11,6 +11,7 @@
 //! - a slow or dead sink never blocks the tracker or another sink (the
 //!   journal absorbs the difference, within `journal.max_bytes`).
 
+pub(crate) mod driver;
 mod journal_io;
 pub mod kafka;
 pub mod nats;

@@ -15,6 +15,7 @@
 
 pub mod encoding;
 pub mod probe;
+mod scheduler;
 pub mod service;
 
 use std::time::Duration;
