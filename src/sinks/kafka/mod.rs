@@ -18,6 +18,7 @@
 
 pub mod encoding;
 mod offsets;
+mod recovery;
 pub mod probe;
 pub mod reader;
 pub mod service;
