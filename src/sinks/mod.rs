@@ -14,6 +14,7 @@
 pub(crate) mod driver;
 mod journal_io;
 pub mod kafka;
+pub mod launch;
 pub mod nats;
 
 use std::collections::BTreeSet;

@@ -18,9 +18,9 @@
 
 pub mod encoding;
 mod offsets;
-mod recovery;
 pub mod probe;
 pub mod reader;
+mod recovery;
 pub mod service;
 
 use std::collections::HashMap;

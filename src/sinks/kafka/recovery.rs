@@ -14,7 +14,7 @@
 //!   of this host's records above the cursor.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +24,8 @@ use tokio::sync::broadcast;
 use super::encoding::{EncodingContext, EVENT_ID_HEADER};
 use super::offsets::{Offsets, TopicOffsets};
 use super::reader::{self, Flow, ReadOptions, Start};
-use super::service::KafkaSink;
 use super::{partition_for, KafkaSinkError};
+use crate::config::KafkaConfig;
 use crate::journal::Journal;
 use crate::model::parse_event_id;
 
@@ -34,7 +34,21 @@ pub(super) type Placed = (usize, i32, i64);
 /// Per topic: partition → the highest `host_seq` of the backlog there.
 type PartitionChecks = [BTreeMap<i32, u64>; 3];
 
-impl KafkaSink {
+fn journal_err(e: impl std::fmt::Display) -> KafkaSinkError {
+    KafkaSinkError::Journal(e.to_string())
+}
+
+/// What the read-back needs of the sink.
+pub(super) struct Recovery<'a> {
+    pub cfg: &'a KafkaConfig,
+    pub journal: &'a Journal,
+    pub host_id: &'a str,
+    pub epoch: &'a str,
+    /// See `KafkaSink::sent_upto`.
+    pub sent_upto: &'a AtomicU64,
+}
+
+impl Recovery<'_> {
     /// Per topic, for every partition the entries after `cursor` map to
     /// (under the current count and, after a change, the prior one), the
     /// highest `host_seq` mapping there; and the newest record time (ms)
@@ -49,7 +63,7 @@ impl KafkaSink {
         let mut newest: Option<i64> = None;
         let mut after = cursor;
         loop {
-            let batch = journal.read_after(after, 4096).map_err(KafkaSink::journal_err)?;
+            let batch = journal.read_after(after, 4096).map_err(journal_err)?;
             let Some(last) = batch.last() else { break };
             after = last.host_seq;
             for e in &batch {
@@ -105,7 +119,7 @@ impl KafkaSink {
                 Self::partitions_to_check(&journal, cursor, &enc, priors)
             })
             .await
-            .map_err(KafkaSink::journal_err)??
+            .map_err(journal_err)??
         };
         let mut found = HashMap::new();
         for (t, check) in checks.into_iter().enumerate() {
@@ -154,8 +168,8 @@ impl KafkaSink {
             let idle = self.cfg.readback_idle.0;
             let skew = self.cfg.readback_max_clock_skew.0;
             let last_of = check.clone();
-            let host = self.host_id.clone();
-            let epoch = self.epoch.clone();
+            let host = self.host_id.to_string();
+            let epoch = self.epoch.to_string();
             let stop = stop.clone();
             // The most records one of our produce batches can hold (this
             // run's setting or librdkafka's default, whichever is larger:

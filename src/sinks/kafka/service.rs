@@ -41,7 +41,7 @@ use tokio::task::{JoinError, JoinHandle};
 use super::encoding::EncodingContext;
 use super::offsets::forget_offsets;
 pub use super::offsets::{Offsets, TopicOffsets};
-use super::recovery::Placed;
+use super::recovery::{Placed, Recovery};
 use super::{
     admin_client, client_config, missing_topic, provision_topics, KafkaContext, KafkaSinkError,
 };
@@ -96,7 +96,7 @@ impl KafkaSink {
         self.health.set_sink(SINK_NAME, s);
     }
 
-    pub(super) fn journal_err(e: impl std::fmt::Display) -> KafkaSinkError {
+    fn journal_err(e: impl std::fmt::Display) -> KafkaSinkError {
         KafkaSinkError::Journal(e.to_string())
     }
 
@@ -189,7 +189,14 @@ impl KafkaSink {
         });
 
         // 2. Recovery.
-        let found = self
+        let recovery = Recovery {
+            cfg: &self.cfg,
+            journal: &self.journal,
+            host_id: &self.host_id,
+            epoch: &self.epoch,
+            sent_upto: &self.sent_upto,
+        };
+        let found = recovery
             .recover(&base, start, &mut offsets, &enc, shutdown)
             .await?;
         let journal = self.journal.clone();
