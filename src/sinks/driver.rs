@@ -8,8 +8,10 @@
 //! - deliveries are handled before new work (`select! { biased; }`), then
 //!   journal reads, then the bus's own event, shutdown, new entries and
 //!   the timer;
-//! - at most [`READ_AHEAD`] entries are held by the bus (as it counts
-//!   them) plus one read under way; one journal read at a time;
+//! - one journal read at a time, started only while the bus holds fewer
+//!   than [`READ_AHEAD`] entries (as it counts them), for at most the
+//!   difference; entries reach the bus in `host_seq` order, none skipped
+//!   or repeated;
 //! - the cursor is the contiguous-ack window's; it is written back at most
 //!   every 10 ms (at once when nothing is in flight), with the bus's state
 //!   for that cursor, and every write asked for is handed to the journal
@@ -35,7 +37,7 @@ use crate::telemetry::Metrics;
 use crate::tracker::now_micros;
 
 /// Entries read ahead of the in-flight window.
-pub(crate) const READ_AHEAD: usize = 8192;
+const READ_AHEAD: usize = 8192;
 
 /// The cursor is written back at most this often while acks flow.
 const WRITE_BACK_EVERY: Duration = Duration::from_millis(10);
@@ -368,5 +370,116 @@ where
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::journal::{Kind, OpenOptions};
+
+    /// Sends entries in order, at most two at a time; they are stored
+    /// when their future completes.
+    struct Echo {
+        pending: VecDeque<Entry>,
+    }
+
+    impl Bus for Echo {
+        type Error = JournalError;
+        type Job = Entry;
+        type Delivery = Entry;
+        type Event = ();
+        const LABEL: &'static str = "test";
+
+        fn max_in_flight(&self) -> usize {
+            2
+        }
+        fn buffered(&self) -> usize {
+            self.pending.len()
+        }
+        fn accept(&mut self, entry: Entry) {
+            self.pending.push_back(entry);
+        }
+        fn next_job(&mut self, _: &mut Progress, _: u64) -> Result<Option<Entry>, JournalError> {
+            Ok(self.pending.pop_front())
+        }
+        fn state(&mut self, cursor: u64) -> Option<Vec<u8>> {
+            Some(cursor.to_string().into_bytes())
+        }
+        fn on_delivery(&mut self, e: Entry, progress: &mut Progress) -> Result<(), JournalError> {
+            progress.stored(&e);
+            progress.ack(e.host_seq);
+            Ok(())
+        }
+        fn journal_error(e: JournalError) -> JournalError {
+            e
+        }
+    }
+
+    #[test]
+    fn drains_to_the_head_and_writes_the_cursor_with_its_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, writer, _) = Journal::open(OpenOptions {
+            dir: dir.path(),
+            host_id: Some("h"),
+            default_host_id: &|| "unused".into(),
+            sinks: vec!["s".into()],
+            group_commit_max: 64,
+            queue: 128,
+        })
+        .unwrap();
+        let writer = std::thread::spawn(move || writer.run());
+        for n in 1..=100 {
+            let entry = Entry {
+                host_seq: n,
+                kind: Kind::DomainEvent,
+                key: "k".into(),
+                observed_at: 0,
+                payload: vec![],
+            };
+            journal.append(entry, None).unwrap();
+        }
+        journal.sync().unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let observer: AckObserver = {
+            let seen = seen.clone();
+            Arc::new(move |_| {
+                seen.fetch_add(1, Ordering::Relaxed);
+            })
+        };
+        let metrics = Metrics::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, mut rx) = broadcast::channel(1);
+            tx.send(()).unwrap();
+            let bus = Echo {
+                pending: VecDeque::new(),
+            };
+            let options = DriverOptions {
+                journal: journal.clone(),
+                sink: "s",
+                start: 0,
+                metrics: &metrics,
+                observer: Some(observer),
+                drain_deadline: Duration::from_secs(30),
+            };
+            Driver::new(bus, |e: Entry| async move { e }, options)
+                .run(&mut rx)
+                .await
+                .unwrap();
+        });
+        assert_eq!(seen.load(Ordering::Relaxed), 100);
+        journal.sync().unwrap();
+        let (cursor, state) = journal.cursor_and_state("s").unwrap();
+        assert_eq!(cursor, 100);
+        assert_eq!(state.as_deref(), Some(&b"100"[..]));
+        drop(journal);
+        writer.join().unwrap();
     }
 }

@@ -1,8 +1,10 @@
 //! Sinks: each reads the journal from its own cursor, publishes, and
 //! acknowledges back to the journal. Shared pieces live here: the
 //! contiguous-ack window, the reversible subject-token encoding of host
-//! ids, and (`journal_io`) the journal reads and cursor writes, which run
-//! on the blocking pool, never on the async thread.
+//! ids, (`journal_io`) the journal reads and cursor writes, which run on
+//! the blocking pool, never on the async thread, (`driver`) the publish
+//! loop every bus plugs into, and (`launch`) building the configured sinks
+//! so the agent starts them alike.
 //!
 //! Invariants:
 //! - a sink's cursor is the highest `host_seq` such that every entry at or
