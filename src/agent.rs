@@ -14,11 +14,9 @@ use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::journal::{Journal, JournalError, OpenOptions};
-use crate::sinks::kafka::service::KafkaSink;
-use crate::sinks::kafka::{self, KafkaSinkError};
-use crate::sinks::nats::encoding::EncodingContext;
-use crate::sinks::nats::service::NatsSink;
-use crate::sinks::nats::{self, NatsError};
+use crate::sinks::kafka::KafkaSinkError;
+use crate::sinks::launch::{SinkContext, SinkError, SinkKind};
+use crate::sinks::nats::NatsError;
 use crate::source::enrich::{EnrichOptions, EnrichTask, Enricher};
 use crate::source::{self, ffi, LibvirtInspector, Source, SourceOptions};
 use crate::telemetry::{self, Health, Metrics, TelemetryError};
@@ -38,6 +36,15 @@ pub enum AgentError {
     Kafka(#[from] KafkaSinkError),
     #[error("{0}")]
     Thread(String),
+}
+
+impl From<SinkError> for AgentError {
+    fn from(e: SinkError) -> Self {
+        match e {
+            SinkError::Nats(e) => AgentError::Nats(e),
+            SinkError::Kafka(e) => AgentError::Kafka(e),
+        }
+    }
 }
 
 /// The hostname, the last fallback for `host.id`.
@@ -69,13 +76,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let health = Arc::new(Health::default());
     let listener = telemetry::bind(cfg.metrics.listen).await?;
 
-    let mut sinks = Vec::new();
-    if cfg.nats.is_some() {
-        sinks.push(nats::service::SINK_NAME.to_string());
-    }
-    if cfg.kafka.is_some() {
-        sinks.push(kafka::service::SINK_NAME.to_string());
-    }
+    let sink_kinds = SinkKind::configured(&cfg);
+    let sinks: Vec<String> = sink_kinds.iter().map(|k| k.name().to_string()).collect();
     // Each sink is "connecting" (not ready) until it reports otherwise.
     let sink_names = sinks.clone();
     for name in &sinks {
@@ -226,21 +228,18 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
 
     let mut sink_tasks = Vec::new();
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<AgentError>(4);
-    if let Some(ncfg) = &cfg.nats {
-        metrics.register_sink(crate::sinks::nats::service::SINK_NAME);
-        let client = nats::connect(ncfg, &format!("virtstream-{}", recovered.host_id)).await?;
-        let sink = NatsSink {
-            cfg: ncfg.clone(),
-            client,
-            journal: journal.clone(),
-            encoding: Arc::new(EncodingContext::new(
-                &recovered.host_id,
-                &recovered.epoch,
-                ncfg,
-            )),
-            health: health.clone(),
-            metrics: metrics.clone(),
-            observer: None,
+    let sink_ctx = SinkContext {
+        host_id: recovered.host_id.clone(),
+        epoch: recovered.epoch.clone(),
+        host_seq: recovered.host_seq,
+        journal: journal.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+    };
+    for kind in sink_kinds {
+        metrics.register_sink(kind.name());
+        let Some(sink) = kind.build(&cfg, &sink_ctx).await? else {
+            continue;
         };
         let rx = shutdown_tx.subscribe();
         let deadline = cfg.host.shutdown_timeout.0;
@@ -251,28 +250,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             }
         }));
     }
-    if let Some(kcfg) = &cfg.kafka {
-        metrics.register_sink(crate::sinks::kafka::service::SINK_NAME);
-        let sink = KafkaSink {
-            cfg: kcfg.clone(),
-            client_id: format!("virtstream-{}", recovered.host_id),
-            host_id: recovered.host_id.clone(),
-            epoch: recovered.epoch.clone(),
-            journal: journal.clone(),
-            health: health.clone(),
-            metrics: metrics.clone(),
-            observer: None,
-            sent_upto: Arc::new(std::sync::atomic::AtomicU64::new(recovered.host_seq)),
-        };
-        let rx = shutdown_tx.subscribe();
-        let deadline = cfg.host.shutdown_timeout.0;
-        let fatal_tx = fatal_tx.clone();
-        sink_tasks.push(tokio::spawn(async move {
-            if let Err(e) = sink.run(rx, deadline).await {
-                let _ = fatal_tx.send(e.into()).await;
-            }
-        }));
-    }
+    drop(sink_ctx);
 
     // Telemetry. `refresh` reads the journal's cursors (redb): the ticker
     // and the endpoint call it on the blocking pool, one at a time, so a

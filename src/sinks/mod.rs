@@ -1,9 +1,11 @@
 //! Sinks: each reads the journal from its own cursor, publishes, and
 //! acknowledges back to the journal. Shared pieces live here: the
-//! bus-independent parts of a message, the contiguous-ack window, and
+//! bus-independent parts of a message, the contiguous-ack window,
 //! (`journal_io`) the journal reads and cursor writes, which run on the
-//! blocking pool, never on the async thread. Connections, topics, streams
-//! and wire names are the bus layer's ([`crate::bus`]).
+//! blocking pool, never on the async thread, (`driver`) the publish loop
+//! every bus plugs into, and (`launch`) building the configured sinks so
+//! the agent starts them alike. Connections, topics, streams and wire
+//! names are the bus layer's ([`crate::bus`]).
 //!
 //! Invariants:
 //! - a sink's cursor is the highest `host_seq` such that every entry at or
@@ -12,8 +14,10 @@
 //! - a slow or dead sink never blocks the tracker or another sink (the
 //!   journal absorbs the difference, within `journal.max_bytes`).
 
+pub(crate) mod driver;
 mod journal_io;
 pub mod kafka;
+pub mod launch;
 pub mod nats;
 
 use std::collections::BTreeSet;

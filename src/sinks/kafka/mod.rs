@@ -16,6 +16,7 @@ pub mod encoding;
 mod offsets;
 pub mod probe;
 pub mod reader;
+mod recovery;
 pub mod service;
 
 use std::sync::Arc;

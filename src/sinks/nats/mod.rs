@@ -11,6 +11,7 @@
 
 pub mod encoding;
 pub mod probe;
+mod scheduler;
 pub mod service;
 
 use async_nats::jetstream::{self, stream};

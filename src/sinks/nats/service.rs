@@ -22,45 +22,33 @@
 //!   allowed, else not ready until they exist); cached positions are then
 //!   void and dropped.
 //!
-//! Acks are handled before new work (`select! { biased; }`); the cursor is
-//! written back to the journal at most every 10 ms. Journal reads and
-//! cursor writes run on the blocking pool (`sinks::journal_io`).
+//! The loop itself (read-ahead, acks before new work, the cursor
+//! write-back, draining) is `sinks::driver`'s; the per-subject queues,
+//! positions and retry waits are `scheduler`'s. This file holds what
+//! talks to JetStream: provisioning, the position read-back and the
+//! publish with its expectation.
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind};
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use super::encoding::{Encoded, EncodingContext};
+use super::scheduler::{Failed, Position, Retry, Scheduler};
 use super::{ensure_streams, NatsError};
 use crate::config::NatsConfig;
-use crate::journal::{Entry, Journal, Kind};
+use crate::journal::{Entry, Journal, JournalError, Kind};
 use crate::model::parse_event_id;
-use crate::sinks::journal_io::{CursorWriter, ReadAhead};
-use crate::sinks::AckWindow;
+pub use crate::sinks::driver::AckObserver;
+use crate::sinks::driver::{Bus, Driver, DriverOptions, Progress};
 use crate::telemetry::{Health, Metrics, SinkState};
-use crate::tracker::now_micros;
 
 /// The sink's name in the journal's cursor table and in metrics.
 pub const SINK_NAME: &str = "nats";
 
 /// At most one diagnostic connection attempt this often while not ready.
 const DIAGNOSE_EVERY: Duration = Duration::from_secs(30);
-
-/// Entries read ahead of the in-flight window.
-const READ_AHEAD: usize = 8192;
-
-/// What the broker holds for one subject, as far as this sink knows.
-#[derive(Debug, Clone, Copy)]
-struct Position {
-    stream_seq: u64,
-    /// `host_seq` of that message when it is this host's and epoch's.
-    ours: Option<u64>,
-}
 
 enum Outcome {
     Published {
@@ -95,9 +83,6 @@ struct Done {
     entry: Entry,
     result: Result<Outcome, Failure>,
 }
-
-/// Called for every entry the broker stored (benchmarks measure latency).
-pub type AckObserver = Arc<dyn Fn(&Entry) + Send + Sync>;
 
 pub struct NatsSink {
     pub cfg: NatsConfig,
@@ -169,15 +154,28 @@ struct JournalHead {
     read_upto: u64,
 }
 
-async fn publish_one(
+/// One publish, as the scheduler handed it out.
+struct Job {
     js: jetstream::Context,
     stream: Arc<jetstream::stream::Stream>,
     enc: Arc<EncodingContext>,
+    /// The subject's position when known; else it is read back first.
     known: Option<Position>,
     head: JournalHead,
     entry: Entry,
     encoded: Encoded,
-) -> Done {
+}
+
+async fn publish_one(job: Job) -> Done {
+    let Job {
+        js,
+        stream,
+        enc,
+        known,
+        head,
+        entry,
+        encoded,
+    } = job;
     let subject = encoded.subject.clone();
     let result = async {
         let pos = match known {
@@ -241,17 +239,55 @@ impl NatsSink {
     ) -> Result<(), NatsError> {
         self.set_state(SinkState::Connecting);
         let js = super::context(self.client.clone(), &self.cfg);
-        // Provision / check the stream, retrying transient failures.
+        let Some((events, snapshots)) = self.await_streams(&js, &mut shutdown).await? else {
+            return Ok(());
+        };
+        self.set_state(SinkState::Ready);
+        tracing::info!(stream = %self.cfg.events_stream, "NATS sink ready");
+
+        let journal = self.journal.clone();
+        let start = tokio::task::spawn_blocking(move || journal.cursor(SINK_NAME))
+            .await
+            .map_err(|e| NatsError::Api(e.to_string()))?
+            .map_err(|e| NatsError::Api(e.to_string()))?;
+        let publisher = Publisher {
+            sink: &self,
+            js,
+            events: Arc::new(events),
+            snapshots: Arc::new(snapshots),
+            sched: Scheduler::default(),
+            ready_state: true,
+        };
+        let options = DriverOptions {
+            journal: self.journal.clone(),
+            sink: SINK_NAME,
+            start,
+            metrics: &self.metrics,
+            observer: self.observer.clone(),
+            drain_deadline,
+        };
+        Driver::new(publisher, publish_one, options)
+            .run(&mut shutdown)
+            .await
+    }
+
+    /// Provisions / checks the streams, retrying transient failures;
+    /// `None` when shut down first.
+    async fn await_streams(
+        &self,
+        js: &jetstream::Context,
+        shutdown: &mut broadcast::Receiver<()>,
+    ) -> Result<Option<(jetstream::stream::Stream, jetstream::stream::Stream)>, NatsError> {
         let mut delay = Duration::from_millis(200);
         // The client's own events say only "IO error" for a refused TLS
         // handshake; a one-shot connect tells why. It costs a connection
         // attempt, so at most one per DIAGNOSE_EVERY while not ready.
         let mut diagnosis: Option<(Instant, String)> = None;
-        let stream = loop {
+        loop {
             let e = tokio::select! {
-                _ = shutdown.recv() => return Ok(()),
-                r = ensure_streams(&js, &self.cfg) => match r {
-                    Ok(s) => break s,
+                _ = shutdown.recv() => return Ok(None),
+                r = ensure_streams(js, &self.cfg) => match r {
+                    Ok(s) => return Ok(Some(s)),
                     Err(e) if e.is_fatal() => {
                         self.set_state(SinkState::Failing(e.to_string()));
                         return Err(e);
@@ -266,7 +302,7 @@ impl NatsSink {
                     .is_none_or(|(at, _)| at.elapsed() >= DIAGNOSE_EVERY);
                 if stale {
                     let cause = tokio::select! {
-                        _ = shutdown.recv() => return Ok(()),
+                        _ = shutdown.recv() => return Ok(None),
                         c = super::diagnose(&self.cfg) => c,
                     };
                     diagnosis = cause.map(|c| (Instant::now(), c));
@@ -278,263 +314,199 @@ impl NatsSink {
             tracing::warn!(error = %why, retry_in = ?delay, "NATS not ready");
             self.set_state(SinkState::Failing(why));
             tokio::select! {
-                _ = shutdown.recv() => return Ok(()),
+                _ = shutdown.recv() => return Ok(None),
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// The JetStream side of the publish loop: hands out the scheduler's
+/// entries as publishes, and feeds what came of them back.
+struct Publisher<'a> {
+    sink: &'a NatsSink,
+    js: jetstream::Context,
+    events: Arc<jetstream::stream::Stream>,
+    snapshots: Arc<jetstream::stream::Stream>,
+    sched: Scheduler,
+    /// Whether the sink last reported itself ready.
+    ready_state: bool,
+}
+
+impl Publisher<'_> {
+    fn failing(&mut self, why: String) {
+        self.sink.set_state(SinkState::Failing(why));
+        self.ready_state = false;
+    }
+
+    /// What became of a publish that did not store its entry.
+    fn failed(&mut self, subject: String, entry: Entry, failure: Failure) {
+        let (why, msg) = match failure {
+            Failure::WrongSeq(msg) => (Retry::StalePosition, msg),
+            Failure::StreamGone(msg) => (Retry::StreamGone, msg),
+            Failure::Other(msg) => (Retry::Backoff, msg),
         };
-        let (mut events_stream, mut snapshots_stream) = (Arc::new(stream.0), Arc::new(stream.1));
-        self.set_state(SinkState::Ready);
-        let mut ready_state = true;
-        tracing::info!(stream = %self.cfg.events_stream, "NATS sink ready");
-
-        let labels = Metrics::sink(SINK_NAME);
-        let published = self.metrics.published.get_or_create(&labels).clone();
-        let errors = self.metrics.publish_errors.get_or_create(&labels).clone();
-        let latency = self.metrics.publish_latency.get_or_create(&labels).clone();
-
-        let journal = self.journal.clone();
-        let start = tokio::task::spawn_blocking(move || journal.cursor(SINK_NAME))
-            .await
-            .map_err(|e| NatsError::Api(e.to_string()))?
-            .map_err(|e| NatsError::Api(e.to_string()))?;
-        let mut window = AckWindow::new(start);
-        let mut read_upto = start;
-        let mut committed = self.journal.committed();
-        let mut reads = ReadAhead::new(self.journal.clone());
-        let mut acks = CursorWriter::new(self.journal.clone(), SINK_NAME);
-        let mut queues: HashMap<String, VecDeque<Entry>> = HashMap::new();
-        // Subjects that are ready, in flight or waiting for a retry.
-        let mut scheduled: HashSet<String> = HashSet::new();
-        let mut ready: VecDeque<String> = VecDeque::new();
-        let mut positions: HashMap<String, Position> = HashMap::new();
-        let mut buffered = 0usize;
-        let mut inflight = FuturesUnordered::new();
-        let mut retry: Vec<String> = Vec::new();
-        let mut backoff_until: Option<Instant> = None;
-        let mut backoff = Duration::from_millis(100);
-        let mut flushed_cursor = start;
-        let mut last_flush = Instant::now();
-        let mut draining: Option<Instant> = None;
-        // A stream was deleted under the sink: publishing waits until it
-        // is provisioned again (or exists again).
-        let mut reprovision = false;
-
-        loop {
-            // Read ahead from the journal (the entries arrive below).
-            let head = *committed.borrow_and_update();
-            if !reads.busy() && buffered < READ_AHEAD && read_upto < head {
-                reads.start(read_upto, READ_AHEAD - buffered);
+        match self.sched.failed(subject, entry, why, Instant::now()) {
+            Failed::Retrying => {
+                tracing::debug!(error = %msg, "subject position was stale; re-reading it");
             }
-            let backing_off = backoff_until.is_some_and(|t| Instant::now() < t);
-            // Re-provision once nothing is in flight: a late ack from the
-            // deleted stream must not set a position in the new one.
-            if reprovision && !backing_off && inflight.is_empty() {
-                let attempt = tokio::select! {
-                    r = super::ensure_streams(&js, &self.cfg) => Some(r),
-                    _ = shutdown.recv(), if draining.is_none() => {
-                        draining = Some(Instant::now() + drain_deadline);
-                        None
-                    }
-                    _ = tokio::time::sleep_until(draining.unwrap_or_else(Instant::now).into()), if draining.is_some() => None,
-                };
-                match attempt {
-                    Some(Ok((events, snapshots))) => {
-                        tracing::info!(events = %self.cfg.events_stream, snapshots = %self.cfg.snapshots_stream, "JetStream streams provisioned again; publishing resumes in order");
-                        events_stream = Arc::new(events);
-                        snapshots_stream = Arc::new(snapshots);
-                        // Cached subject positions belong to the old stream.
-                        positions.clear();
-                        reprovision = false;
-                        backoff = Duration::from_millis(100);
-                        backoff_until = None;
-                        ready.extend(retry.drain(..));
-                        ready_state = true;
-                        self.set_state(SinkState::Ready);
-                    }
-                    Some(Err(e)) if matches!(e, NatsError::Unsuitable { .. }) => {
-                        self.set_state(SinkState::Failing(e.to_string()));
-                        return Err(e);
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "NATS stream not provisioned; publishing waits");
-                        self.set_state(SinkState::Failing(e.to_string()));
-                        ready_state = false;
-                        backoff_until = Some(Instant::now() + backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                    None => {}
+            Failed::Reprovision { known } => {
+                if !known {
+                    tracing::warn!(error = %msg, "JetStream stream is gone; provisioning it again before publishing on");
                 }
+                self.failing(msg);
             }
-            // Dispatch.
-            let backing_off = backoff_until.is_some_and(|t| Instant::now() < t);
-            if !backing_off && !reprovision {
-                if backoff_until.take().is_some() {
-                    ready.extend(retry.drain(..));
-                }
-                while inflight.len() < self.cfg.max_in_flight {
-                    let Some(subject) = ready.pop_front() else {
-                        break;
-                    };
-                    let Some(entry) = queues.get_mut(&subject).and_then(|q| q.pop_front()) else {
-                        scheduled.remove(&subject);
-                        continue;
-                    };
-                    let encoded = match self.encoding.encode(&entry) {
-                        Ok(e) => e,
-                        Err(e) => {
-                            // An entry this build cannot encode cannot be
-                            // published by retrying: report and skip it
-                            // (audit shows the hole).
-                            tracing::error!(host_seq = entry.host_seq, error = %e, "cannot encode journal entry; skipped");
-                            window.ack(entry.host_seq);
-                            buffered -= 1;
-                            ready.push_back(subject);
-                            continue;
-                        }
-                    };
-                    inflight.push(publish_one(
-                        js.clone(),
-                        if entry.kind == Kind::DomainEvent {
-                            events_stream.clone()
-                        } else {
-                            snapshots_stream.clone()
-                        },
-                        self.encoding.clone(),
-                        positions.get(&subject).copied(),
-                        JournalHead {
-                            committed: self.journal.committed(),
-                            read_upto,
-                        },
-                        entry,
-                        encoded,
-                    ));
-                }
-            }
-            // Cursor write-back, coalesced.
-            if window.cursor() > flushed_cursor
-                && (last_flush.elapsed() >= Duration::from_millis(10) || inflight.is_empty())
-            {
-                flushed_cursor = window.cursor();
-                last_flush = Instant::now();
-                acks.write(flushed_cursor, None);
-            }
-            if let Some(deadline) = draining {
-                let done = window.cursor() >= head || Instant::now() >= deadline;
-                if done {
-                    if window.cursor() > flushed_cursor {
-                        acks.write(window.cursor(), None);
-                    }
-                    acks.flush().await;
-                    tracing::info!(cursor = window.cursor(), head, "NATS sink stopped");
-                    return Ok(());
-                }
-            }
-            let wake = backoff_until.unwrap_or_else(|| {
-                Instant::now() + Duration::from_millis(if draining.is_some() { 20 } else { 500 })
-            });
-            tokio::select! {
-                biased;
-                Some(done) = inflight.next(), if !inflight.is_empty() => {
-                    buffered -= 1;
-                    let Done { subject, entry, result } = done;
-                    match result {
-                        Ok(outcome) => {
-                            // The subject's tail as the broker holds it;
-                            // unknown (re-read on the next publish) after a
-                            // duplicate ack.
-                            let tail = match outcome {
-                                Outcome::Published { stream_seq } => {
-                                    published.inc();
-                                    let lat = (now_micros() - entry.observed_at).max(0) as f64 / 1e6;
-                                    latency.observe(lat);
-                                    if let Some(o) = &self.observer {
-                                        o(&entry);
-                                    }
-                                    Some(Position { stream_seq, ours: Some(entry.host_seq) })
-                                }
-                                Outcome::AlreadyStored { tail } => tail,
-                                Outcome::BeyondJournal { host_seq, head } => {
-                                    let e = super::probe::behind_bus(&self.encoding.epoch, host_seq, head);
-                                    tracing::error!(error = %e, "NATS sink cannot continue");
-                                    self.set_state(SinkState::Failing(e.to_string()));
-                                    return Err(e);
-                                }
-                            };
-                            match tail {
-                                Some(p) if !leaves_host(&entry) => positions.insert(subject.clone(), p),
-                                // A domain that left the host frees its
-                                // subject's slot (memory stays flat under
-                                // churn); should it return, its subject is
-                                // read back once.
-                                _ => positions.remove(&subject),
-                            };
-                            window.ack(entry.host_seq);
-                            backoff = Duration::from_millis(100);
-                            if !ready_state {
-                                ready_state = true;
-                                self.set_state(SinkState::Ready);
-                            }
-                            if queues.get(&subject).is_some_and(|q| !q.is_empty()) {
-                                ready.push_back(subject);
-                            } else {
-                                scheduled.remove(&subject);
-                                queues.remove(&subject);
-                            }
-                        }
-                        Err(failure) => {
-                            errors.inc();
-                            positions.remove(&subject);
-                            queues.entry(subject.clone()).or_default().push_front(entry);
-                            buffered += 1;
-                            retry.push(subject);
-                            match failure {
-                                Failure::WrongSeq(msg) => {
-                                    tracing::debug!(error = %msg, "subject position was stale; re-reading it");
-                                    backoff_until.get_or_insert(Instant::now() + Duration::from_millis(5));
-                                }
-                                Failure::StreamGone(msg) => {
-                                    if !reprovision {
-                                        tracing::warn!(error = %msg, "JetStream stream is gone; provisioning it again before publishing on");
-                                    }
-                                    reprovision = true;
-                                    self.set_state(SinkState::Failing(msg));
-                                    ready_state = false;
-                                }
-                                Failure::Other(msg) => {
-                                    tracing::warn!(error = %msg, retry_in = ?backoff, "NATS publish failed; will retry in order");
-                                    self.set_state(SinkState::Failing(msg));
-                                    ready_state = false;
-                                    backoff_until = Some(Instant::now() + backoff);
-                                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                                }
-                            }
-                        }
-                    }
-                }
-                entries = reads.done(), if reads.busy() => {
-                    for entry in entries.map_err(|e| NatsError::Api(e.to_string()))? {
-                        read_upto = entry.host_seq;
-                        let subject = super::encoding::subject(&self.encoding, &entry);
-                        if scheduled.insert(subject.clone()) {
-                            ready.push_back(subject.clone());
-                        }
-                        queues.entry(subject).or_default().push_back(entry);
-                        buffered += 1;
-                    }
-                }
-                _ = shutdown.recv(), if draining.is_none() => {
-                    tracing::info!(deadline = ?drain_deadline, in_flight = inflight.len(), "NATS sink draining");
-                    draining = Some(Instant::now() + drain_deadline);
-                }
-                r = committed.changed(), if draining.is_none() && !reads.busy() && buffered < READ_AHEAD => {
-                    if r.is_err() {
-                        // The journal is gone: finish what is in flight.
-                        draining.get_or_insert(Instant::now() + drain_deadline);
-                    }
-                }
-                _ = tokio::time::sleep_until(wake.into()) => {}
+            Failed::BackingOff { retry_in } => {
+                tracing::warn!(error = %msg, retry_in = ?retry_in, "NATS publish failed; will retry in order");
+                self.failing(msg);
             }
         }
+    }
+}
+
+impl Bus for Publisher<'_> {
+    type Error = NatsError;
+    type Job = Job;
+    type Delivery = Done;
+    type Event = ();
+    const LABEL: &'static str = "NATS";
+
+    fn max_in_flight(&self) -> usize {
+        self.sink.cfg.max_in_flight
+    }
+
+    fn buffered(&self) -> usize {
+        self.sched.buffered()
+    }
+
+    fn accept(&mut self, entry: Entry) {
+        let subject = super::encoding::subject(&self.sink.encoding, &entry);
+        self.sched.push(subject, entry);
+    }
+
+    fn wants_restore(&self, idle: bool) -> bool {
+        self.sched.wants_reprovision(Instant::now(), idle)
+    }
+
+    /// Provisions the deleted stream again.
+    async fn restore(&mut self) -> Result<(), NatsError> {
+        let cfg = &self.sink.cfg;
+        match ensure_streams(&self.js, cfg).await {
+            Ok((events, snapshots)) => {
+                tracing::info!(events = %cfg.events_stream, snapshots = %cfg.snapshots_stream, "JetStream streams provisioned again; publishing resumes in order");
+                self.events = Arc::new(events);
+                self.snapshots = Arc::new(snapshots);
+                // Cached subject positions belong to the old stream.
+                self.sched.reprovisioned();
+                self.ready_state = true;
+                self.sink.set_state(SinkState::Ready);
+            }
+            Err(e) if matches!(e, NatsError::Unsuitable { .. }) => {
+                self.sink.set_state(SinkState::Failing(e.to_string()));
+                return Err(e);
+            }
+            Err(e) => {
+                let retry_in = self.sched.reprovision_failed(Instant::now());
+                tracing::warn!(error = %e, retry_in = ?retry_in, "NATS stream not provisioned; publishing waits");
+                self.failing(e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn open(&mut self) -> bool {
+        self.sched.open(Instant::now())
+    }
+
+    fn next_job(
+        &mut self,
+        progress: &mut Progress,
+        read_upto: u64,
+    ) -> Result<Option<Job>, NatsError> {
+        while let Some((subject, entry)) = self.sched.next() {
+            let encoded = match self.sink.encoding.encode(&entry) {
+                Ok(e) => e,
+                Err(e) => {
+                    // An entry this build cannot encode cannot be
+                    // published by retrying: report and skip it (audit
+                    // shows the hole).
+                    tracing::error!(host_seq = entry.host_seq, error = %e, "cannot encode journal entry; skipped");
+                    progress.ack(entry.host_seq);
+                    self.sched.skipped(subject);
+                    continue;
+                }
+            };
+            return Ok(Some(Job {
+                js: self.js.clone(),
+                stream: if entry.kind == Kind::DomainEvent {
+                    self.events.clone()
+                } else {
+                    self.snapshots.clone()
+                },
+                enc: self.sink.encoding.clone(),
+                known: self.sched.position(&subject),
+                head: JournalHead {
+                    committed: self.sink.journal.committed(),
+                    read_upto,
+                },
+                entry,
+                encoded,
+            }));
+        }
+        Ok(None)
+    }
+
+    fn wake(&self, tick: Instant, _draining: bool) -> Instant {
+        self.sched.wake(tick)
+    }
+
+    fn on_delivery(&mut self, done: Done, progress: &mut Progress) -> Result<(), NatsError> {
+        let Done {
+            subject,
+            entry,
+            result,
+        } = done;
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(failure) => {
+                progress.error();
+                self.failed(subject, entry, failure);
+                return Ok(());
+            }
+        };
+        // The subject's tail as the broker holds it; unknown (re-read on
+        // the next publish) after a duplicate ack.
+        let tail = match outcome {
+            Outcome::Published { stream_seq } => {
+                progress.stored(&entry);
+                Some(Position {
+                    stream_seq,
+                    ours: Some(entry.host_seq),
+                })
+            }
+            Outcome::AlreadyStored { tail } => tail,
+            Outcome::BeyondJournal { host_seq, head } => {
+                let e = super::probe::behind_bus(&self.sink.encoding.epoch, host_seq, head);
+                tracing::error!(error = %e, "NATS sink cannot continue");
+                self.sink.set_state(SinkState::Failing(e.to_string()));
+                return Err(e);
+            }
+        };
+        // A domain that left the host frees its subject's slot (memory
+        // stays flat under churn); should it return, its subject is read
+        // back once.
+        let tail = tail.filter(|_| !leaves_host(&entry));
+        progress.ack(entry.host_seq);
+        self.sched.stored(subject, tail);
+        if !self.ready_state {
+            self.ready_state = true;
+            self.sink.set_state(SinkState::Ready);
+        }
+        Ok(())
+    }
+
+    fn journal_error(e: JournalError) -> NatsError {
+        NatsError::Api(e.to_string())
     }
 }

@@ -1,0 +1,129 @@
+//! The sinks a configuration names, built and run alike, so the agent
+//! starts them in one loop.
+//!
+//! Invariants:
+//! - sinks come in one fixed order (NATS, then Kafka): the order of their
+//!   cursors in the journal and the order they are started in;
+//! - a sink's name is its journal cursor's and its metrics label.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::kafka::service::KafkaSink;
+use super::kafka::KafkaSinkError;
+use super::nats::encoding::EncodingContext;
+use super::nats::service::NatsSink;
+use super::nats::NatsError;
+use crate::config::Config;
+use crate::journal::Journal;
+use crate::telemetry::{Health, Metrics};
+
+/// A sink that failed in a way retrying cannot fix (or NATS could not be
+/// connected to at start).
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSinkError),
+}
+
+/// A kind of sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Nats,
+    Kafka,
+}
+
+/// What every sink is built with.
+pub struct SinkContext {
+    pub host_id: String,
+    pub epoch: String,
+    /// The journal's head when it was opened (this epoch).
+    pub host_seq: u64,
+    pub journal: Journal,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl SinkKind {
+    /// The sinks `cfg` configures, in order.
+    pub fn configured(cfg: &Config) -> Vec<SinkKind> {
+        let mut kinds = Vec::new();
+        if cfg.nats.is_some() {
+            kinds.push(SinkKind::Nats);
+        }
+        if cfg.kafka.is_some() {
+            kinds.push(SinkKind::Kafka);
+        }
+        kinds
+    }
+
+    /// The sink's name in the journal's cursor table and in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Nats => super::nats::service::SINK_NAME,
+            SinkKind::Kafka => super::kafka::service::SINK_NAME,
+        }
+    }
+
+    /// Builds the sink (a NATS sink connects its client); `None` when
+    /// `cfg` does not configure it.
+    pub async fn build(self, cfg: &Config, ctx: &SinkContext) -> Result<Option<Sink>, SinkError> {
+        let client_name = format!("virtstream-{}", ctx.host_id);
+        Ok(match self {
+            SinkKind::Nats => match &cfg.nats {
+                None => None,
+                Some(ncfg) => {
+                    let client = super::nats::connect(ncfg, &client_name).await?;
+                    Some(Sink::Nats(NatsSink {
+                        cfg: ncfg.clone(),
+                        client,
+                        journal: ctx.journal.clone(),
+                        encoding: Arc::new(EncodingContext::new(&ctx.host_id, &ctx.epoch, ncfg)),
+                        health: ctx.health.clone(),
+                        metrics: ctx.metrics.clone(),
+                        observer: None,
+                    }))
+                }
+            },
+            SinkKind::Kafka => cfg.kafka.as_ref().map(|kcfg| {
+                Sink::Kafka(KafkaSink {
+                    cfg: kcfg.clone(),
+                    client_id: client_name,
+                    host_id: ctx.host_id.clone(),
+                    epoch: ctx.epoch.clone(),
+                    journal: ctx.journal.clone(),
+                    health: ctx.health.clone(),
+                    metrics: ctx.metrics.clone(),
+                    observer: None,
+                    sent_upto: Arc::new(AtomicU64::new(ctx.host_seq)),
+                })
+            }),
+        })
+    }
+}
+
+/// A built sink.
+pub enum Sink {
+    Nats(NatsSink),
+    Kafka(KafkaSink),
+}
+
+impl Sink {
+    /// Runs until shutdown (then drains within `drain_deadline`); returns
+    /// `Err` only for errors retrying cannot fix.
+    pub async fn run(
+        self,
+        shutdown: broadcast::Receiver<()>,
+        drain_deadline: Duration,
+    ) -> Result<(), SinkError> {
+        match self {
+            Sink::Nats(s) => Ok(s.run(shutdown, drain_deadline).await?),
+            Sink::Kafka(s) => Ok(s.run(shutdown, drain_deadline).await?),
+        }
+    }
+}
