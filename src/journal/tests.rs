@@ -1,3 +1,8 @@
+//! The journal's unit tests, on a real file in a temporary directory:
+//! permissions, what survives a reopen (entries, counters, domains, sink
+//! cursors and state), trimming behind every sink, another host's journal,
+//! corrupt entries, epoch rotation and idle cursor durability.
+
 use super::*;
 
 fn open(dir: &Path, sinks: &[&str]) -> (Journal, std::thread::JoinHandle<()>, Recovered) {

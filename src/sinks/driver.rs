@@ -30,11 +30,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{broadcast, watch};
 
+use crate::clock::now_micros;
 use crate::journal::{Entry, Journal, JournalError};
 use crate::sinks::journal_io::{CursorWriter, ReadAhead};
 use crate::sinks::AckWindow;
 use crate::telemetry::Metrics;
-use crate::tracker::now_micros;
 
 /// Entries read ahead of the in-flight window.
 const READ_AHEAD: usize = 8192;

@@ -44,9 +44,6 @@ pub use state::Tracker;
 pub use task::{SnapshotOptions, TrackerTask};
 pub use types::{decode_records, DomainRecord, GapCause, Output, Snap, Touch, TrackerOptions};
 
-// Kept for callers that still name it here; the clock is `crate::clock`.
-pub use crate::clock::now_micros;
-
 #[cfg(test)]
 mod event_tests;
 #[cfg(test)]
