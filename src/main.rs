@@ -52,7 +52,7 @@ enum Command {
         #[arg(long)]
         domain: Option<String>,
     },
-    /// Rebuild the state of every domain on every host (DESIGN §6).
+    /// Rebuild the state of every domain on every host from the bus.
     State {
         #[command(flatten)]
         target: BusArgs,

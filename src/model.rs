@@ -418,7 +418,7 @@ pub struct HostSnapshot {
 /// The agent's version, as carried by `HostSnapshot`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// `event_id` from its parts (DESIGN §3): deterministic per journal entry.
+/// `event_id` from its parts (docs/contract.md §1): deterministic per journal entry.
 pub fn event_id(host_id: &str, epoch: &str, host_seq: u64) -> String {
     format!("{host_id}:{epoch}:{host_seq}")
 }

@@ -1,4 +1,4 @@
-//! When a host counts as silent (DESIGN §6): no heartbeat for a
+//! When a host counts as silent (docs/contract.md §4): no heartbeat for a
 //! configured multiple of the heartbeat interval. One rule for `audit`,
 //! `state` and `usage`.
 //!

@@ -12,7 +12,7 @@
 //!    for every tool, and hands them on as `hole::Hole`s (the one hole
 //!    type) just before the record that revealed them;
 //! 4. `feed`: the tools, each a `feed::Feed`: `rebuild` (fleet state,
-//!    DESIGN §6, for `state`), `usage` (running/paused seconds, vCPU·s
+//!    docs/contract.md §4, for `state`), `usage` (running/paused seconds, vCPU·s
 //!    and GiB·s over a window), `audit` (continuity per host and domain)
 //!    and `replay` (the messages as written);
 //! 5. `report`: every rendering of what the tools found (JSON, the state

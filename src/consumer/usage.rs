@@ -12,7 +12,7 @@
 //! - billed once: at any instant a domain (uuid) is billed on at most one
 //!   host. Running beats paused; among hosts where it runs, the one where
 //!   it started running last wins, so a migration bills the source until
-//!   the destination's RESUMED/MIGRATED (DESIGN §6), and the destination's
+//!   the destination's RESUMED/MIGRATED (docs/contract.md §4), and the destination's
 //!   PAUSED/MIGRATION time while the source still runs is not billed;
 //! - intervals are clipped to `[from, to)`; the state after a domain's last
 //!   record lasts until `to`, unless its host fell silent (see `liveness`,

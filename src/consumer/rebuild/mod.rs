@@ -1,4 +1,4 @@
-//! The fleet-state rebuild of DESIGN §6, as a pure state machine: feed it
+//! The fleet-state rebuild of docs/contract.md §4, as a pure state machine: feed it
 //! records in the order they were read (any mix of events, snapshot
 //! records, heartbeats and tombstones, from any number of streams or
 //! partitions), then read the state of every (host, domain).

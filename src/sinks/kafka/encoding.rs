@@ -1,7 +1,7 @@
 //! Kafka encoding of a journal entry: topic, key, partition, CloudEvents
 //! binary-mode headers and value.
 //!
-//! Routing (DESIGN §5): events → events topic, key = domain UUID; domain
+//! Routing (docs/contract.md §3): events → events topic, key = domain UUID; domain
 //! snapshots → domain snapshots topic, key = `<host_id>/<domain uuid>`,
 //! a null value for a tombstone; round markers and heartbeats → host
 //! snapshots topic, key = host_id.
