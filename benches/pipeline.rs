@@ -223,9 +223,7 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
                 rt.block_on(async move {
                     let mut tasks = Vec::new();
                     if let Some((cfg, obs)) = nats_sink {
-                        let client = virtstream::sinks::nats::connect(&cfg, "bench")
-                            .await
-                            .unwrap();
+                        let client = virtstream::bus::nats::connect(&cfg, "bench").await.unwrap();
                         let sink = NatsSink {
                             encoding: Arc::new(EncodingContext::new(
                                 &rec.host_id,

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
+use virtstream::bus::wire::subject_token;
 use virtstream::codec;
 use virtstream::config::{Config, NatsConfig};
 use virtstream::consumer::audit::{AuditOptions, Auditor};
@@ -35,7 +36,6 @@ use virtstream::model::{
     event_id, Detail, DomainEvent, DomainRef, DomainSnapshot, DomainState, EventType, HostInfo,
     HostSnapshot, HostSnapshotKind, Origin, StateReason, AGENT_VERSION,
 };
-use virtstream::sinks::subject_token;
 
 const HOSTS: usize = 20;
 const DOMAINS: usize = 500;
@@ -401,7 +401,7 @@ fn publish_nats(cfg: &NatsConfig, msgs: &[(String, Vec<u8>)]) {
     common::rt().block_on(async {
         let client = async_nats::connect(cfg.url.as_str()).await.unwrap();
         let js = jetstream::new(client);
-        virtstream::sinks::nats::ensure_streams(&js, cfg)
+        virtstream::bus::nats::ensure_streams(&js, cfg)
             .await
             .unwrap();
         let mut acks = futures::stream::FuturesUnordered::new();
@@ -430,12 +430,12 @@ fn publish_nats(cfg: &NatsConfig, msgs: &[(String, Vec<u8>)]) {
 fn publish_kafka(cfg: &virtstream::config::KafkaConfig, msgs: &[(String, Vec<u8>)]) {
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
     let t = Instant::now();
-    let admin = virtstream::sinks::kafka::admin_client(cfg, "bench").unwrap();
+    let admin = virtstream::bus::kafka::admin_client(cfg, "bench").unwrap();
     common::rt()
-        .block_on(virtstream::sinks::kafka::ensure_topics(&admin, cfg))
+        .block_on(virtstream::bus::kafka::ensure_topics(&admin, cfg))
         .unwrap();
     let producer: ThreadedProducer<DefaultProducerContext> =
-        virtstream::sinks::kafka::client_config(cfg, "bench")
+        virtstream::bus::kafka::client_config(cfg, "bench")
             .unwrap()
             .set("linger.ms", "20")
             .set("queue.buffering.max.messages", "1000000")
@@ -460,7 +460,7 @@ fn publish_kafka(cfg: &virtstream::config::KafkaConfig, msgs: &[(String, Vec<u8>
         let rec = BaseRecord::to(topic)
             .key(&key)
             .payload(body)
-            .partition(virtstream::sinks::kafka::partition_for(&key, n));
+            .partition(virtstream::bus::kafka::partition_for(&key, n));
         let mut rec = rec;
         loop {
             match producer.send(rec) {

@@ -203,7 +203,7 @@ fn nats_latest(url: &str, subject: &str) -> Option<(bool, String)> {
         let m = stream.get_last_raw_message_by_subject(subject).await.ok()?;
         let tomb = m
             .headers
-            .get(virtstream::sinks::TOMBSTONE_HEADER)
+            .get(virtstream::bus::wire::TOMBSTONE_HEADER)
             .is_some_and(|v| v.as_str() == "true");
         let id = m.headers.get("Nats-Msg-Id")?.to_string();
         let epoch = virtstream::model::parse_event_id(&id)?.1.to_string();
@@ -237,7 +237,7 @@ fn a_new_epoch_deletes_snapshots_of_domains_that_left_while_it_was_down() {
     let (ux, uy) = (new_uuid(), new_uuid());
     let dx = conn.define_domain_xml(&test_domain_xml(&x, &ux)).unwrap();
     let dy = conn.define_domain_xml(&test_domain_xml(&y, &uy)).unwrap();
-    let token = virtstream::sinks::subject_token(&agent.host_id);
+    let token = virtstream::bus::wire::subject_token(&agent.host_id);
     let subject = |u: &str| format!("virt.snapshots.v1.{token}.{u}");
     let host = agent.host_id.clone();
     let key = |u: &str| format!("{host}/{u}");

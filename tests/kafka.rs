@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use virt::connect::Connect;
+use virtstream::bus::kafka::partition_for;
 use virtstream::model::DomainState;
-use virtstream::sinks::kafka::partition_for;
 
 const EVENTS: &str = "virt.domain.events.v1";
 
@@ -468,7 +468,7 @@ fn read_back_reaches_own_records_stamped_before_a_clock_step_back() {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::message::Message;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    use virtstream::sinks::kafka::reader::{read_to_end, Flow, ReadOptions, Start};
+    use virtstream::bus::kafka::reader::{read_to_end, Flow, ReadOptions, Start};
 
     let kafka = KafkaBroker::start();
     let mut base = rdkafka::ClientConfig::new();

@@ -30,10 +30,10 @@ fn create_streams(url: &str) {
     let cfg: virtstream::config::NatsConfig = toml::from_str(&format!("url = \"{url}\"")).unwrap();
     rt().block_on(async {
         let js = jetstream::new(async_nats::connect(url).await.unwrap());
-        js.get_or_create_stream(virtstream::sinks::nats::events_stream_config(&cfg))
+        js.get_or_create_stream(virtstream::bus::nats::events_stream_config(&cfg))
             .await
             .unwrap();
-        js.get_or_create_stream(virtstream::sinks::nats::snapshots_stream_config(&cfg))
+        js.get_or_create_stream(virtstream::bus::nats::snapshots_stream_config(&cfg))
             .await
             .unwrap();
     })

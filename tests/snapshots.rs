@@ -21,7 +21,7 @@ const SNAPSHOT: &str = "[snapshot]\ninterval = \"2s\"\nheartbeat = \"1h\"\n";
 /// The late NATS consumer: the latest message of every domain subject of
 /// `host_id` in VIRT_SNAPSHOTS (None = tombstone).
 fn nats_snapshots(url: &str, host_id: &str) -> HashMap<String, Option<DomainSnapshot>> {
-    let token = virtstream::sinks::subject_token(host_id);
+    let token = virtstream::bus::wire::subject_token(host_id);
     rt().block_on(async {
         let client = async_nats::connect(url).await.unwrap();
         let js = jetstream::new(client);
@@ -42,7 +42,7 @@ fn nats_snapshots(url: &str, host_id: &str) -> HashMap<String, Option<DomainSnap
             let tomb = m
                 .headers
                 .as_ref()
-                .and_then(|h| h.get(virtstream::sinks::TOMBSTONE_HEADER))
+                .and_then(|h| h.get(virtstream::bus::wire::TOMBSTONE_HEADER))
                 .is_some();
             let snap = if tomb {
                 assert!(m.payload.is_empty(), "a tombstone has an empty body");

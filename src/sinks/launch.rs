@@ -78,7 +78,9 @@ impl SinkKind {
             SinkKind::Nats => match &cfg.nats {
                 None => None,
                 Some(ncfg) => {
-                    let client = super::nats::connect(ncfg, &client_name).await?;
+                    let client = crate::bus::nats::connect(ncfg, &client_name)
+                        .await
+                        .map_err(super::nats::NatsError::from)?;
                     Some(Sink::Nats(NatsSink {
                         cfg: ncfg.clone(),
                         client,

@@ -24,12 +24,11 @@ use std::collections::BTreeSet;
 
 use bytes::Bytes;
 
+use crate::bus::wire::TOMBSTONE_HEADER;
 use crate::codec::{self, CodecError};
 use crate::config::Encoding;
 use crate::journal::{Entry, Kind};
 use crate::model::event_id;
-
-pub use crate::bus::wire::{host_from_token, subject_token, TOMBSTONE_HEADER};
 
 /// The bus-independent parts of a message: its id, CloudEvents binary-mode
 /// headers (plus schema name and fingerprint) and body. Both sinks build

@@ -176,7 +176,7 @@ impl Agent {
     pub fn filter(&self) -> String {
         format!(
             "virt.events.v1.{}.>",
-            virtstream::sinks::subject_token(&self.host_id)
+            virtstream::bus::wire::subject_token(&self.host_id)
         )
     }
 }

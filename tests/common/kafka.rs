@@ -158,7 +158,7 @@ pub fn read_topic(bootstrap: &str, topic: &str) -> Vec<KafkaRecord> {
 /// [`read_topic`] with a client configuration (TLS, SASL).
 pub fn read_topic_with(base: &rdkafka::ClientConfig, topic: &str) -> Vec<KafkaRecord> {
     use rdkafka::message::{Headers, Message};
-    use virtstream::sinks::kafka::reader::{read_to_end, Flow, ReadOptions, Start};
+    use virtstream::bus::kafka::reader::{read_to_end, Flow, ReadOptions, Start};
     let probe: rdkafka::consumer::BaseConsumer = base.create().unwrap();
     let md =
         rdkafka::consumer::Consumer::fetch_metadata(&probe, Some(topic), Duration::from_secs(10))

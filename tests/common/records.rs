@@ -83,7 +83,7 @@ impl SnapRecord {
             .expect("snapshot records carry ce_id");
         let tombstone = headers
             .iter()
-            .any(|(k, v)| k == virtstream::sinks::TOMBSTONE_HEADER && v == "true");
+            .any(|(k, v)| k == virtstream::bus::wire::TOMBSTONE_HEADER && v == "true");
         let (mut host, mut domain) = (None, None);
         if !tombstone {
             match virtstream::codec::decode_json(value)
@@ -121,7 +121,7 @@ fn ledger() -> &'static Mutex<HashMap<String, HostTaps>> {
 /// Starts collecting the snapshot records `host_id` publishes to NATS.
 pub fn tap_nats(url: &str, host_id: &str) {
     let records: Records = Default::default();
-    let token = virtstream::sinks::subject_token(host_id);
+    let token = virtstream::bus::wire::subject_token(host_id);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let url = url.to_string();
     let out = records.clone();

@@ -15,7 +15,7 @@
 use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
 
-use super::partition_for;
+use crate::bus::kafka::partition_for;
 use crate::codec::CodecError;
 use crate::config::Encoding;
 use crate::journal::{Entry, Kind};
@@ -144,7 +144,7 @@ mod tests {
         assert!(t
             .headers
             .iter()
-            .any(|h| h.key == crate::sinks::TOMBSTONE_HEADER));
+            .any(|h| h.key == crate::bus::wire::TOMBSTONE_HEADER));
         let host = Entry {
             kind: Kind::HostSnapshot,
             ..entry.clone()

@@ -9,28 +9,16 @@
 //! - every bus error keeps its variant and its text when it becomes a
 //!   sink error, so [`KafkaSinkError::is_fatal`] decides as the bus would;
 //! - a domain's messages always go to partition
-//!   `murmur2(uuid) mod partitions` ([`partition_for`]), so the sink knows
+//!   `murmur2(uuid) mod partitions` ([`crate::bus::kafka::partition_for`]), so the sink knows
 //!   where every journal entry went without asking the broker.
 
 pub mod encoding;
 mod offsets;
 pub mod probe;
-pub mod reader;
 mod recovery;
 pub mod service;
 
-use std::sync::Arc;
-
-use rdkafka::admin::AdminClient;
-use rdkafka::config::ClientConfig;
-
 use crate::bus::kafka as bus;
-use crate::config::KafkaConfig;
-
-pub use crate::bus::kafka::{
-    check_cleanup_policy, missing_topic, murmur2, partition_for, topics, FetchStats, KafkaContext,
-    PartitionFetch, Provisioned, TopicRole, REQUEST_TIMEOUT,
-};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSinkError {
@@ -85,37 +73,6 @@ impl From<bus::KafkaError> for KafkaSinkError {
             bus::KafkaError::Interrupted => KafkaSinkError::Interrupted,
         }
     }
-}
-
-/// [`bus::client_config`]: the configuration shared by the producer, the
-/// admin client and the readers.
-pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> Result<ClientConfig, KafkaSinkError> {
-    Ok(bus::client_config(cfg, client_id)?)
-}
-
-/// [`bus::admin_client`]: creates the admin client.
-pub fn admin_client(
-    cfg: &KafkaConfig,
-    client_id: &str,
-) -> Result<Arc<AdminClient<KafkaContext>>, KafkaSinkError> {
-    Ok(bus::admin_client(cfg, client_id)?)
-}
-
-/// [`bus::ensure_topics`]: the partition counts of the events, domain
-/// snapshots and host snapshots topics, in that order.
-pub async fn ensure_topics(
-    admin: &Arc<AdminClient<KafkaContext>>,
-    cfg: &KafkaConfig,
-) -> Result<[i32; 3], KafkaSinkError> {
-    Ok(bus::ensure_topics(admin, cfg).await?)
-}
-
-/// [`bus::provision_topics`]: also says which topics it created.
-pub async fn provision_topics(
-    admin: &Arc<AdminClient<KafkaContext>>,
-    cfg: &KafkaConfig,
-) -> Result<Provisioned, KafkaSinkError> {
-    Ok(bus::provision_topics(admin, cfg).await?)
 }
 
 #[cfg(test)]

@@ -17,12 +17,13 @@ use std::time::Duration;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use super::encoding::EVENT_ID_HEADER;
-use super::reader::{self, Flow, ReadOptions, Start};
 use super::service::Offsets;
-use super::{admin_client, client_config, partition_for, KafkaSinkError, REQUEST_TIMEOUT};
+use super::KafkaSinkError;
+use crate::bus::kafka::reader::{self, Flow, ReadOptions, Start};
+use crate::bus::kafka::{admin_client, client_config, partition_for, REQUEST_TIMEOUT};
+use crate::bus::wire::TOMBSTONE_HEADER;
 use crate::config::KafkaConfig;
 use crate::model::parse_event_id;
-use crate::sinks::TOMBSTONE_HEADER;
 
 /// (host, epoch, host_seq) of a record, from its `ce_id` header.
 fn origin(m: &BorrowedMessage<'_>) -> Option<(String, String, u64)> {
@@ -97,7 +98,7 @@ pub fn highest_host_seq(
     let counts = partitions(cfg, client_id)?;
     let base = client_config(cfg, client_id)?;
     let mut reads: Vec<(&str, Vec<(i32, Start)>)> = Vec::new();
-    for (i, (topic, _)) in super::topics(cfg).into_iter().enumerate() {
+    for (i, (topic, _)) in crate::bus::kafka::topics(cfg).into_iter().enumerate() {
         let Some(&n) = counts.get(topic) else {
             continue;
         };

@@ -23,8 +23,9 @@ use tokio::sync::broadcast;
 
 use super::encoding::{EncodingContext, EVENT_ID_HEADER};
 use super::offsets::{Offsets, TopicOffsets};
-use super::reader::{self, Flow, ReadOptions, Start};
-use super::{partition_for, KafkaSinkError};
+use super::KafkaSinkError;
+use crate::bus::kafka::partition_for;
+use crate::bus::kafka::reader::{self, Flow, ReadOptions, Start};
 use crate::config::KafkaConfig;
 use crate::journal::Journal;
 use crate::model::parse_event_id;
@@ -245,6 +246,7 @@ impl Recovery<'_> {
                     });
                 }
                 r.map(|sum| (found, seen_end, sum.records))
+                    .map_err(KafkaSinkError::from)
             })
         };
         tokio::pin!(job);

@@ -42,8 +42,9 @@ use super::encoding::EncodingContext;
 use super::offsets::forget_offsets;
 pub use super::offsets::{Offsets, TopicOffsets};
 use super::recovery::{Placed, Recovery};
-use super::{
-    admin_client, client_config, missing_topic, provision_topics, KafkaContext, KafkaSinkError,
+use super::KafkaSinkError;
+use crate::bus::kafka::{
+    admin_client, client_config, missing_topic, provision_topics, KafkaContext,
 };
 use crate::config::KafkaConfig;
 use crate::journal::{Entry, Journal, JournalError};

@@ -8,10 +8,11 @@
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
+use crate::bus::wire::subject_token;
 use crate::codec::CodecError;
 use crate::config::Encoding;
 use crate::journal::{Entry, Kind};
-use crate::sinks::{message_parts, subject_token};
+use crate::sinks::message_parts;
 
 /// Subject of an entry: `<events prefix>.<host token>.<domain uuid>` for
 /// events, `<snapshots prefix>.<host token>.<domain uuid>` for domain

@@ -14,15 +14,7 @@ pub mod probe;
 mod scheduler;
 pub mod service;
 
-use async_nats::jetstream::{self, stream};
-
 use crate::bus::nats as bus;
-use crate::config::NatsConfig;
-
-pub use crate::bus::nats::{
-    check_snapshots_suitable, check_suitable, context, covers, events_stream_config,
-    snapshots_stream_config,
-};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
@@ -72,34 +64,6 @@ impl From<bus::NatsError> for NatsError {
             bus::NatsError::Api(m) => NatsError::Api(m),
         }
     }
-}
-
-/// [`bus::connect`]: retry-forever semantics (returns at once, even when
-/// the server is down).
-pub async fn connect(cfg: &NatsConfig, client_name: &str) -> Result<async_nats::Client, NatsError> {
-    Ok(bus::connect(cfg, client_name).await?)
-}
-
-/// [`bus::connect_once`]: fails at once when the server cannot be reached.
-pub async fn connect_once(
-    cfg: &NatsConfig,
-    client_name: &str,
-) -> Result<async_nats::Client, NatsError> {
-    Ok(bus::connect_once(cfg, client_name).await?)
-}
-
-/// [`bus::diagnose`], as the text operators see.
-pub async fn diagnose(cfg: &NatsConfig) -> Option<String> {
-    bus::diagnose(cfg).await.map(|d| d.to_string())
-}
-
-/// [`bus::ensure_streams`]: the events and snapshots streams, created when
-/// missing and allowed.
-pub async fn ensure_streams(
-    js: &jetstream::Context,
-    cfg: &NatsConfig,
-) -> Result<(stream::Stream, stream::Stream), NatsError> {
-    Ok(bus::ensure_streams(js, cfg).await?)
 }
 
 #[cfg(test)]

@@ -15,9 +15,9 @@ use async_nats::HeaderMap;
 use futures::StreamExt;
 
 use super::NatsError;
+use crate::bus::wire::{subject_token, TOMBSTONE_HEADER};
 use crate::config::NatsConfig;
 use crate::model::parse_event_id;
-use crate::sinks::{subject_token, TOMBSTONE_HEADER};
 
 /// Longest wait for the next message of a read that has more pending.
 const NEXT_MESSAGE: Duration = Duration::from_secs(2);
@@ -91,7 +91,8 @@ pub async fn highest_host_seq(
     host_id: &str,
     epoch: &str,
 ) -> Result<Option<u64>, NatsError> {
-    let client = super::connect_once(cfg, &format!("virtstream-{host_id}-probe")).await?;
+    let client =
+        crate::bus::nats::connect_once(cfg, &format!("virtstream-{host_id}-probe")).await?;
     let js = jetstream::new(client);
     let token = subject_token(host_id);
     let reads = [
@@ -129,7 +130,8 @@ pub async fn stale_snapshots(
     host_id: &str,
     epoch: &str,
 ) -> Result<Vec<String>, NatsError> {
-    let client = super::connect_once(cfg, &format!("virtstream-{host_id}-probe")).await?;
+    let client =
+        crate::bus::nats::connect_once(cfg, &format!("virtstream-{host_id}-probe")).await?;
     let js = jetstream::new(client);
     let prefix = format!(
         "{}.{}.",

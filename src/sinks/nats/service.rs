@@ -36,7 +36,8 @@ use tokio::sync::broadcast;
 
 use super::encoding::{Encoded, EncodingContext};
 use super::scheduler::{Failed, Position, Retry, Scheduler};
-use super::{ensure_streams, NatsError};
+use super::NatsError;
+use crate::bus::nats::ensure_streams;
 use crate::config::NatsConfig;
 use crate::journal::{Entry, Journal, JournalError, Kind};
 use crate::model::parse_event_id;
@@ -238,7 +239,7 @@ impl NatsSink {
         drain_deadline: Duration,
     ) -> Result<(), NatsError> {
         self.set_state(SinkState::Connecting);
-        let js = super::context(self.client.clone(), &self.cfg);
+        let js = crate::bus::nats::context(self.client.clone(), &self.cfg);
         let Some((events, snapshots)) = self.await_streams(&js, &mut shutdown).await? else {
             return Ok(());
         };
@@ -286,7 +287,7 @@ impl NatsSink {
         loop {
             let e = tokio::select! {
                 _ = shutdown.recv() => return Ok(None),
-                r = ensure_streams(js, &self.cfg) => match r {
+                r = ensure_streams(js, &self.cfg) => match r.map_err(NatsError::from) {
                     Ok(s) => return Ok(Some(s)),
                     Err(e) if e.is_fatal() => {
                         self.set_state(SinkState::Failing(e.to_string()));
@@ -303,7 +304,7 @@ impl NatsSink {
                 if stale {
                     let cause = tokio::select! {
                         _ = shutdown.recv() => return Ok(None),
-                        c = super::diagnose(&self.cfg) => c,
+                        c = crate::bus::nats::diagnose(&self.cfg) => c.map(|d| d.to_string()),
                     };
                     diagnosis = cause.map(|c| (Instant::now(), c));
                 }
@@ -392,7 +393,7 @@ impl Bus for Publisher<'_> {
     /// Provisions the deleted stream again.
     async fn restore(&mut self) -> Result<(), NatsError> {
         let cfg = &self.sink.cfg;
-        match ensure_streams(&self.js, cfg).await {
+        match ensure_streams(&self.js, cfg).await.map_err(NatsError::from) {
             Ok((events, snapshots)) => {
                 tracing::info!(events = %cfg.events_stream, snapshots = %cfg.snapshots_stream, "JetStream streams provisioned again; publishing resumes in order");
                 self.events = Arc::new(events);
