@@ -20,20 +20,14 @@ pub mod service;
 
 use crate::bus::kafka as bus;
 
+/// What ends a Kafka sink session: a bus error (client, topics, broker,
+/// shutdown), the journal, or the bus being ahead of the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSinkError {
-    #[error("Kafka client configuration: {0}")]
-    Config(String),
-    #[error("Kafka topic {topic} is unsuitable for virtstream: {reason}")]
-    Unsuitable { topic: String, reason: String },
-    #[error("Kafka topic {topic} does not exist and kafka.create_topics = false")]
-    Missing { topic: String },
-    #[error("Kafka brokers {brokers}: {message}")]
-    Broker { brokers: String, message: String },
+    #[error(transparent)]
+    Bus(#[from] bus::KafkaError),
     #[error("journal: {0}")]
     Journal(String),
-    #[error("interrupted by shutdown")]
-    Interrupted,
     /// The bus holds a message of this host and epoch beyond the journal's
     /// head: the journal was restored from a backup or a VM snapshot. The
     /// agent stops; its next start detects this and begins a new epoch.
@@ -48,30 +42,26 @@ pub enum KafkaSinkError {
 impl KafkaSinkError {
     /// Errors that retrying cannot fix.
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            KafkaSinkError::Config(_)
-                | KafkaSinkError::Unsuitable { .. }
-                | KafkaSinkError::Missing { .. }
-                | KafkaSinkError::Journal(_)
-                | KafkaSinkError::JournalBehindBus { .. }
-        )
-    }
-}
-
-impl From<bus::KafkaError> for KafkaSinkError {
-    fn from(e: bus::KafkaError) -> Self {
-        match e {
-            bus::KafkaError::Config(m) => KafkaSinkError::Config(m),
-            bus::KafkaError::Unsuitable { topic, reason } => {
-                KafkaSinkError::Unsuitable { topic, reason }
-            }
-            bus::KafkaError::Missing { topic } => KafkaSinkError::Missing { topic },
-            bus::KafkaError::Broker { brokers, message } => {
-                KafkaSinkError::Broker { brokers, message }
-            }
-            bus::KafkaError::Interrupted => KafkaSinkError::Interrupted,
+        match self {
+            KafkaSinkError::Bus(e) => e.is_fatal(),
+            KafkaSinkError::Journal(_) | KafkaSinkError::JournalBehindBus { .. } => true,
         }
+    }
+
+    /// Shutdown interrupted the work.
+    pub const INTERRUPTED: KafkaSinkError = KafkaSinkError::Bus(bus::KafkaError::Interrupted);
+
+    /// Whether shutdown interrupted the work.
+    pub fn is_interrupted(&self) -> bool {
+        matches!(self, KafkaSinkError::Bus(bus::KafkaError::Interrupted))
+    }
+
+    /// A broker's error.
+    pub fn broker(brokers: impl Into<String>, message: impl Into<String>) -> KafkaSinkError {
+        KafkaSinkError::Bus(bus::KafkaError::Broker {
+            brokers: brokers.into(),
+            message: message.into(),
+        })
     }
 }
 
@@ -100,7 +90,7 @@ mod tests {
             let s = KafkaSinkError::from(e);
             assert_eq!(s.to_string(), text);
             assert_eq!(s.is_fatal(), fatal, "{text}");
-            assert_eq!(matches!(s, KafkaSinkError::Interrupted), interrupted);
+            assert_eq!(s.is_interrupted(), interrupted);
         }
     }
 }

@@ -50,9 +50,11 @@ fn partitions(cfg: &KafkaConfig, client_id: &str) -> Result<HashMap<String, i32>
     let md = admin
         .inner()
         .fetch_metadata(None, REQUEST_TIMEOUT)
-        .map_err(|e| KafkaSinkError::Broker {
-            brokers: cfg.brokers.0.join(","),
-            message: format!("metadata request failed: {e}"),
+        .map_err(|e| {
+            KafkaSinkError::broker(
+                cfg.brokers.0.join(","),
+                format!("metadata request failed: {e}"),
+            )
         })?;
     Ok(md
         .topics()
@@ -146,7 +148,7 @@ pub fn highest_host_seq(
             .collect();
         let mut best = None;
         for j in jobs {
-            let r = j.join().map_err(|_| KafkaSinkError::Interrupted)?;
+            let r = j.join().map_err(|_| KafkaSinkError::INTERRUPTED)?;
             best = best.max(r?);
         }
         Ok(best)

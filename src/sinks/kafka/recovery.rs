@@ -255,7 +255,7 @@ impl Recovery<'_> {
             _ = shutdown.recv() => {
                 stop.store(true, Ordering::Relaxed);
                 let _ = job.await;
-                return Err(KafkaSinkError::Interrupted);
+                return Err(KafkaSinkError::INTERRUPTED);
             }
         };
         // A partition read to its end with none of this host's records

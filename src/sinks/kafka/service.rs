@@ -120,10 +120,15 @@ impl KafkaSink {
                 .session(&mut shutdown, drain_deadline, &mut published)
                 .await
             {
-                Ok(SessionEnd::Shutdown) | Err(KafkaSinkError::Interrupted) => return Ok(()),
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Err(e) if e.is_interrupted() => return Ok(()),
                 Err(e)
                     if e.is_fatal()
-                        && !(published && matches!(e, KafkaSinkError::Missing { .. })) =>
+                        && !(published
+                            && matches!(
+                                e,
+                                KafkaSinkError::Bus(crate::bus::kafka::KafkaError::Missing { .. })
+                            )) =>
                 {
                     tracing::error!(error = %e, "Kafka sink cannot continue");
                     self.set_state(SinkState::Failing(e.to_string()));
@@ -173,7 +178,7 @@ impl KafkaSink {
         let admin = admin_client(&self.cfg, &self.client_id)?;
         let prepared = tokio::select! {
             r = self.provision(&admin) => r,
-            _ = shutdown.recv() => Err(KafkaSinkError::Interrupted),
+            _ = shutdown.recv() => Err(KafkaSinkError::INTERRUPTED),
         };
         // Destroying a client joins its threads: not on the async thread.
         let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
@@ -225,8 +230,9 @@ impl KafkaSink {
             {
                 c.set("linger.ms", "2");
             }
-            c.create_with_context(ctx.clone())
-                .map_err(|e| KafkaSinkError::Config(e.to_string()))?
+            c.create_with_context(ctx.clone()).map_err(|e| {
+                KafkaSinkError::Bus(crate::bus::kafka::KafkaError::Config(e.to_string()))
+            })?
         };
         let result = self
             .publish(
@@ -385,10 +391,7 @@ struct Publisher<'a> {
 
 impl Publisher<'_> {
     fn broker_error(&self, message: String) -> KafkaSinkError {
-        KafkaSinkError::Broker {
-            brokers: self.sink.cfg.brokers.0.join(","),
-            message,
-        }
+        KafkaSinkError::broker(self.sink.cfg.brokers.0.join(","), message)
     }
 
     /// Writes the cursor and, in the same journal transaction, the offsets

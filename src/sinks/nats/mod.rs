@@ -16,18 +16,12 @@ pub mod service;
 
 use crate::bus::nats as bus;
 
+/// What ends or delays the NATS sink: a bus error (connection, streams),
+/// or the bus being ahead of the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    #[error("NATS options: {0}")]
-    Options(String),
-    #[error("NATS connect to {url}: {message}")]
-    Connect { url: String, message: String },
-    #[error("JetStream stream {stream} is unsuitable for virtstream: {reason}")]
-    Unsuitable { stream: String, reason: String },
-    #[error("JetStream stream {stream} does not exist and nats.create_streams = false")]
-    Missing { stream: String },
-    #[error("JetStream API: {0}")]
-    Api(String),
+    #[error(transparent)]
+    Bus(#[from] bus::NatsError),
     /// The bus holds a message of this host and epoch beyond the journal's
     /// head: the journal was restored from a backup or a VM snapshot. The
     /// agent stops; its next start detects this and begins a new epoch.
@@ -42,27 +36,15 @@ pub enum NatsError {
 impl NatsError {
     /// Errors that retrying cannot fix.
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            NatsError::Unsuitable { .. }
-                | NatsError::Missing { .. }
-                | NatsError::Options(_)
-                | NatsError::JournalBehindBus { .. }
-        )
-    }
-}
-
-impl From<bus::NatsError> for NatsError {
-    fn from(e: bus::NatsError) -> Self {
-        match e {
-            bus::NatsError::Options(m) => NatsError::Options(m),
-            bus::NatsError::Connect { url, message } => NatsError::Connect { url, message },
-            bus::NatsError::Unsuitable { stream, reason } => {
-                NatsError::Unsuitable { stream, reason }
-            }
-            bus::NatsError::Missing { stream } => NatsError::Missing { stream },
-            bus::NatsError::Api(m) => NatsError::Api(m),
+        match self {
+            NatsError::Bus(e) => e.is_fatal(),
+            NatsError::JournalBehindBus { .. } => true,
         }
+    }
+
+    /// A JetStream API failure.
+    pub fn api(message: impl Into<String>) -> NatsError {
+        NatsError::Bus(bus::NatsError::Api(message.into()))
     }
 }
 

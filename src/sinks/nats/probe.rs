@@ -23,7 +23,7 @@ use crate::model::parse_event_id;
 const NEXT_MESSAGE: Duration = Duration::from_secs(2);
 
 fn api(stream: &str, e: impl std::fmt::Display) -> NatsError {
-    NatsError::Api(format!("stream {stream}: {e}"))
+    NatsError::api(format!("stream {stream}: {e}"))
 }
 
 /// (subject, headers) of the last message of every subject matching

@@ -249,8 +249,8 @@ impl NatsSink {
         let journal = self.journal.clone();
         let start = tokio::task::spawn_blocking(move || journal.cursor(SINK_NAME))
             .await
-            .map_err(|e| NatsError::Api(e.to_string()))?
-            .map_err(|e| NatsError::Api(e.to_string()))?;
+            .map_err(|e| NatsError::api(e.to_string()))?
+            .map_err(|e| NatsError::api(e.to_string()))?;
         let publisher = Publisher {
             sink: &self,
             js,
@@ -403,7 +403,12 @@ impl Bus for Publisher<'_> {
                 self.ready_state = true;
                 self.sink.set_state(SinkState::Ready);
             }
-            Err(e) if matches!(e, NatsError::Unsuitable { .. }) => {
+            Err(e)
+                if matches!(
+                    e,
+                    NatsError::Bus(crate::bus::nats::NatsError::Unsuitable { .. })
+                ) =>
+            {
                 self.sink.set_state(SinkState::Failing(e.to_string()));
                 return Err(e);
             }
@@ -508,6 +513,6 @@ impl Bus for Publisher<'_> {
     }
 
     fn journal_error(e: JournalError) -> NatsError {
-        NatsError::Api(e.to_string())
+        NatsError::api(e.to_string())
     }
 }
