@@ -120,3 +120,88 @@ fn the_compatibility_check_catches_breaking_changes() {
     }
     assert!(check_pair(&old, &Schema::parse_str(&j2.to_string()).unwrap()).is_err());
 }
+
+/// The Python with fastavro: the venv deploy/local-env.sh installs
+/// (`$VIRTSTREAM_ORACLE_VENV`, default /opt/virtstream-oracle).
+fn fastavro_python() -> std::path::PathBuf {
+    let venv = std::env::var("VIRTSTREAM_ORACLE_VENV")
+        .unwrap_or_else(|_| "/opt/virtstream-oracle".to_string());
+    let p = std::path::Path::new(&venv).join("bin/python3");
+    assert!(
+        p.is_file(),
+        "{} missing: install the oracle venv with `bash deploy/local-env.sh oracle`",
+        p.display()
+    );
+    p
+}
+
+/// Our Parsing Canonical Form and fingerprint of every schema file equal
+/// what fastavro (an implementation we did not write) computes, and the
+/// header this build writes carries that fingerprint.
+#[test]
+fn canonical_forms_and_fingerprints_match_fastavro() {
+    let script = r#"
+import json, sys, fastavro
+from fastavro.schema import to_parsing_canonical_form, fingerprint
+out = {}
+for path in sys.argv[1:]:
+    pcf = to_parsing_canonical_form(fastavro.parse_schema(json.load(open(path))))
+    out[path] = [pcf, fingerprint(pcf, "CRC-64-AVRO")]
+print(json.dumps(out))
+"#;
+    let files = schema_files();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    let paths: Vec<String> = files
+        .values()
+        .flat_map(|v| v.values())
+        .map(|(file, _)| dir.join(file).display().to_string())
+        .collect();
+    let out = std::process::Command::new(fastavro_python())
+        .arg("-c")
+        .arg(script)
+        .args(&paths)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: BTreeMap<String, (String, String)> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(theirs.len(), paths.len());
+    for (record, versions) in &files {
+        for (version, (file, text)) in versions {
+            let (pcf, fp) = &theirs[&dir.join(file).display().to_string()];
+            assert_eq!(
+                &virtstream::codec::parsing_canonical_form(text).unwrap(),
+                pcf,
+                "{file}: canonical form differs from fastavro's"
+            );
+            let entry = virtstream::codec::schemas()
+                .iter()
+                .find(|s| s.name == record && s.version == *version)
+                .unwrap_or_else(|| panic!("{file} is not embedded"));
+            let ours: String = entry
+                .fingerprint
+                .to_le_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(&ours, fp, "{file}: fingerprint differs from fastavro's");
+            let headers = virtstream::codec::cloudevents_headers(
+                "ce.type",
+                "h:e:1",
+                "h",
+                1,
+                "subject",
+                virtstream::codec::CONTENT_TYPE_AVRO,
+                entry,
+            );
+            let header = headers
+                .iter()
+                .find(|(k, _)| *k == "virtstream-schema-fingerprint")
+                .map(|(_, v)| v.clone());
+            assert_eq!(header.as_deref(), Some(fp.as_str()), "{file}: header");
+        }
+    }
+}

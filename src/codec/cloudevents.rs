@@ -55,7 +55,13 @@ pub fn cloudevents_headers(
         ),
         (
             "virtstream-schema-fingerprint",
-            format!("{:016x}", schema.fingerprint),
+            // The header's 8 bytes in order, as fastavro prints a fingerprint.
+            schema
+                .fingerprint
+                .to_le_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
         ),
     ]
 }

@@ -1,8 +1,9 @@
 //! Wire encoding: Avro binary in single-object framing (`C3 01` + the
 //! 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's
-//! canonical form + the datum), CloudEvents binary-mode headers, and the
-//! decoders the consumer tools use. Split by concern: `schema` (shipped
-//! schemas, fingerprints, framing), `encode`, `decode` (with `binary`, the
+//! Parsing Canonical Form + the datum), CloudEvents binary-mode headers, and
+//! the decoders the consumer tools use. Split by concern: `canonical` (the
+//! specification's canonical form), `schema` (shipped schemas, fingerprints,
+//! framing), `encode`, `decode` (with `binary`, the
 //! direct `DomainEvent` v1 reader), `json`, `cloudevents`. Public paths are
 //! `crate::codec::*`.
 //!
@@ -15,6 +16,7 @@
 //!   naming what is wrong.
 
 mod binary;
+mod canonical;
 mod cloudevents;
 mod decode;
 mod encode;
@@ -23,6 +25,7 @@ mod schema;
 #[cfg(test)]
 pub(crate) mod tests;
 
+pub use canonical::{parsing_canonical_form, CanonicalError};
 pub use cloudevents::{
     cloudevents_headers, rfc3339_micros, CE_TYPE_DOMAIN_EVENT, CE_TYPE_DOMAIN_SNAPSHOT,
     CE_TYPE_HOST_SNAPSHOT, CONTENT_TYPE_AVRO, CONTENT_TYPE_JSON,

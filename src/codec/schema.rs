@@ -1,11 +1,19 @@
 //! The shipped Avro schemas and single-object framing: `C3 01`, then the
 //! 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's
-//! canonical form, then the datum.
+//! Parsing Canonical Form (`canonical.rs`, as Java and fastavro compute
+//! it), then the datum.
+//!
+//! Builds before the fingerprint followed the specification wrote a
+//! different one: apache-avro's canonical form keeps a logical-typed
+//! primitive as `{"type":"string"}`. Readers accept that *legacy*
+//! fingerprint of every shipped schema too, so data already on the buses
+//! stays readable; writers use only the specification's.
 //!
 //! Invariants:
 //! - the schema files are compiled in and parsed once; a shipped schema
 //!   that does not parse is a build defect (panic at first use);
-//! - a fingerprint names exactly one shipped (record, version); a message
+//! - a fingerprint (current or legacy) names exactly one shipped (record,
+//!   version); a message
 //!   whose header is short, has the wrong magic or an unknown fingerprint
 //!   is a `CodecError`, never a guess;
 //! - every decode goes through [`schemas`] first, which bounds
@@ -16,6 +24,7 @@ use std::sync::OnceLock;
 
 use apache_avro::Schema;
 
+use super::canonical::parsing_canonical_form;
 use super::CodecError;
 
 /// The schema files shipped with this build: (record name, version, text).
@@ -42,7 +51,12 @@ pub struct SchemaEntry {
     pub name: &'static str,
     pub version: u32,
     pub schema: Schema,
+    /// CRC-64-AVRO of the specification's Parsing Canonical Form: what
+    /// writers put in the single-object header.
     pub fingerprint: u64,
+    /// The fingerprint builds before it wrote (apache-avro's canonical
+    /// form); accepted by readers only.
+    pub legacy_fingerprint: u64,
 }
 
 /// The largest single allocation a decoded message may ask of
@@ -64,12 +78,14 @@ pub fn schemas() -> &'static [SchemaEntry] {
             .map(|(name, version, text)| {
                 let schema = Schema::parse_str(text)
                     .unwrap_or_else(|e| panic!("shipped schema {name} v{version} is invalid: {e}"));
-                let fingerprint = crc64_avro(schema.canonical_form().as_bytes());
+                let pcf = parsing_canonical_form(text)
+                    .unwrap_or_else(|e| panic!("shipped schema {name} v{version}: {e}"));
                 SchemaEntry {
                     name,
                     version: *version,
+                    fingerprint: crc64_avro(pcf.as_bytes()),
+                    legacy_fingerprint: crc64_avro(schema.canonical_form().as_bytes()),
                     schema,
-                    fingerprint,
                 }
             })
             .collect()
@@ -82,7 +98,7 @@ fn by_fingerprint() -> &'static HashMap<u64, usize> {
         schemas()
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.fingerprint, i))
+            .flat_map(|(i, s)| [(s.legacy_fingerprint, i), (s.fingerprint, i)])
             .collect()
     })
 }
@@ -196,15 +212,50 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_matches_apache_avro() {
-        let entry = latest("DomainEvent");
-        let theirs = entry
-            .schema
-            .fingerprint::<apache_avro::rabin::Rabin>()
-            .bytes;
-        // apache-avro renders the Rabin digest little-endian, as single-object framing wants.
-        assert_eq!(theirs, entry.fingerprint.to_le_bytes().to_vec());
+    fn fingerprints_are_those_java_and_fastavro_compute() {
+        // Computed by fastavro 1.13.1 (`fastavro.schema.fingerprint(
+        // to_parsing_canonical_form(parse_schema(..)), "CRC-64-AVRO")`,
+        // hex of the header's bytes) for the shipped files; tests/schemas.rs
+        // asks fastavro again at test time.
+        let hex = |fp: u64| {
+            fp.to_le_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        for (name, want) in [
+            ("DomainEvent", "f6b1dfedc7acc0a3"),
+            ("DomainSnapshot", "46c25d79ec0a9c5c"),
+            ("HostSnapshot", "463ccb69c741e340"),
+        ] {
+            assert_eq!(hex(latest(name).fingerprint), want, "{name}");
+        }
         // The spec's test vector: fingerprint of the canonical form `"null"`.
         assert_eq!(crc64_avro(b"\"null\""), 0x63dd_24e7_cc25_8f8a);
+    }
+
+    #[test]
+    fn legacy_fingerprints_still_read_and_name_the_same_schema() {
+        for (i, entry) in schemas().iter().enumerate() {
+            // apache-avro's own digest of its canonical form is the legacy one.
+            let theirs = entry
+                .schema
+                .fingerprint::<apache_avro::rabin::Rabin>()
+                .bytes;
+            assert_eq!(theirs, entry.legacy_fingerprint.to_le_bytes().to_vec());
+            assert_ne!(
+                entry.legacy_fingerprint, entry.fingerprint,
+                "{}",
+                entry.name
+            );
+            for fp in [entry.fingerprint, entry.legacy_fingerprint] {
+                let mut msg = SINGLE_OBJECT_MAGIC.to_vec();
+                msg.extend_from_slice(&fp.to_le_bytes());
+                msg.push(0);
+                let (w, datum) = split(&msg).unwrap();
+                assert!(std::ptr::eq(w, &schemas()[i]));
+                assert_eq!(datum, &[0]);
+            }
+        }
     }
 }

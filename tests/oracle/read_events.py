@@ -3,8 +3,9 @@
 
 Reads every message of the NATS JetStream events stream or the Kafka
 events topic with the official clients (nats-py, confluent-kafka), decodes
-the Avro bodies with fastavro straight from the .avsc files in schemas/
-(not with virtstream's decoder), and prints one JSON object per message:
+the Avro bodies with fastavro straight from the .avsc files in schemas/,
+finding each message's schema by its single-object fingerprint (not with
+virtstream's decoder), and prints one JSON object per message:
 
   {"pos": "...", "host_id", "epoch", "host_seq", "seq", "uuid", "name",
    "event", "detail", "origin", "state", "persistent", "observed_at",
@@ -27,34 +28,44 @@ import os
 import sys
 
 import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 SCHEMAS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "schemas")
 
 
 def load_schemas():
-    """Parsed schemas by the name the `virtstream-schema` header carries
-    (io.virtstream.<Record>.v<N>), from the file names <Record>.v<N>.avsc."""
+    """Parsed schemas by the fingerprint fastavro computes (CRC-64-AVRO of
+    the Parsing Canonical Form, hex of the 8 header bytes), from the .avsc
+    files alone; with the name the `virtstream-schema` header carries
+    (io.virtstream.<Record>.v<N>, from the file name <Record>.v<N>.avsc)."""
     out = {}
     for f in sorted(os.listdir(SCHEMAS)):
         if f.endswith(".avsc"):
             with open(os.path.join(SCHEMAS, f)) as fh:
-                out["io.virtstream." + f[: -len(".avsc")]] = fastavro.parse_schema(json.load(fh))
+                parsed = fastavro.parse_schema(json.load(fh))
+            fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
+            out[fp] = ("io.virtstream." + f[: -len(".avsc")], parsed)
     return out
 
 
 def decode(schemas, headers, body):
-    name = headers.get("virtstream-schema")
-    if name not in schemas:
-        raise ValueError(f"unknown schema header {name!r}")
     ctype = headers.get("content-type", "application/avro")
     if ctype == "application/json":
-        rec = json.loads(body)
-    else:
-        # Avro single-object encoding: C3 01, 8-byte fingerprint, datum.
-        if body[:2] != b"\xc3\x01":
-            raise ValueError(f"not single-object encoded (starts {body[:2].hex()})")
-        rec = fastavro.schemaless_reader(io.BytesIO(body[10:]), schemas[name])
-    return rec
+        return json.loads(body)
+    # Avro single-object encoding: C3 01, 8-byte fingerprint, datum. The
+    # schema is found by the fingerprint alone, as any single-object
+    # reader finds it; the name header must agree.
+    if body[:2] != b"\xc3\x01":
+        raise ValueError(f"not single-object encoded (starts {body[:2].hex()})")
+    fp = body[2:10].hex()
+    if fp not in schemas:
+        raise ValueError(f"no schema in schemas/ has fingerprint {fp}")
+    name, schema = schemas[fp]
+    if headers.get("virtstream-schema", name) != name:
+        raise ValueError(f"fingerprint {fp} is {name}, header says {headers.get('virtstream-schema')}")
+    if headers.get("virtstream-schema-fingerprint", fp) != fp:
+        raise ValueError(f"fingerprint {fp} in the body, {headers.get('virtstream-schema-fingerprint')} in the header")
+    return fastavro.schemaless_reader(io.BytesIO(body[10:]), schema)
 
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
