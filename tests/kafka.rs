@@ -546,3 +546,78 @@ fn read_back_reaches_own_records_stamped_before_a_clock_step_back() {
     // The newest time it stamped given up front: the same.
     assert_eq!(read(false, Some(ahead + 9)), all);
 }
+
+/// Where confluent-kafka (librdkafka) puts keyed records with
+/// `partitioner = murmur2_random`, the Java client's default placement, is
+/// where the agent puts them: 500 UUID keys into a 7-partition topic on a
+/// real broker. The same keys under librdkafka's default partitioner
+/// (`consistent_random`, CRC32) land elsewhere, so the check can tell.
+#[test]
+fn partitions_match_a_murmur2_random_producer() {
+    let broker = KafkaBroker::start();
+    let keys: Vec<String> = (0..500).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let script = r#"
+import json, sys
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+bootstrap, partitioner, topic = sys.argv[1:4]
+keys = sys.stdin.read().split()
+admin = AdminClient({"bootstrap.servers": bootstrap})
+for f in admin.create_topics([NewTopic(topic, num_partitions=7, replication_factor=1)]).values():
+    f.result(30)
+p = Producer({"bootstrap.servers": bootstrap, "partitioner": partitioner})
+out = {}
+def done(err, msg):
+    if err is not None:
+        raise SystemExit(f"delivery failed: {err}")
+    out[msg.key().decode()] = msg.partition()
+for k in keys:
+    p.produce(topic, key=k, value=b"x", on_delivery=done)
+    p.poll(0)
+if p.flush(60) != 0:
+    raise SystemExit("not every record was delivered")
+print(json.dumps(out))
+"#;
+    let place = |partitioner: &str| -> std::collections::HashMap<String, i32> {
+        use std::io::Write;
+        let mut child = std::process::Command::new(oracle_python())
+            .args(["-c", script, &broker.bootstrap(), partitioner])
+            .arg(format!("keys-{partitioner}"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(keys.join("\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "confluent-kafka producer ({partitioner}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let theirs = place("murmur2_random");
+    assert_eq!(theirs.len(), keys.len());
+    let wrong: Vec<_> = keys
+        .iter()
+        .filter(|k| theirs[*k] != partition_for(k, 7))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "keys placed elsewhere than the agent places them: {wrong:?}"
+    );
+    let used: BTreeSet<i32> = theirs.values().copied().collect();
+    assert_eq!(used.len(), 7, "500 keys over 7 partitions use them all");
+    let crc = place("consistent_random");
+    let moved = keys.iter().filter(|k| crc[*k] != theirs[*k]).count();
+    assert!(
+        moved > 100,
+        "consistent_random placed only {moved} keys differently"
+    );
+}
