@@ -75,15 +75,17 @@ install_packages() {
 
 TANSU_VERSION=0.6.0
 
-# The soak's independent bus reader (tests/oracle/read_events.py): the
-# official NATS and Kafka clients and fastavro, pinned, in their own venv
+# The clients we did not write, pinned, in their own venv: the soak's
+# independent bus reader (tests/oracle/read_events.py: the official NATS
+# and Kafka clients and fastavro), the interop tests (fastavro's schema
+# fingerprints, confluent-kafka's partitioner, the CloudEvents SDK)
 # (Debian's python3 refuses pip installs into the system). The source
 # benchmark's baseline bridge (benches/bridge/bridge.py) runs there too and
 # adds libvirt-python, pinned to the installed libvirt (it is built against
 # libvirt-dev with pkg-config and a C compiler; its releases follow
 # libvirt's version numbers).
 ORACLE_VENV=${VIRTSTREAM_ORACLE_VENV:-/opt/virtstream-oracle}
-ORACLE_PIP=(fastavro==1.13.1 nats-py==2.16.0 confluent-kafka==2.16.1)
+ORACLE_PIP=(fastavro==1.13.1 nats-py==2.16.0 confluent-kafka==2.16.1 cloudevents==1.12.1)
 oracle_pip() {
   local v
   v=$(pkg-config --modversion libvirt 2>/dev/null) || {
@@ -103,7 +105,7 @@ want = dict(a.split("==") for a in sys.argv[1:])
 sys.exit(any(m.version(k) != v for k, v in want.items()))' "${pip[@]}" 2>/dev/null; then
     return 0
   fi
-  echo "local-env.sh: installing the soak's bus reader and the bench bridge (${pip[*]}) in $ORACLE_VENV"
+  echo "local-env.sh: installing the clients we did not write (soak reader, bench bridge, interop tests) (${pip[*]}) in $ORACLE_VENV"
   if ! python3 -m venv "$ORACLE_VENV" 2>/dev/null; then
     need_root install
     apt-get install -y -qq --no-install-recommends python3-venv >/dev/null

@@ -163,6 +163,8 @@ enum AuditFormat {
 enum UsageFormat {
     Json,
     Csv,
+    /// One CloudEvent (structured JSON) per line, for metering systems.
+    Cloudevents,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -334,17 +336,17 @@ fn usage_cmd(
     bus: BusKind,
     (from_us, to_us): (i64, i64),
     silent_after: u32,
-    csv: bool,
+    format: UsageFormat,
 ) -> ExitCode {
     let (rows, out) = match consumer::usage(cfg, bus, from_us, to_us, silent_after, now_us()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
     diagnose(report::undecodable(&out));
-    write_out(&if csv {
-        report::usage_csv(&rows)
-    } else {
-        report::json(&rows)
+    write_out(&match format {
+        UsageFormat::Csv => report::usage_csv(&rows),
+        UsageFormat::Json => report::json(&rows),
+        UsageFormat::Cloudevents => report::usage_cloudevents(&rows, from_us, to_us),
     })
 }
 
@@ -442,7 +444,7 @@ fn main() -> ExitCode {
                 target.bus.into(),
                 (us(from), us(to)),
                 silence.silent_after_heartbeats,
-                format == UsageFormat::Csv,
+                format,
             )
         }
         Command::Replay {

@@ -287,6 +287,43 @@ fn state_audit_and_usage_match_libvirt_on_both_buses() {
             "{csv}"
         );
         assert!(csv.lines().any(|l| l.contains(&running)), "{csv}");
+
+        // CloudEvents for a metering system: parsed by the CloudEvents
+        // Python SDK (not ours), one event per JSON row, the same ids on a
+        // second run of the same window.
+        let ce = [&usage[..], &["--format", "cloudevents"]].concat();
+        let o = tool(&agent, &ce);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let events = stdout(&o);
+        assert_eq!(events.lines().count(), rows.len(), "{events}");
+        assert_eq!(
+            stdout(&tool(&agent, &ce)),
+            events,
+            "{bus}: same window, same events"
+        );
+        let parsed = cloudevents_sdk_parse(&events);
+        assert_eq!(parsed.len(), rows.len());
+        for (e, row) in parsed.iter().zip(&rows) {
+            assert_eq!(e["type"], "io.virtstream.usage.v1");
+            assert_eq!(e["specversion"], "1.0");
+            assert_eq!(
+                e["source"],
+                format!("virtstream://{}", row["host_id"].as_str().unwrap())
+            );
+            assert_eq!(e["subject"], row["uuid"]);
+            assert_eq!(e["data"]["running_seconds"], row["running_seconds"]);
+            assert_eq!(
+                e["data"]["window_end"].as_str().unwrap(),
+                e["time"].as_str().unwrap()
+            );
+        }
+        let ids: std::collections::BTreeSet<&str> =
+            parsed.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        assert_eq!(
+            ids.len(),
+            parsed.len(),
+            "ids are unique per host, domain and window"
+        );
     }
     // Kafka: audit from given offsets.
     let o = tool(&agent, &["audit", "--bus", "kafka", "--from-offset", "0:0"]);
@@ -501,4 +538,43 @@ fn a_silent_host_is_stale_and_unbilled_on_nats() {
 #[test]
 fn a_silent_host_is_stale_and_unbilled_on_kafka() {
     a_silent_host_is_stale_and_unbilled("kafka");
+}
+
+/// Each line through the CloudEvents Python SDK (`cloudevents.http.from_json`,
+/// which checks the required attributes), back as JSON with its attributes
+/// and data.
+fn cloudevents_sdk_parse(lines: &str) -> Vec<Value> {
+    use std::io::Write;
+    let script = r#"
+import json, sys
+from cloudevents.http import from_json
+for line in sys.stdin:
+    e = from_json(line)
+    out = dict(e.get_attributes())
+    out["data"] = e.data
+    print(json.dumps(out, default=str))
+"#;
+    let mut child = Command::new(oracle_python())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the CloudEvents SDK refused the usage events: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

@@ -118,6 +118,49 @@ pub fn usage_csv(rows: &[UsageRow]) -> String {
     text
 }
 
+/// The CloudEvents `type` of a usage record.
+pub const CE_TYPE_USAGE: &str = "io.virtstream.usage.v1";
+
+/// `usage --format cloudevents`: one CloudEvent in structured JSON mode per
+/// (host, domain) row and window, one per line. The `id` is made of the
+/// host, the domain and the window, so running the same window again gives
+/// the same ids and a metering system that deduplicates by `source` + `id`
+/// (OpenMeter does) counts each window once. `time` is the window's end;
+/// `data` holds the figures with `window_start` inclusive and `window_end`
+/// exclusive (RFC 3339, µs).
+pub fn usage_cloudevents(rows: &[UsageRow], from_us: i64, to_us: i64) -> String {
+    let start = crate::codec::rfc3339_micros(from_us);
+    let end = crate::codec::rfc3339_micros(to_us);
+    let mut text = String::new();
+    for r in rows {
+        let event = serde_json::json!({
+            "specversion": "1.0",
+            "type": CE_TYPE_USAGE,
+            "id": format!("usage:{}:{}:{}:{}", r.host_id, r.uuid, from_us, to_us),
+            "source": format!("virtstream://{}", r.host_id),
+            "subject": r.uuid,
+            "time": end,
+            "datacontenttype": "application/json",
+            "data": {
+                "host_id": r.host_id,
+                "domain_uuid": r.uuid,
+                "domain_name": r.name,
+                "running_seconds": r.running_seconds,
+                "paused_seconds": r.paused_seconds,
+                "vcpu_seconds": r.vcpu_seconds,
+                "memory_gib_seconds": r.memory_gib_seconds,
+                "unknown_seconds": r.unknown_seconds,
+                "stale": r.stale,
+                "window_start": start,
+                "window_end": end,
+            },
+        });
+        text.push_str(&event.to_string());
+        text.push('\n');
+    }
+    text
+}
+
 /// `audit --format text`.
 pub fn audit_text(report: &AuditReport) -> String {
     let mut s = String::new();
@@ -204,6 +247,31 @@ mod tests {
             stale: stale.is_some(),
             stale_reason: stale.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn usage_cloudevents_ids_are_deterministic_per_host_domain_and_window() {
+        let rows = [row("h1", "vm", None), row("h2", "vm", Some("silent"))];
+        let a = usage_cloudevents(&rows, 1_000_000, 61_000_000);
+        assert_eq!(a, usage_cloudevents(&rows, 1_000_000, 61_000_000));
+        let lines: Vec<serde_json::Value> = a
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        let e = &lines[0];
+        assert_eq!(e["specversion"], "1.0");
+        assert_eq!(e["type"], CE_TYPE_USAGE);
+        assert_eq!(e["id"], "usage:h1:u:1000000:61000000");
+        assert_eq!(e["source"], "virtstream://h1");
+        assert_eq!(e["subject"], "u");
+        assert_eq!(e["time"], "1970-01-01T00:01:01.000000Z");
+        assert_eq!(e["data"]["window_start"], "1970-01-01T00:00:01.000000Z");
+        assert_eq!(e["data"]["running_seconds"], 1.5);
+        assert_ne!(lines[0]["id"], lines[1]["id"]);
+        // Another window: other ids.
+        let b = usage_cloudevents(&rows, 61_000_000, 121_000_000);
+        assert!(!b.contains("usage:h1:u:1000000:61000000"));
     }
 
     #[test]
