@@ -13,9 +13,10 @@
 //! - the schema files are compiled in and parsed once; a shipped schema
 //!   that does not parse is a build defect (panic at first use);
 //! - a fingerprint (current or legacy) names exactly one shipped (record,
-//!   version); a message
-//!   whose header is short, has the wrong magic or an unknown fingerprint
-//!   is a `CodecError`, never a guess;
+//!   version); a message whose header is short, has the wrong magic or an
+//!   unknown fingerprint is a `CodecError`, never a guess;
+//! - entries journaled by an earlier build keep the bytes they were
+//!   encoded with (legacy fingerprint) when published after an upgrade.
 //! - every decode goes through [`schemas`] first, which bounds
 //!   `apache-avro` allocations ([`MAX_DECODE_ALLOCATION`]).
 
