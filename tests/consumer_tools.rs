@@ -544,7 +544,6 @@ fn a_silent_host_is_stale_and_unbilled_on_kafka() {
 /// which checks the required attributes), back as JSON with its attributes
 /// and data.
 fn cloudevents_sdk_parse(lines: &str) -> Vec<Value> {
-    use std::io::Write;
     let script = r#"
 import json, sys
 from cloudevents.http import from_json
@@ -554,26 +553,13 @@ for line in sys.stdin:
     out["data"] = e.data
     print(json.dumps(out, default=str))
 "#;
-    let mut child = Command::new(oracle_python())
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(lines.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the CloudEvents SDK refused the usage events: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_python(
+        "the CloudEvents SDK on the usage events",
+        script,
+        &[],
+        lines.as_bytes(),
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()

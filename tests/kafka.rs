@@ -579,28 +579,14 @@ if p.flush(60) != 0:
 print(json.dumps(out))
 "#;
     let place = |partitioner: &str| -> std::collections::HashMap<String, i32> {
-        use std::io::Write;
-        let mut child = std::process::Command::new(oracle_python())
-            .args(["-c", script, &broker.bootstrap(), partitioner])
-            .arg(format!("keys-{partitioner}"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("python runs");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(keys.join("\n").as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "confluent-kafka producer ({partitioner}): {}",
-            String::from_utf8_lossy(&out.stderr)
+        let topic = format!("keys-{partitioner}");
+        let out = run_python(
+            &format!("confluent-kafka producer ({partitioner})"),
+            script,
+            &[&broker.bootstrap(), partitioner, &topic],
+            keys.join("\n").as_bytes(),
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        serde_json::from_slice(&out).unwrap()
     };
     let theirs = place("murmur2_random");
     assert_eq!(theirs.len(), keys.len());

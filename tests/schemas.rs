@@ -4,6 +4,9 @@
 
 use std::collections::BTreeMap;
 
+mod common;
+use common::run_python;
+
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
 
@@ -121,20 +124,6 @@ fn the_compatibility_check_catches_breaking_changes() {
     assert!(check_pair(&old, &Schema::parse_str(&j2.to_string()).unwrap()).is_err());
 }
 
-/// The Python with fastavro: the venv deploy/local-env.sh installs
-/// (`$VIRTSTREAM_ORACLE_VENV`, default /opt/virtstream-oracle).
-fn fastavro_python() -> std::path::PathBuf {
-    let venv = std::env::var("VIRTSTREAM_ORACLE_VENV")
-        .unwrap_or_else(|_| "/opt/virtstream-oracle".to_string());
-    let p = std::path::Path::new(&venv).join("bin/python3");
-    assert!(
-        p.is_file(),
-        "{} missing: install the oracle venv with `bash deploy/local-env.sh oracle`",
-        p.display()
-    );
-    p
-}
-
 /// Our Parsing Canonical Form and fingerprint of every schema file equal
 /// what fastavro (an implementation we did not write) computes, and the
 /// header this build writes carries that fingerprint.
@@ -156,18 +145,9 @@ print(json.dumps(out))
         .flat_map(|v| v.values())
         .map(|(file, _)| dir.join(file).display().to_string())
         .collect();
-    let out = std::process::Command::new(fastavro_python())
-        .arg("-c")
-        .arg(script)
-        .args(&paths)
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let theirs: BTreeMap<String, (String, String)> = serde_json::from_slice(&out.stdout).unwrap();
+    let args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let out = run_python("fastavro on schemas/", script, &args, b"");
+    let theirs: BTreeMap<String, (String, String)> = serde_json::from_slice(&out).unwrap();
     assert_eq!(theirs.len(), paths.len());
     for (record, versions) in &files {
         for (version, (file, text)) in versions {

@@ -247,18 +247,3 @@ pub fn wait_for_kafka(
         fetch_kafka(bootstrap, "virt.domain.events.v1", host_id)
     })
 }
-
-/// The Python with the clients we did not write (confluent-kafka,
-/// fastavro, nats-py): the venv `deploy/local-env.sh oracle` installs
-/// (`$VIRTSTREAM_ORACLE_VENV`, default /opt/virtstream-oracle).
-pub fn oracle_python() -> std::path::PathBuf {
-    let venv = std::env::var("VIRTSTREAM_ORACLE_VENV")
-        .unwrap_or_else(|_| "/opt/virtstream-oracle".to_string());
-    let p = std::path::Path::new(&venv).join("bin/python3");
-    assert!(
-        p.is_file(),
-        "{} missing: install the oracle venv with `bash deploy/local-env.sh oracle`",
-        p.display()
-    );
-    p
-}

@@ -3,7 +3,8 @@
 //! on a random port with temporary storage and killed on drop; the system
 //! libvirtd (`libvirtd`, started when missing and allowed) and a private
 //! one (`libvirt_host`); the agent binary as a child process (`agent`);
-//! `virsh event` as the independent oracle (`oracle`); TLS material and a
+//! `virsh event` as the independent oracle (`oracle`); the Python clients
+//! we did not write (`python`); TLS material and a
 //! TLS terminator (`tls`). `records` reads back what a host published and
 //! checks it. Everything is re-exported here: tests use `common::X`.
 //!
@@ -20,12 +21,13 @@ pub mod libvirt_host;
 mod libvirtd;
 mod nats;
 mod oracle;
+mod python;
 mod records;
 pub mod tls;
 
 // Each test binary uses its own part of the fixtures.
 #[allow(unused_imports)]
-pub use {agent::*, kafka::*, libvirtd::*, nats::*, oracle::*, records::*};
+pub use {agent::*, kafka::*, libvirtd::*, nats::*, oracle::*, python::*, records::*};
 
 use std::net::TcpListener;
 use std::path::PathBuf;
