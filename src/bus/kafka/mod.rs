@@ -27,8 +27,8 @@ use rdkafka::producer::{BaseProducer, Producer};
 pub use context::{cause_of, FetchStats, KafkaContext, PartitionFetch};
 pub use partitioner::{murmur2, partition_for};
 pub use topics::{
-    check_cleanup_policy, ensure_topics, missing_topic, provision_topics, topics, Provisioned,
-    TopicRole,
+    check_cleanup_policy, ensure_topics, missing_topic, partition_counts, provision_topics, topics,
+    Provisioned, TopicRole,
 };
 
 use super::{Bus, Diagnosis};

@@ -106,12 +106,17 @@ async fn existing_topics(
             ));
         }
     };
-    Ok(md
-        .topics()
+    Ok(partition_counts(&md))
+}
+
+/// Partition counts of the topics a metadata answer shows as existing
+/// (no error, at least one partition).
+pub fn partition_counts(md: &rdkafka::metadata::Metadata) -> HashMap<String, i32> {
+    md.topics()
         .iter()
         .filter(|t| t.error().is_none() && !t.partitions().is_empty())
         .map(|t| (t.name().to_string(), t.partitions().len() as i32))
-        .collect())
+        .collect()
 }
 
 /// Creates missing topics (when allowed) and checks existing ones;

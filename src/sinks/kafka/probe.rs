@@ -20,7 +20,9 @@ use super::encoding::EVENT_ID_HEADER;
 use super::service::Offsets;
 use super::KafkaSinkError;
 use crate::bus::kafka::reader::{self, Flow, ReadOptions, Start};
-use crate::bus::kafka::{admin_client, client_config, partition_for, REQUEST_TIMEOUT};
+use crate::bus::kafka::{
+    admin_client, client_config, partition_counts, partition_for, REQUEST_TIMEOUT,
+};
 use crate::bus::wire::TOMBSTONE_HEADER;
 use crate::config::KafkaConfig;
 use crate::model::parse_event_id;
@@ -56,12 +58,7 @@ fn partitions(cfg: &KafkaConfig, client_id: &str) -> Result<HashMap<String, i32>
                 format!("metadata request failed: {e}"),
             )
         })?;
-    Ok(md
-        .topics()
-        .iter()
-        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
-        .collect())
+    Ok(partition_counts(&md))
 }
 
 fn read_options<'a>(
