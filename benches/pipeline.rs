@@ -205,6 +205,7 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
             metrics: metrics.clone(),
             observer: Some(observer(&a)),
             sent_upto: Arc::new(std::sync::atomic::AtomicU64::new(rec.host_seq)),
+            registry: None,
         }
     });
     let (shutdown, _) = broadcast::channel(1);
@@ -236,6 +237,7 @@ fn pipeline(nats_url: Option<&str>, kafka: Option<&str>) -> Pipeline {
                             health,
                             metrics,
                             observer: Some(obs),
+                            registry: None,
                         };
                         tasks.push(tokio::spawn(async move {
                             sink.run(rx_nats, Duration::from_secs(5)).await.unwrap()

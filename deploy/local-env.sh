@@ -85,7 +85,9 @@ TANSU_VERSION=0.6.0
 # libvirt-dev with pkg-config and a C compiler; its releases follow
 # libvirt's version numbers).
 ORACLE_VENV=${VIRTSTREAM_ORACLE_VENV:-/opt/virtstream-oracle}
-ORACLE_PIP=(fastavro==1.13.1 nats-py==2.16.0 confluent-kafka==2.16.1 cloudevents==1.12.1)
+# confluent-kafka with its schema-registry client and Avro deserializer
+# (the registry interop test decodes what the agent published with them).
+ORACLE_PIP=(fastavro==1.13.1 nats-py==2.16.0 "confluent-kafka[avro,schemaregistry]==2.16.1" cloudevents==1.12.1)
 oracle_pip() {
   local v
   v=$(pkg-config --modversion libvirt 2>/dev/null) || {
@@ -102,7 +104,8 @@ install_oracle() {
   if [ -x "$py" ] && "$py" -c '
 import sys, importlib.metadata as m
 want = dict(a.split("==") for a in sys.argv[1:])
-sys.exit(any(m.version(k) != v for k, v in want.items()))' "${pip[@]}" 2>/dev/null; then
+sys.exit(any(m.version(k.split("[")[0]) != v for k, v in want.items()))' "${pip[@]}" 2>/dev/null &&
+    "$py" -c 'import confluent_kafka.schema_registry.avro' 2>/dev/null; then
     return 0
   fi
   echo "local-env.sh: installing the clients we did not write (soak reader, bench bridge, interop tests) (${pip[*]}) in $ORACLE_VENV"

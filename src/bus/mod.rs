@@ -5,6 +5,7 @@
 //!   stream configurations and their suitability checks;
 //! - `kafka`: the client configuration and context, topics and their
 //!   provisioning, the partitioner, and the partition reader;
+//! - `registry`: the Confluent-compatible schema registry client;
 //! - `wire`: names both writers and readers rely on (headers, subject
 //!   tokens of host ids);
 //! - here: [`Diagnosis`], why a bus cannot be reached, and `read_secret`.
@@ -18,6 +19,7 @@
 
 pub mod kafka;
 pub mod nats;
+pub mod registry;
 pub mod wire;
 
 use std::fmt;

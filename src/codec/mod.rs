@@ -4,7 +4,8 @@
 //! the decoders the consumer tools use. Split by concern: `canonical` (the
 //! specification's canonical form), `schema` (shipped schemas, fingerprints,
 //! framing), `encode`, `decode` (with `binary`, the
-//! direct `DomainEvent` v1 reader), `json`, `cloudevents`. Public paths are
+//! direct `DomainEvent` v1 reader), `json`, `cloudevents`, `confluent`
+//! (the schema-registry framing, a re-wrap of the same datum). Public paths are
 //! `crate::codec::*`.
 //!
 //! Invariants:
@@ -18,6 +19,7 @@
 mod binary;
 mod canonical;
 mod cloudevents;
+mod confluent;
 mod decode;
 mod encode;
 mod json;
@@ -30,14 +32,17 @@ pub use cloudevents::{
     cloudevents_headers, rfc3339_micros, CE_TYPE_DOMAIN_EVENT, CE_TYPE_DOMAIN_SNAPSHOT,
     CE_TYPE_HOST_SNAPSHOT, CONTENT_TYPE_AVRO, CONTENT_TYPE_JSON,
 };
+pub use confluent::{
+    confluent_frame, confluent_id, single_object_from_confluent, writer_entry, CONFLUENT_MAGIC,
+};
 pub use decode::{
     decode_domain_snapshot, decode_event, decode_event_generic, decode_host_snapshot, decode_value,
 };
 pub use encode::{encode_domain_snapshot, encode_event, encode_host_snapshot};
 pub use json::{decode_json, event_to_json, json_to_avro, value_to_json};
 pub use schema::{
-    crc64_avro, latest, schemas, writer_of, SchemaEntry, MAX_DECODE_ALLOCATION, SCHEMA_FILES,
-    SINGLE_OBJECT_MAGIC,
+    by_fingerprint_entry, by_schema_text, crc64_avro, latest, schemas, writer_of, SchemaEntry,
+    MAX_DECODE_ALLOCATION, SCHEMA_FILES, SINGLE_OBJECT_MAGIC,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -52,6 +52,8 @@ pub struct SchemaEntry {
     pub name: &'static str,
     pub version: u32,
     pub schema: Schema,
+    /// The schema file's text (what a schema registry is given).
+    pub text: &'static str,
     /// CRC-64-AVRO of the specification's Parsing Canonical Form: what
     /// writers put in the single-object header.
     pub fingerprint: u64,
@@ -84,6 +86,7 @@ pub fn schemas() -> &'static [SchemaEntry] {
                 SchemaEntry {
                     name,
                     version: *version,
+                    text,
                     fingerprint: crc64_avro(pcf.as_bytes()),
                     legacy_fingerprint: crc64_avro(schema.canonical_form().as_bytes()),
                     schema,
@@ -102,6 +105,20 @@ fn by_fingerprint() -> &'static HashMap<u64, usize> {
             .flat_map(|(i, s)| [(s.legacy_fingerprint, i), (s.fingerprint, i)])
             .collect()
     })
+}
+
+/// The shipped schema a fingerprint (current or legacy) names.
+pub fn by_fingerprint_entry(fp: u64) -> Option<&'static SchemaEntry> {
+    by_fingerprint().get(&fp).map(|&i| &schemas()[i])
+}
+
+/// The shipped schema whose text is `text` (any JSON layout, logical
+/// types or not): found by the fingerprint of its canonical form.
+pub fn by_schema_text(text: &str) -> Result<&'static SchemaEntry, CodecError> {
+    let pcf = parsing_canonical_form(text)
+        .map_err(|e| CodecError::Shape(format!("not an Avro schema: {e}")))?;
+    let fp = crc64_avro(pcf.as_bytes());
+    by_fingerprint_entry(fp).ok_or(CodecError::UnknownFingerprint(fp))
 }
 
 /// The newest shipped version of a record.

@@ -29,7 +29,16 @@ pub(super) fn apply_env(
         .collect();
     for (name, raw) in overrides {
         let rest = &name[ENV_PREFIX.len()..];
-        let Some((section, key)) = rest.split_once('_') else {
+        // Section names with an underscore are matched whole first.
+        let lower = rest.to_ascii_lowercase();
+        let split = MULTI_WORD_SECTIONS
+            .iter()
+            .find_map(|s| {
+                lower.strip_prefix(s)?.strip_prefix('_')?;
+                Some((&rest[..s.len()], &rest[s.len() + 1..]))
+            })
+            .or_else(|| rest.split_once('_'));
+        let Some((section, key)) = split else {
             continue;
         };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
@@ -71,6 +80,9 @@ pub(super) fn apply_env(
     Ok(())
 }
 
+/// Sections whose names contain an underscore.
+const MULTI_WORD_SECTIONS: &[&str] = &["schema_registry"];
+
 /// String-typed keys whose values may look like numbers.
 const STRING_KEYS: &[&str] = &[
     "host.id",
@@ -83,6 +95,9 @@ const STRING_KEYS: &[&str] = &[
     "kafka.sasl_password",
     "nats.user",
     "nats.password",
+    "schema_registry.url",
+    "schema_registry.username",
+    "schema_registry.password",
 ];
 
 #[cfg(test)]

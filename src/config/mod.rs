@@ -1,7 +1,8 @@
 //! Configuration: TOML file + `VIRTSTREAM_<SECTION>_<KEY>` environment
 //! overrides, validated before anything starts. This module owns
 //! [`Config`], loading and the error type; each section lives beside its
-//! validation (`host`: host, libvirt, journal; `nats`; `kafka`; `service`:
+//! validation (`host`: host, libvirt, journal; `nats`; `kafka`;
+//! `registry`: schema_registry; `service`:
 //! snapshot, metrics, log), `env` applies overrides, `secrets` keeps
 //! secret values out of output.
 //!
@@ -20,6 +21,7 @@ mod env;
 mod host;
 mod kafka;
 mod nats;
+mod registry;
 mod secrets;
 mod service;
 mod values;
@@ -29,6 +31,7 @@ pub use env::ENV_PREFIX;
 pub use host::{HostConfig, JournalConfig, LibvirtConfig, XmlMode};
 pub use kafka::{Brokers, KafkaConfig, PropValue, SaslMechanism, KAFKA_RESERVED_PROPERTIES};
 pub use nats::NatsConfig;
+pub use registry::{RegistrySink, SchemaRegistryConfig, Subjects};
 pub use secrets::Secret;
 pub use service::{LogConfig, LogFormat, MetricsConfig, SnapshotConfig};
 pub use values::{Dur, Encoding};
@@ -64,6 +67,7 @@ pub struct Config {
     pub journal: JournalConfig,
     pub nats: Option<NatsConfig>,
     pub kafka: Option<KafkaConfig>,
+    pub schema_registry: Option<SchemaRegistryConfig>,
     #[serde(default)]
     pub snapshot: SnapshotConfig,
     #[serde(default)]
@@ -127,6 +131,9 @@ impl Config {
         }
         if let Some(k) = &self.kafka {
             k.validate()?;
+        }
+        if let Some(r) = &self.schema_registry {
+            r.validate(self.kafka.as_ref(), self.nats.as_ref())?;
         }
         Ok(())
     }

@@ -24,6 +24,7 @@
 //! silently (except what a domain or start time leaves out); the read
 //! stops early only when the caller asks it to.
 
+use std::borrow::Cow;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,9 +34,11 @@ use futures::StreamExt;
 use rdkafka::message::{Headers as _, Message as _};
 
 use super::record::{self, Headers, Lane, Position, Record, RecordError};
+use super::registry::Resolver;
 use crate::bus::kafka::reader::{self, Flow, ReadOptions, Start};
 use crate::bus::kafka::{self, KafkaContext};
 use crate::bus::wire::TOMBSTONE_HEADER;
+use crate::codec;
 use crate::config::{KafkaConfig, NatsConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,8 @@ pub enum BusError {
     Nats(String),
     #[error("Kafka: {0}")]
     Kafka(String),
+    #[error(transparent)]
+    Registry(#[from] crate::bus::registry::RegistryError),
 }
 
 /// Where the events are read from (snapshots are always read in full).
@@ -96,12 +101,26 @@ pub struct Message<'a> {
     pub subject: Option<&'a str>,
     /// Whether its lane's positions are contiguous when nothing is lost.
     pub contiguous: bool,
+    /// Resolves schema-registry ids (when `[schema_registry]` is set).
+    pub registry: Option<&'a Resolver>,
 }
 
-impl Message<'_> {
+impl<'a> Message<'a> {
+    /// The body in a framing the decoders read: a registry-framed payload
+    /// re-framed as single-object (its datum unchanged), any other as is.
+    pub fn body(&self) -> Result<Cow<'a, [u8]>, RecordError> {
+        match (codec::confluent_id(self.payload), self.registry) {
+            (Some(_), Some(r)) => r
+                .single_object(self.payload)
+                .map(Cow::Owned)
+                .map_err(RecordError::Registry),
+            _ => Ok(Cow::Borrowed(self.payload)),
+        }
+    }
+
     /// The record it carries.
     pub fn decode(&self) -> Result<Record, RecordError> {
-        record::decode(self.payload, self.headers).map(|body| Record {
+        record::decode(&self.body()?, self.headers).map(|body| Record {
             body,
             pos: self.pos.clone(),
         })
@@ -131,6 +150,7 @@ pub async fn read_nats(
     cfg: &NatsConfig,
     from: &StartAt,
     scope: Scope<'_>,
+    registry: &mut Option<Resolver>,
     on_item: &mut (dyn FnMut(Item<'_>) -> Next + Send),
 ) -> Result<(), BusError> {
     let client = crate::bus::nats::connect_once(cfg, "virtstream-reader")
@@ -149,7 +169,7 @@ pub async fn read_nats(
             filter_subject: String::new(),
             strict: true,
         };
-        if snaps.read(&js, on_item).await?.is_break() {
+        if snaps.read(&js, registry, on_item).await?.is_break() {
             return Ok(());
         }
     }
@@ -178,7 +198,7 @@ pub async fn read_nats(
         filter_subject,
         strict: fleet,
     };
-    events.read(&js, on_item).await.map(|_| ())
+    events.read(&js, registry, on_item).await.map(|_| ())
 }
 
 /// One NATS stream to read, to the end it had when reading began.
@@ -195,6 +215,7 @@ impl NatsRead<'_> {
     async fn read(
         self,
         js: &jetstream::Context,
+        registry: &mut Option<Resolver>,
         on_item: &mut (dyn FnMut(Item<'_>) -> Next + Send),
     ) -> Result<Next, BusError> {
         let name = self.name;
@@ -275,12 +296,18 @@ impl NatsRead<'_> {
                 ce_id: get("ce_id"),
                 ce_subject: get("ce_subject"),
             };
+            if let Some(r) = registry.as_mut() {
+                if let Some(id) = r.unknown(&msg.payload) {
+                    r.learn(id).await?;
+                }
+            }
             let it = Item::Message(Message {
                 pos: &pos,
                 payload: &msg.payload,
                 headers,
                 subject: Some(msg.subject.as_str()),
                 contiguous: self.contiguous,
+                registry: registry.as_ref(),
             });
             if on_item(it).is_break() {
                 return Ok(Next::Break(()));
@@ -303,6 +330,7 @@ pub fn read_kafka(
     cfg: &KafkaConfig,
     from: &StartAt,
     scope: Scope<'_>,
+    registry: &mut Option<Resolver>,
     on_item: &mut dyn FnMut(Item<'_>) -> Next,
 ) -> Result<(), BusError> {
     let kerr = |e: kafka::KafkaError| BusError::Kafka(e.to_string());
@@ -318,7 +346,7 @@ pub fn read_kafka(
                 contiguous: false,
                 scope,
             };
-            if read.read(cfg, &base, on_item)?.is_break() {
+            if read.read(cfg, &base, registry, on_item)?.is_break() {
                 return Ok(());
             }
         }
@@ -362,7 +390,7 @@ pub fn read_kafka(
         contiguous: true,
         scope,
     };
-    read.read(cfg, &base, on_item).map(|_| ())
+    read.read(cfg, &base, registry, on_item).map(|_| ())
 }
 
 fn partitions(
@@ -407,11 +435,13 @@ impl KafkaRead<'_> {
         self,
         cfg: &KafkaConfig,
         base: &rdkafka::ClientConfig,
+        registry: &mut Option<Resolver>,
         on_item: &mut dyn FnMut(Item<'_>) -> Next,
     ) -> Result<Next, BusError> {
         let (topic, since_ms, scope) = (self.topic, self.since_ms, self.scope);
         let source: Arc<str> = Arc::from(topic);
         let mut stopped = false;
+        let mut failed = None;
         // Fleet: with a start time, each partition is read from its first
         // record at or after it; everything after that is kept, so clock
         // differences between hosts cannot open false holes.
@@ -473,12 +503,23 @@ impl KafkaRead<'_> {
                     ce_id,
                     ce_subject,
                 };
+                let payload = m.payload().unwrap_or_default();
+                if let Some(r) = registry.as_mut() {
+                    if let Some(id) = r.unknown(payload) {
+                        if let Err(e) = r.learn_blocking(id) {
+                            failed = Some(e);
+                            stopped = true;
+                            return Flow::PartitionDone;
+                        }
+                    }
+                }
                 let it = Item::Message(Message {
                     pos: &pos,
-                    payload: m.payload().unwrap_or_default(),
+                    payload,
                     headers,
                     subject: None,
                     contiguous: self.contiguous,
+                    registry: registry.as_ref(),
                 });
                 if on_item(it).is_break() {
                     stopped = true;
@@ -488,6 +529,9 @@ impl KafkaRead<'_> {
             },
         )
         .map_err(|e| BusError::Kafka(e.to_string()))?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
         Ok(if stopped {
             Next::Break(())
         } else {

@@ -7,7 +7,8 @@
 //!    messages with their positions, and says where each contiguous lane
 //!    ended;
 //! 2. `record`: decodes a message into a record (skipped for a feed that
-//!    wants the bytes only);
+//!    wants the bytes only); `registry` resolves schema-registry ids so a
+//!    registry-framed message decodes like a single-object one;
 //! 3. `lanes`: finds the holes in each contiguous lane's positions, once
 //!    for every tool, and hands them on as `hole::Hole`s (the one hole
 //!    type) just before the record that revealed them;
@@ -35,6 +36,7 @@ pub mod lanes;
 pub mod liveness;
 pub mod rebuild;
 pub mod record;
+pub mod registry;
 pub mod replay;
 pub mod report;
 pub mod usage;
@@ -92,6 +94,10 @@ pub fn read_scoped(
 ) -> Result<ReadOutcome, ConsumerError> {
     let mut lanes = Lanes::new();
     let mut out = ReadOutcome::default();
+    let mut registry = match &cfg.schema_registry {
+        Some(r) => Some(registry::Resolver::new(r).map_err(bus::BusError::from)?),
+        None => None,
+    };
     let mut each = |it: Item<'_>| {
         match it {
             Item::Message(msg) => {
@@ -135,14 +141,14 @@ pub fn read_scoped(
                 .enable_all()
                 .build()
                 .map_err(ConsumerError::Runtime)?
-                .block_on(bus::read_nats(ncfg, from, scope, &mut each))?
+                .block_on(bus::read_nats(ncfg, from, scope, &mut registry, &mut each))?
         }
         BusKind::Kafka => {
             let kcfg = cfg
                 .kafka
                 .as_ref()
                 .ok_or(ConsumerError::MissingSection("kafka"))?;
-            bus::read_kafka(kcfg, from, scope, &mut each)?
+            bus::read_kafka(kcfg, from, scope, &mut registry, &mut each)?
         }
     };
     Ok(out)

@@ -121,6 +121,8 @@ pub enum RecordError {
     Json(String),
     #[error("tombstone without a usable {0} header")]
     Tombstone(&'static str),
+    #[error("{0}")]
+    Registry(String),
 }
 
 /// Message headers the decoder looks at.
@@ -131,7 +133,8 @@ pub struct Headers<'a> {
     pub ce_subject: Option<&'a str>,
 }
 
-/// Decodes one message body (Avro single-object, or the opt-in JSON).
+/// Decodes one message body (Avro single-object, or the opt-in JSON; a
+/// registry-framed body is re-framed first, by `bus::Message::body`).
 pub fn decode(body: &[u8], headers: Headers<'_>) -> Result<Body, RecordError> {
     if headers.tombstone || body.is_empty() {
         return tombstone(headers).map(Body::Tombstone);
@@ -144,7 +147,20 @@ pub fn decode(body: &[u8], headers: Headers<'_>) -> Result<Body, RecordError> {
             _ => Body::Host(codec::decode_host_snapshot(body)?),
         });
     }
+    if let Some(e) = registry_framed(body) {
+        return Err(e);
+    }
     decode_json(body)
+}
+
+/// A registry-framed body that reached a decoder without being re-framed
+/// (no `[schema_registry]` configured): the error that says so.
+pub fn registry_framed(body: &[u8]) -> Option<RecordError> {
+    codec::confluent_id(body).map(|id| {
+        RecordError::Registry(format!(
+            "schema-registry framed (schema id {id}): configure [schema_registry] to read it"
+        ))
+    })
 }
 
 fn tombstone(h: Headers<'_>) -> Result<Tombstone, RecordError> {

@@ -71,7 +71,11 @@ impl Feed for Replay<'_> {
         if self.failed.is_some() {
             return;
         }
-        match decode_body(msg.payload) {
+        match msg
+            .body()
+            .map_err(|e| e.to_string())
+            .and_then(|b| decode_body(&b))
+        {
             Ok(json) => {
                 if let Err(e) = writeln!(self.out, "{}", report::replay_line(json, msg)) {
                     self.failed = Some(e);
@@ -92,6 +96,9 @@ fn decode_body(body: &[u8]) -> Result<serde_json::Value, String> {
         return codec::decode_json(body)
             .map(|(_, v)| v)
             .map_err(|e| e.to_string());
+    }
+    if let Some(e) = super::record::registry_framed(body) {
+        return Err(e.to_string());
     }
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(v) if v.is_object() => Ok(v),
@@ -119,6 +126,7 @@ mod tests {
             headers: Headers::default(),
             subject: Some("virt.events.h.u"),
             contiguous: true,
+            registry: None,
         };
         let mut buf = Vec::new();
         let mut out = std::io::Cursor::new(&mut buf);

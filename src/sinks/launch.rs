@@ -17,7 +17,9 @@ use super::kafka::KafkaSinkError;
 use super::nats::encoding::EncodingContext;
 use super::nats::service::NatsSink;
 use super::nats::NatsError;
-use crate::config::Config;
+use super::registry::Registrar;
+use crate::bus::registry::{RegistryClient, RegistryError};
+use crate::config::{Config, RegistrySink, SchemaRegistryConfig, Subjects};
 use crate::journal::Journal;
 use crate::telemetry::{Health, Metrics};
 
@@ -89,11 +91,14 @@ impl SinkKind {
                         health: ctx.health.clone(),
                         metrics: ctx.metrics.clone(),
                         observer: None,
+                        registry: registrar(cfg, |r| r.nats_subjects(ncfg), RegistrySink::Nats)
+                            .map_err(NatsError::from)?,
                     }))
                 }
             },
-            SinkKind::Kafka => cfg.kafka.as_ref().map(|kcfg| {
-                Sink::Kafka(KafkaSink {
+            SinkKind::Kafka => match &cfg.kafka {
+                None => None,
+                Some(kcfg) => Some(Sink::Kafka(KafkaSink {
                     cfg: kcfg.clone(),
                     client_id: client_name,
                     host_id: ctx.host_id.clone(),
@@ -103,9 +108,26 @@ impl SinkKind {
                     metrics: ctx.metrics.clone(),
                     observer: None,
                     sent_upto: Arc::new(AtomicU64::new(ctx.host_seq)),
-                })
-            }),
+                    registry: registrar(cfg, |r| r.kafka_subjects(kcfg), RegistrySink::Kafka)
+                        .map_err(KafkaSinkError::from)?,
+                })),
+            },
         })
+    }
+}
+
+/// The registrar of a sink that publishes in schema-registry framing.
+fn registrar(
+    cfg: &Config,
+    subjects: impl FnOnce(&SchemaRegistryConfig) -> Subjects,
+    sink: RegistrySink,
+) -> Result<Option<Arc<Registrar>>, RegistryError> {
+    match &cfg.schema_registry {
+        Some(r) if r.applies_to(sink) => Ok(Some(Arc::new(Registrar::new(
+            RegistryClient::new(r)?,
+            subjects(r),
+        )))),
+        _ => Ok(None),
     }
 }
 

@@ -4,7 +4,8 @@
 //! (`journal_io`) the journal reads and cursor writes, which run on the
 //! blocking pool, never on the async thread, (`driver`) the publish loop
 //! every bus plugs into, and (`launch`) building the configured sinks so
-//! the agent starts them alike. Connections, topics, streams and wire
+//! the agent starts them alike, and (`registry`) the schema ids of a
+//! schema registry. Connections, topics, streams and wire
 //! names are the bus layer's ([`crate::bus`]).
 //!
 //! Invariants:
@@ -19,6 +20,7 @@ mod journal_io;
 pub mod kafka;
 pub mod launch;
 pub mod nats;
+pub mod registry;
 
 use std::collections::BTreeSet;
 
@@ -43,11 +45,13 @@ pub struct MessageParts {
 }
 
 /// Builds the [`MessageParts`] of a journal entry. Deterministic: the same
-/// entry always yields the same id, headers and body.
+/// entry always yields the same id, headers and body. With `framing` (a
+/// schema registry), an Avro body is in the registry's framing.
 pub fn message_parts(
     host_id: &str,
     epoch: &str,
     encoding: Encoding,
+    framing: Option<&registry::SchemaIds>,
     entry: &Entry,
 ) -> Result<MessageParts, CodecError> {
     let id = event_id(host_id, epoch, entry.host_seq);
@@ -62,7 +66,10 @@ pub fn message_parts(
     let tombstone = entry.kind == Kind::DomainTombstone;
     let (content_type, body) = match encoding {
         _ if tombstone => (codec::CONTENT_TYPE_AVRO, Bytes::new()),
-        Encoding::Avro => (codec::CONTENT_TYPE_AVRO, Bytes::from(entry.payload.clone())),
+        Encoding::Avro => match framing {
+            Some(ids) => (codec::CONTENT_TYPE_AVRO, ids.frame(&entry.payload)?),
+            None => (codec::CONTENT_TYPE_AVRO, Bytes::from(entry.payload.clone())),
+        },
         Encoding::Json => {
             let (_, json) = codec::decode_json(&entry.payload)?;
             (codec::CONTENT_TYPE_JSON, Bytes::from(json.to_string()))

@@ -4,7 +4,8 @@
 //! libvirtd (`libvirtd`, started when missing and allowed) and a private
 //! one (`libvirt_host`); the agent binary as a child process (`agent`);
 //! `virsh event` as the independent oracle (`oracle`); the Python clients
-//! we did not write (`python`); TLS material and a
+//! we did not write (`python`); a minimal Confluent-API schema registry
+//! (`registry`, used as `common::registry::Registry`); TLS material and a
 //! TLS terminator (`tls`). `records` reads back what a host published and
 //! checks it. Everything is re-exported here: tests use `common::X`.
 //!
@@ -23,6 +24,7 @@ mod nats;
 mod oracle;
 mod python;
 mod records;
+pub mod registry;
 pub mod tls;
 
 // Each test binary uses its own part of the fixtures.

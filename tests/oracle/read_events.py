@@ -17,6 +17,14 @@ order (Kafka). Exit 0 on success, 2 on anything undecodable.
 
   read_events.py nats  URL   [--stream VIRT_EVENTS]
   read_events.py kafka BOOTSTRAP [--topic virt.domain.events.v1]
+
+With --registry URL, every body must be in the schema-registry framing
+(byte 0 + 4-byte schema id + datum) and is decoded by confluent-kafka's
+SchemaRegistryClient + AvroDeserializer, not from schemas/; rows then
+carry "schema_id". --registry-user/--registry-password-file give basic
+auth; --registry-topic names the topic whose `<topic>-value` subject the
+deserializer is told about (default: the Kafka topic; for NATS pass the
+events subject prefix).
 """
 
 import argparse
@@ -66,6 +74,27 @@ def decode(schemas, headers, body):
     if headers.get("virtstream-schema-fingerprint", fp) != fp:
         raise ValueError(f"fingerprint {fp} in the body, {headers.get('virtstream-schema-fingerprint')} in the header")
     return fastavro.schemaless_reader(io.BytesIO(body[10:]), schema)
+
+
+def registry_decoder(url, user, password_file, topic):
+    """Decodes registry-framed bodies with confluent-kafka's own client."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    conf = {"url": url}
+    if user:
+        with open(password_file) as fh:
+            conf["basic.auth.user.info"] = f"{user}:{fh.read().strip()}"
+    des = AvroDeserializer(SchemaRegistryClient(conf))
+    ctx = SerializationContext(topic, MessageField.VALUE)
+
+    def dec(headers, body):
+        if body[:1] != b"\x00" or len(body) < 5:
+            raise ValueError(f"not schema-registry framed (starts {body[:1].hex()})")
+        return des(body, ctx), int.from_bytes(body[1:5], "big")
+
+    return dec
 
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -186,19 +215,35 @@ def main():
     ap.add_argument("address")
     ap.add_argument("--stream", default="VIRT_EVENTS")
     ap.add_argument("--topic", default="virt.domain.events.v1")
+    ap.add_argument("--registry")
+    ap.add_argument("--registry-user")
+    ap.add_argument("--registry-password-file")
+    ap.add_argument("--registry-topic")
     a = ap.parse_args()
     schemas = load_schemas()
+    via_registry = None
+    if a.registry:
+        via_registry = registry_decoder(
+            a.registry, a.registry_user, a.registry_password_file, a.registry_topic or a.topic
+        )
     bad = 0
 
     def emit(pos, headers, body):
         nonlocal bad
+        schema_id = None
         try:
-            rec = decode(schemas, headers, body)
+            if via_registry:
+                rec, schema_id = via_registry(headers, body)
+            else:
+                rec = decode(schemas, headers, body)
         except Exception as e:  # report and go on: every message is accounted for
             bad += 1
             print(f"undecodable message at {pos}: {e}", file=sys.stderr)
             return
-        print(json.dumps(row(pos, headers, rec)))
+        r = row(pos, headers, rec)
+        if schema_id is not None:
+            r["schema_id"] = schema_id
+        print(json.dumps(r))
 
     if a.bus == "nats":
         asyncio.run(read_nats(a.address, a.stream, emit))

@@ -52,6 +52,8 @@ pub struct EncodingContext {
     /// snapshots topics, in that order.
     pub topics: [(String, i32); 3],
     pub encoding: Encoding,
+    /// Registry ids when the sink publishes in schema-registry framing.
+    pub framing: Option<std::sync::Arc<crate::sinks::registry::SchemaIds>>,
 }
 
 impl EncodingContext {
@@ -69,7 +71,13 @@ impl EncodingContext {
     }
 
     pub fn encode(&self, entry: &Entry) -> Result<Encoded, CodecError> {
-        let parts = message_parts(&self.host_id, &self.epoch, self.encoding, entry)?;
+        let parts = message_parts(
+            &self.host_id,
+            &self.epoch,
+            self.encoding,
+            self.framing.as_deref(),
+            entry,
+        )?;
         let mut headers = OwnedHeaders::new_with_capacity(parts.headers.len());
         for (k, v) in &parts.headers {
             headers = headers.insert(Header {
@@ -114,6 +122,7 @@ mod tests {
                 ("virt.host.snapshots.v1".into(), 3),
             ],
             encoding: Encoding::Avro,
+            framing: None,
         };
         let enc = ctx.encode(&entry).unwrap();
         assert_eq!(enc.topic, EVENTS);

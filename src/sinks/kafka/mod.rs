@@ -26,6 +26,8 @@ use crate::bus::kafka as bus;
 pub enum KafkaSinkError {
     #[error(transparent)]
     Bus(#[from] bus::KafkaError),
+    #[error(transparent)]
+    Registry(#[from] crate::bus::registry::RegistryError),
     #[error("journal: {0}")]
     Journal(String),
     /// The bus holds a message of this host and epoch beyond the journal's
@@ -44,6 +46,7 @@ impl KafkaSinkError {
     pub fn is_fatal(&self) -> bool {
         match self {
             KafkaSinkError::Bus(e) => e.is_fatal(),
+            KafkaSinkError::Registry(e) => e.is_fatal(),
             KafkaSinkError::Journal(_) | KafkaSinkError::JournalBehindBus { .. } => true,
         }
     }

@@ -50,6 +50,7 @@ use crate::config::KafkaConfig;
 use crate::journal::{Entry, Journal, JournalError};
 pub use crate::sinks::driver::AckObserver;
 use crate::sinks::driver::{Bus, Driver, DriverOptions, Progress};
+use crate::sinks::registry::{await_ids, Registrar, SchemaIds};
 use crate::telemetry::{Health, Metrics, SinkState};
 
 /// The sink's name in the journal's cursor table and in metrics.
@@ -80,6 +81,8 @@ pub struct KafkaSink {
     /// reached, new entries take the host_seq values the bus already
     /// holds, and read back as already stored.)
     pub sent_upto: Arc<std::sync::atomic::AtomicU64>,
+    /// The schema registry, when the sink publishes in its framing.
+    pub registry: Option<Arc<Registrar>>,
 }
 
 /// How a session ended without an error.
@@ -109,6 +112,25 @@ impl KafkaSink {
         drain_deadline: Duration,
     ) -> Result<(), KafkaSinkError> {
         self.set_state(SinkState::Connecting);
+        // The registry first: nothing is published before the ids are known.
+        let framing = match &self.registry {
+            None => None,
+            Some(r) => {
+                let waiting = |e: &crate::bus::registry::RegistryError| {
+                    self.set_state(SinkState::Failing(e.to_string()))
+                };
+                match await_ids(r, &mut shutdown, waiting).await {
+                    Ok(Some(ids)) => Some(ids),
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        let e = KafkaSinkError::from(e);
+                        tracing::error!(error = %e, "Kafka sink cannot continue");
+                        self.set_state(SinkState::Failing(e.to_string()));
+                        return Err(e);
+                    }
+                }
+            }
+        };
         let mut backoff = Duration::from_millis(200);
         // Whether a session got as far as publishing: a topic missing
         // after that was deleted under the running agent, which then waits
@@ -117,7 +139,7 @@ impl KafkaSink {
         loop {
             let started = Instant::now();
             match self
-                .session(&mut shutdown, drain_deadline, &mut published)
+                .session(&mut shutdown, drain_deadline, &mut published, &framing)
                 .await
             {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
@@ -172,6 +194,7 @@ impl KafkaSink {
         shutdown: &mut broadcast::Receiver<()>,
         drain_deadline: Duration,
         published: &mut bool,
+        framing: &Option<Arc<SchemaIds>>,
     ) -> Result<SessionEnd, KafkaSinkError> {
         let base = client_config(&self.cfg, &self.client_id)?;
         // 1. Topics.
@@ -192,6 +215,7 @@ impl KafkaSink {
                 (self.cfg.host_snapshots_topic.clone(), partitions[2]),
             ],
             encoding: self.cfg.encoding,
+            framing: framing.clone(),
         });
 
         // 2. Recovery.

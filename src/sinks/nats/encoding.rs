@@ -47,6 +47,8 @@ pub struct EncodingContext {
     pub snapshots_prefix: String,
     pub hosts_prefix: String,
     pub encoding: Encoding,
+    /// Registry ids when the sink publishes in schema-registry framing.
+    pub framing: Option<std::sync::Arc<crate::sinks::registry::SchemaIds>>,
 }
 
 impl EncodingContext {
@@ -59,11 +61,32 @@ impl EncodingContext {
             snapshots_prefix: cfg.snapshots_subject_prefix.clone(),
             hosts_prefix: cfg.hosts_subject_prefix.clone(),
             encoding: cfg.encoding,
+            framing: None,
+        }
+    }
+
+    /// The same context, publishing in schema-registry framing with `ids`.
+    pub fn with_framing(&self, ids: std::sync::Arc<crate::sinks::registry::SchemaIds>) -> Self {
+        EncodingContext {
+            host_id: self.host_id.clone(),
+            host_token: self.host_token.clone(),
+            epoch: self.epoch.clone(),
+            prefix: self.prefix.clone(),
+            snapshots_prefix: self.snapshots_prefix.clone(),
+            hosts_prefix: self.hosts_prefix.clone(),
+            encoding: self.encoding,
+            framing: Some(ids),
         }
     }
 
     pub fn encode(&self, entry: &Entry) -> Result<Encoded, CodecError> {
-        let parts = message_parts(&self.host_id, &self.epoch, self.encoding, entry)?;
+        let parts = message_parts(
+            &self.host_id,
+            &self.epoch,
+            self.encoding,
+            self.framing.as_deref(),
+            entry,
+        )?;
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", parts.event_id.as_str());
         for (k, v) in &parts.headers {

@@ -22,6 +22,8 @@ use crate::bus::nats as bus;
 pub enum NatsError {
     #[error(transparent)]
     Bus(#[from] bus::NatsError),
+    #[error(transparent)]
+    Registry(#[from] crate::bus::registry::RegistryError),
     /// The bus holds a message of this host and epoch beyond the journal's
     /// head: the journal was restored from a backup or a VM snapshot. The
     /// agent stops; its next start detects this and begins a new epoch.
@@ -38,6 +40,7 @@ impl NatsError {
     pub fn is_fatal(&self) -> bool {
         match self {
             NatsError::Bus(e) => e.is_fatal(),
+            NatsError::Registry(e) => e.is_fatal(),
             NatsError::JournalBehindBus { .. } => true,
         }
     }

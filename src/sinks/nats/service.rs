@@ -41,8 +41,9 @@ use crate::bus::nats::ensure_streams;
 use crate::config::NatsConfig;
 use crate::journal::{Entry, Journal, JournalError, Kind};
 use crate::model::parse_event_id;
-pub use crate::sinks::driver::AckObserver;
+use crate::sinks::driver::AckObserver;
 use crate::sinks::driver::{Bus, Driver, DriverOptions, Progress};
+pub use crate::sinks::registry::{await_ids, Registrar};
 use crate::telemetry::{Health, Metrics, SinkState};
 
 /// The sink's name in the journal's cursor table and in metrics.
@@ -93,6 +94,8 @@ pub struct NatsSink {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub observer: Option<AckObserver>,
+    /// The schema registry, when the sink publishes in its framing.
+    pub registry: Option<Arc<Registrar>>,
 }
 
 async fn last_position(
@@ -243,6 +246,25 @@ impl NatsSink {
         let Some((events, snapshots)) = self.await_streams(&js, &mut shutdown).await? else {
             return Ok(());
         };
+        // Nothing is published before the registry's ids are known.
+        let enc = match &self.registry {
+            None => self.encoding.clone(),
+            Some(r) => {
+                let waiting = |e: &crate::bus::registry::RegistryError| {
+                    self.set_state(SinkState::Failing(e.to_string()))
+                };
+                match await_ids(r, &mut shutdown, waiting).await {
+                    Ok(Some(ids)) => Arc::new(self.encoding.with_framing(ids)),
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        let e = NatsError::from(e);
+                        tracing::error!(error = %e, "NATS sink cannot continue");
+                        self.set_state(SinkState::Failing(e.to_string()));
+                        return Err(e);
+                    }
+                }
+            }
+        };
         self.set_state(SinkState::Ready);
         tracing::info!(stream = %self.cfg.events_stream, "NATS sink ready");
 
@@ -253,6 +275,7 @@ impl NatsSink {
             .map_err(|e| NatsError::api(e.to_string()))?;
         let publisher = Publisher {
             sink: &self,
+            enc,
             js,
             events: Arc::new(events),
             snapshots: Arc::new(snapshots),
@@ -327,6 +350,8 @@ impl NatsSink {
 /// entries as publishes, and feeds what came of them back.
 struct Publisher<'a> {
     sink: &'a NatsSink,
+    /// The sink's encoding, with the registry's framing when configured.
+    enc: Arc<EncodingContext>,
     js: jetstream::Context,
     events: Arc<jetstream::stream::Stream>,
     snapshots: Arc<jetstream::stream::Stream>,
@@ -382,7 +407,7 @@ impl Bus for Publisher<'_> {
     }
 
     fn accept(&mut self, entry: Entry) {
-        let subject = super::encoding::subject(&self.sink.encoding, &entry);
+        let subject = super::encoding::subject(&self.enc, &entry);
         self.sched.push(subject, entry);
     }
 
@@ -431,7 +456,7 @@ impl Bus for Publisher<'_> {
         read_upto: u64,
     ) -> Result<Option<Job>, NatsError> {
         while let Some((subject, entry)) = self.sched.next() {
-            let encoded = match self.sink.encoding.encode(&entry) {
+            let encoded = match self.enc.encode(&entry) {
                 Ok(e) => e,
                 Err(e) => {
                     // An entry this build cannot encode cannot be
@@ -450,7 +475,7 @@ impl Bus for Publisher<'_> {
                 } else {
                     self.snapshots.clone()
                 },
-                enc: self.sink.encoding.clone(),
+                enc: self.enc.clone(),
                 known: self.sched.position(&subject),
                 head: JournalHead {
                     committed: self.sink.journal.committed(),
@@ -493,7 +518,7 @@ impl Bus for Publisher<'_> {
             }
             Outcome::AlreadyStored { tail } => tail,
             Outcome::BeyondJournal { host_seq, head } => {
-                let e = super::probe::behind_bus(&self.sink.encoding.epoch, host_seq, head);
+                let e = super::probe::behind_bus(&self.enc.epoch, host_seq, head);
                 tracing::error!(error = %e, "NATS sink cannot continue");
                 self.sink.set_state(SinkState::Failing(e.to_string()));
                 return Err(e);
