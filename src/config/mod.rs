@@ -2,8 +2,9 @@
 //! overrides, validated before anything starts. This module owns
 //! [`Config`], loading and the error type; each section lives beside its
 //! validation (`host`: host, libvirt, journal; `nats`; `kafka`; `service`:
-//! snapshot, metrics, log), `env` applies overrides, `secrets` keeps
-//! secret values out of output.
+//! snapshot, metrics, log; `usage`: where the usage tool publishes, and
+//! the tenant rule), `env` applies overrides, `secrets` keeps secret
+//! values out of output.
 //!
 //! Invariants:
 //! - unknown keys and wrong types are refused, naming the full key
@@ -22,6 +23,7 @@ mod kafka;
 mod nats;
 mod secrets;
 mod service;
+mod usage;
 mod values;
 
 pub use crate::journal::WhenFull;
@@ -31,6 +33,7 @@ pub use kafka::{Brokers, KafkaConfig, PropValue, SaslMechanism, KAFKA_RESERVED_P
 pub use nats::NatsConfig;
 pub use secrets::Secret;
 pub use service::{LogConfig, LogFormat, MetricsConfig, SnapshotConfig};
+pub use usage::{Namespaces, TenantConfig, UsageConfig};
 pub use values::{Dur, Encoding};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The usage tool's publishing targets and tenant rule (not used by
+    /// the agent).
+    #[serde(default)]
+    pub usage: UsageConfig,
 }
 
 impl Config {
@@ -128,7 +135,7 @@ impl Config {
         if let Some(k) = &self.kafka {
             k.validate()?;
         }
-        Ok(())
+        self.usage.validate(self.nats.as_ref(), self.kafka.as_ref())
     }
 
     /// Checks the journal directory can be created and written; the error
