@@ -338,15 +338,24 @@ fn usage_cmd(
     silent_after: u32,
     format: UsageFormat,
 ) -> ExitCode {
+    if cfg.usage.tenant.is_some() && cfg.libvirt.xml == virtstream::config::XmlMode::Off {
+        diagnose(vec![
+            "usage.tenant is set but libvirt.xml = \"off\": an agent with this config \
+             publishes no domain XML, so its domains have no tenant (subject = domain uuid)"
+                .into(),
+        ]);
+    }
     let (rows, out) = match consumer::usage(cfg, bus, from_us, to_us, silent_after, now_us()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
     diagnose(report::undecodable(&out));
+    let tenants = cfg.usage.tenant.is_some();
+    let events = report::usage_events(&rows, from_us, to_us, tenants);
     write_out(&match format {
         UsageFormat::Csv => report::usage_csv(&rows),
         UsageFormat::Json => report::json(&rows),
-        UsageFormat::Cloudevents => report::usage_cloudevents(&rows, from_us, to_us),
+        UsageFormat::Cloudevents => report::usage_cloudevents(&events),
     })
 }
 
