@@ -22,6 +22,10 @@
 //! `epochs` (which of a host's epochs is newest, by stream position);
 //! `tenant` (a domain's tenant, from its XML) is `usage`'s.
 //!
+//! After the report, and only for `usage --format cloudevents --publish`:
+//! `publish` sends the rendered usage events back to a bus (a usage topic
+//! or stream of their own, never the agent's).
+//!
 //! Invariants: `rebuild`, `usage` and `audit` are pure (records and holes
 //! in, results out: they never touch a bus, so they can be fed from
 //! anything through `lanes::Piped`); every message read reaches the feed,
@@ -34,6 +38,7 @@ pub mod feed;
 pub mod hole;
 pub mod lanes;
 pub mod liveness;
+pub mod publish;
 pub mod rebuild;
 pub mod record;
 pub mod replay;
