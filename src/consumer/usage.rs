@@ -545,7 +545,8 @@ fn bill(spans: HashMap<(String, String), HostSpans>, from: i64, to: i64) -> Vec<
                 .unknown
                 .iter()
                 .map(|(a, b)| ((*b).min(to) as f64 - (*a).max(from) as f64).max(0.0) / 1e6)
-                .sum();
+                // Not `sum()`: an empty f64 sum is -0.0, which JSON shows.
+                .fold(0.0, |x, y| x + y);
             let a = acc[i];
             let in_window = s
                 .known

@@ -101,6 +101,10 @@ fn a_silent_hosts_time_after_its_last_word_is_unknown() {
     add(&mut u, bodies());
     let r = &u.compute(0, 1000 * S)[0];
     assert_eq!((r.running_seconds, r.unknown_seconds), (1000.0, 0.0));
+    assert!(
+        r.unknown_seconds.is_sign_positive(),
+        "no unknown time is 0.0, not -0.0"
+    );
     // Judged at 100 s: silent since 5 s + 3 × 1 s.
     let mut u = Usage::new().with_liveness(rule, 100 * S);
     add(&mut u, bodies());
