@@ -86,6 +86,12 @@ enum Command {
         to: String,
         #[arg(long, value_enum, default_value = "json")]
         format: UsageFormat,
+        /// Also publish the CloudEvents (needs --format cloudevents) to
+        /// the bus read (--bus): Kafka topic `usage.kafka_topic`, or
+        /// JetStream stream `usage.nats_stream`; exit 1 unless the broker
+        /// acknowledged every one.
+        #[arg(long)]
+        publish: bool,
     },
 }
 
@@ -337,17 +343,50 @@ fn usage_cmd(
     (from_us, to_us): (i64, i64),
     silent_after: u32,
     format: UsageFormat,
+    publish: bool,
 ) -> ExitCode {
+    if cfg.usage.tenant.is_some() && cfg.libvirt.xml == virtstream::config::XmlMode::Off {
+        diagnose(vec![
+            "usage.tenant is set but libvirt.xml = \"off\": an agent with this config \
+             publishes no domain XML, so its domains have no tenant (subject = domain uuid)"
+                .into(),
+        ]);
+    }
     let (rows, out) = match consumer::usage(cfg, bus, from_us, to_us, silent_after, now_us()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
     diagnose(report::undecodable(&out));
-    write_out(&match format {
+    let tenants = cfg.usage.tenant.is_some();
+    let events = report::usage_events(&rows, from_us, to_us, tenants);
+    let code = write_out(&match format {
         UsageFormat::Csv => report::usage_csv(&rows),
         UsageFormat::Json => report::json(&rows),
-        UsageFormat::Cloudevents => report::usage_cloudevents(&rows, from_us, to_us),
-    })
+        UsageFormat::Cloudevents => report::usage_cloudevents(&events),
+    });
+    if !publish || code != ExitCode::SUCCESS {
+        return code;
+    }
+    match consumer::publish::publish(cfg, bus, &events) {
+        Ok(p) => {
+            let dup = match p.duplicates {
+                0 => String::new(),
+                n => format!(" ({n} already stored: same id within the duplicate window)"),
+            };
+            diagnose(vec![format!(
+                "published {} usage event(s) to {}{dup}",
+                p.acked, p.target
+            )]);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("virtstream: usage --publish: {e}");
+            match e {
+                consumer::publish::PublishError::MissingSection(_) => ExitCode::from(EX_USAGE),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -425,7 +464,14 @@ fn main() -> ExitCode {
             from,
             to,
             format,
+            publish,
         } => {
+            if publish && format != UsageFormat::Cloudevents {
+                eprintln!(
+                    "virtstream: --publish publishes the usage CloudEvents: it needs --format cloudevents"
+                );
+                return ExitCode::from(EX_USAGE);
+            }
             let cfg = match load(&target.config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -445,6 +491,7 @@ fn main() -> ExitCode {
                 (us(from), us(to)),
                 silence.silent_after_heartbeats,
                 format,
+                publish,
             )
         }
         Command::Replay {

@@ -1,8 +1,11 @@
 //! NATS JetStream: connection options and connecting, the JetStream
-//! context, the stream configurations virtstream creates, the checks of
-//! existing streams, and provisioning them.
+//! context, the stream configurations virtstream creates (the agent's
+//! events and snapshots streams, and the usage tool's stream), the checks
+//! of existing streams, and provisioning them.
 //!
 //! Invariants:
+//! - the usage stream de-duplicates by `Nats-Msg-Id` (duplicate window
+//!   > 0), keeps every message (limits retention) and covers its prefix;
 //! - the events stream is file-backed, de-duplicates by `Nats-Msg-Id`
 //!   (duplicate window > 0), keeps history (limits retention, not one
 //!   message per subject) and covers `<prefix>.>`; the snapshots stream is
@@ -20,7 +23,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 
 use super::{Bus, Cause, Diagnosis};
-use crate::config::NatsConfig;
+use crate::config::{NatsConfig, UsageConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
@@ -240,6 +243,52 @@ pub fn snapshots_stream_config(cfg: &NatsConfig) -> stream::Config {
     }
 }
 
+/// The usage stream the usage tool creates (`usage --publish`): every
+/// usage CloudEvent kept (until `nats.max_age`), re-publishes of the same
+/// window dropped within `nats.duplicate_window`.
+pub fn usage_stream_config(cfg: &NatsConfig, usage: &UsageConfig) -> stream::Config {
+    stream::Config {
+        name: usage.nats_stream.clone(),
+        description: Some(
+            "virtstream usage CloudEvents (structured JSON, type io.virtstream.usage.v1)".into(),
+        ),
+        subjects: vec![format!("{}.>", usage.nats_subject_prefix)],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: cfg.max_age.0,
+        duplicate_window: cfg.duplicate_window.0,
+        num_replicas: cfg.replicas,
+        ..Default::default()
+    }
+}
+
+/// Checks an existing usage stream; `Err` names the unsuitable setting.
+pub fn check_usage_suitable(c: &stream::Config, usage: &UsageConfig) -> Result<(), String> {
+    let prefix = &usage.nats_subject_prefix;
+    if !c.subjects.iter().any(|p| covers(p, prefix)) {
+        return Err(format!(
+            "its subjects {:?} do not cover `{prefix}.>`",
+            c.subjects
+        ));
+    }
+    if c.duplicate_window.is_zero() {
+        return Err("duplicate_window is 0; Nats-Msg-Id de-duplication is required".into());
+    }
+    if c.retention != stream::RetentionPolicy::Limits {
+        return Err(format!(
+            "retention is {:?}; usage records must stay readable (use limits)",
+            c.retention
+        ));
+    }
+    if (1..=64).contains(&c.max_messages_per_subject) {
+        return Err(format!(
+            "max_messages_per_subject is {}: that drops earlier windows of a domain",
+            c.max_messages_per_subject
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an existing snapshots stream; `Err` names the unsuitable setting.
 pub fn check_snapshots_suitable(c: &stream::Config, cfg: &NatsConfig) -> Result<(), String> {
     for prefix in [&cfg.snapshots_subject_prefix, &cfg.hosts_subject_prefix] {
@@ -327,18 +376,19 @@ pub fn check_suitable(c: &stream::Config, cfg: &NatsConfig) -> Result<(), String
     Ok(())
 }
 
-/// Finds a stream, creating it when missing and allowed, and checks it.
-async fn ensure_one(
+/// Finds a stream, creating it when missing and allowed
+/// (`nats.create_streams`), and checks it with `check`.
+pub async fn ensure_stream(
     js: &jetstream::Context,
     cfg: &NatsConfig,
     want: stream::Config,
-    check: fn(&stream::Config, &NatsConfig) -> Result<(), String>,
+    check: impl Fn(&stream::Config) -> Result<(), String>,
 ) -> Result<stream::Stream, NatsError> {
     let name = want.name.clone();
     match js.get_stream(&name).await {
         Ok(mut s) => {
             let info = s.info().await.map_err(|e| NatsError::Api(e.to_string()))?;
-            check(&info.config, cfg).map_err(|reason| NatsError::Unsuitable {
+            check(&info.config).map_err(|reason| NatsError::Unsuitable {
                 stream: name.clone(),
                 reason,
             })?;
@@ -369,13 +419,13 @@ pub async fn ensure_streams(
     js: &jetstream::Context,
     cfg: &NatsConfig,
 ) -> Result<(stream::Stream, stream::Stream), NatsError> {
-    let events = ensure_one(js, cfg, events_stream_config(cfg), check_suitable).await?;
-    let snapshots = ensure_one(
-        js,
-        cfg,
-        snapshots_stream_config(cfg),
-        check_snapshots_suitable,
-    )
+    let events = ensure_stream(js, cfg, events_stream_config(cfg), |c| {
+        check_suitable(c, cfg)
+    })
+    .await?;
+    let snapshots = ensure_stream(js, cfg, snapshots_stream_config(cfg), |c| {
+        check_snapshots_suitable(c, cfg)
+    })
     .await?;
     Ok((events, snapshots))
 }
@@ -415,6 +465,30 @@ mod tests {
         assert!(check_snapshots_suitable(&c, &cfg)
             .unwrap_err()
             .contains("max_age"));
+    }
+
+    #[test]
+    fn usage_stream_suitability_names_the_setting() {
+        let cfg: NatsConfig = toml::from_str("url = \"nats://x:1\"").unwrap();
+        let usage = UsageConfig::default();
+        let good = usage_stream_config(&cfg, &usage);
+        assert_eq!(good.subjects, vec!["virt.usage.v1.>".to_string()]);
+        assert!(check_usage_suitable(&good, &usage).is_ok());
+        let mut c = good.clone();
+        c.duplicate_window = Duration::ZERO;
+        assert!(check_usage_suitable(&c, &usage)
+            .unwrap_err()
+            .contains("duplicate_window"));
+        let mut c = good.clone();
+        c.subjects = vec!["virt.events.v1.>".into()];
+        assert!(check_usage_suitable(&c, &usage)
+            .unwrap_err()
+            .contains("virt.usage.v1"));
+        let mut c = good;
+        c.max_messages_per_subject = 1;
+        assert!(check_usage_suitable(&c, &usage)
+            .unwrap_err()
+            .contains("max_messages_per_subject"));
     }
 
     #[test]

@@ -219,7 +219,7 @@ fn d_clock_skew() -> Dur {
 }
 
 /// A Kafka topic name: 1..=249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
-fn valid_topic(t: &str) -> bool {
+pub(super) fn valid_topic(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 249
         && t != "."

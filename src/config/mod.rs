@@ -2,9 +2,9 @@
 //! overrides, validated before anything starts. This module owns
 //! [`Config`], loading and the error type; each section lives beside its
 //! validation (`host`: host, libvirt, journal; `nats`; `kafka`;
-//! `registry`: schema_registry; `service`:
-//! snapshot, metrics, log), `env` applies overrides, `secrets` keeps
-//! secret values out of output.
+//! `registry`: schema_registry; `service`: snapshot, metrics, log;
+//! `usage`: where the usage tool publishes, and the tenant rule), `env`
+//! applies overrides, `secrets` keeps secret values out of output.
 //!
 //! Invariants:
 //! - unknown keys and wrong types are refused, naming the full key
@@ -24,6 +24,7 @@ mod nats;
 mod registry;
 mod secrets;
 mod service;
+mod usage;
 mod values;
 
 pub use crate::journal::WhenFull;
@@ -34,6 +35,7 @@ pub use nats::NatsConfig;
 pub use registry::{RegistrySink, SchemaRegistryConfig, Subjects};
 pub use secrets::Secret;
 pub use service::{LogConfig, LogFormat, MetricsConfig, SnapshotConfig};
+pub use usage::{Namespaces, TenantConfig, UsageConfig};
 pub use values::{Dur, Encoding};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The usage tool's publishing targets and tenant rule (not used by
+    /// the agent).
+    #[serde(default)]
+    pub usage: UsageConfig,
 }
 
 impl Config {
@@ -135,7 +141,7 @@ impl Config {
         if let Some(r) = &self.schema_registry {
             r.validate(self.kafka.as_ref(), self.nats.as_ref())?;
         }
-        Ok(())
+        self.usage.validate(self.nats.as_ref(), self.kafka.as_ref())
     }
 
     /// Checks the journal directory can be created and written; the error

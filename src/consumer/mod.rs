@@ -20,7 +20,12 @@
 //!    table, the usage CSV, the audit text, replay's JSON lines).
 //!
 //! Shared by the tools: `liveness` (when a host counts as silent) and
-//! `epochs` (which of a host's epochs is newest, by stream position).
+//! `epochs` (which of a host's epochs is newest, by stream position);
+//! `tenant` (a domain's tenant, from its XML) is `usage`'s.
+//!
+//! After the report, and only for `usage --format cloudevents --publish`:
+//! `publish` sends the rendered usage events back to a bus (a usage topic
+//! or stream of their own, never the agent's).
 //!
 //! Invariants: `rebuild`, `usage` and `audit` are pure (records and holes
 //! in, results out: they never touch a bus, so they can be fed from
@@ -34,11 +39,13 @@ pub mod feed;
 pub mod hole;
 pub mod lanes;
 pub mod liveness;
+pub mod publish;
 pub mod rebuild;
 pub mod record;
 pub mod registry;
 pub mod replay;
 pub mod report;
+pub mod tenant;
 pub mod usage;
 
 use crate::config::Config;
@@ -215,7 +222,8 @@ pub fn audit(
 
 /// `virtstream usage` over `[from_us, to_us)`; hosts silent at the earlier
 /// of `to_us` and `now_us` bill nothing after their last word plus the
-/// allowance.
+/// allowance. With `[usage.tenant]`, rows name the tenant found in the
+/// domain XML.
 pub fn usage(
     cfg: &Config,
     bus: BusKind,
@@ -225,6 +233,9 @@ pub fn usage(
     now_us: i64,
 ) -> Result<(Vec<usage::UsageRow>, ReadOutcome), ConsumerError> {
     let mut u = usage::Usage::new().with_liveness(liveness(cfg, silent_after), now_us);
+    if let Some(t) = &cfg.usage.tenant {
+        u = u.with_tenants(tenant::TenantRule::new(t));
+    }
     let out = read(cfg, bus, &StartAt::Start, &mut u)?;
     let skew = i64::try_from(clock_skew(cfg, bus).as_micros()).unwrap_or(i64::MAX);
     Ok((u.compute_with_skew(from_us, to_us, skew), out))

@@ -121,27 +121,43 @@ pub fn usage_csv(rows: &[UsageRow]) -> String {
 /// The CloudEvents `type` of a usage record.
 pub const CE_TYPE_USAGE: &str = "io.virtstream.usage.v1";
 
+/// One usage CloudEvent, rendered, with what publishing it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageEvent {
+    /// `usage:<host>:<uuid>:<from_us>:<to_us>`: the same for the same
+    /// host, domain and window on every run.
+    pub id: String,
+    /// The tenant when a tenant rule found one, else the domain uuid.
+    pub subject: String,
+    pub host_id: String,
+    pub uuid: String,
+    /// The event in structured JSON mode, one line without its newline.
+    pub json: String,
+}
+
 /// `usage --format cloudevents`: one CloudEvent in structured JSON mode per
-/// (host, domain) row and window, one per line. The `id` is made of the
-/// host, the domain and the window, so running the same window again gives
-/// the same ids and a metering system that deduplicates by `source` + `id`
+/// (host, domain) row and window. The `id` is made of the host, the
+/// domain and the window, so running the same window again gives the same
+/// ids and a metering system that deduplicates by `source` + `id`
 /// (OpenMeter does) counts each window once. `time` is the window's end;
 /// `data` holds the figures with `window_start` inclusive and `window_end`
 /// exclusive (RFC 3339, µs).
-pub fn usage_cloudevents(rows: &[UsageRow], from_us: i64, to_us: i64) -> String {
+///
+/// With `tenants` (a tenant rule is configured), `subject` is the row's
+/// tenant when one was found, else the domain uuid, and `data.tenant` is
+/// the tenant or null; without, `subject` is the domain uuid and `data`
+/// has no `tenant`.
+pub fn usage_events(rows: &[UsageRow], from_us: i64, to_us: i64, tenants: bool) -> Vec<UsageEvent> {
     let start = crate::codec::rfc3339_micros(from_us);
     let end = crate::codec::rfc3339_micros(to_us);
-    let mut text = String::new();
-    for r in rows {
-        let event = serde_json::json!({
-            "specversion": "1.0",
-            "type": CE_TYPE_USAGE,
-            "id": format!("usage:{}:{}:{}:{}", r.host_id, r.uuid, from_us, to_us),
-            "source": format!("virtstream://{}", r.host_id),
-            "subject": r.uuid,
-            "time": end,
-            "datacontenttype": "application/json",
-            "data": {
+    rows.iter()
+        .map(|r| {
+            let id = format!("usage:{}:{}:{}:{}", r.host_id, r.uuid, from_us, to_us);
+            let subject = match (tenants, &r.tenant) {
+                (true, Some(t)) => t.clone(),
+                _ => r.uuid.clone(),
+            };
+            let mut data = serde_json::json!({
                 "host_id": r.host_id,
                 "domain_uuid": r.uuid,
                 "domain_name": r.name,
@@ -153,9 +169,36 @@ pub fn usage_cloudevents(rows: &[UsageRow], from_us: i64, to_us: i64) -> String 
                 "stale": r.stale,
                 "window_start": start,
                 "window_end": end,
-            },
-        });
-        text.push_str(&event.to_string());
+            });
+            if tenants {
+                data["tenant"] = r.tenant.clone().into();
+            }
+            let event = serde_json::json!({
+                "specversion": "1.0",
+                "type": CE_TYPE_USAGE,
+                "id": id,
+                "source": format!("virtstream://{}", r.host_id),
+                "subject": subject,
+                "time": end,
+                "datacontenttype": "application/json",
+                "data": data,
+            });
+            UsageEvent {
+                id,
+                subject,
+                host_id: r.host_id.clone(),
+                uuid: r.uuid.clone(),
+                json: event.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// [`usage_events`] as text, one event per line.
+pub fn usage_cloudevents(events: &[UsageEvent]) -> String {
+    let mut text = String::new();
+    for e in events {
+        text.push_str(&e.json);
         text.push('\n');
     }
     text
@@ -246,14 +289,18 @@ mod tests {
             unknown_seconds: 0.0,
             stale: stale.is_some(),
             stale_reason: stale.map(str::to_owned),
+            tenant: None,
         }
     }
 
     #[test]
     fn usage_cloudevents_ids_are_deterministic_per_host_domain_and_window() {
         let rows = [row("h1", "vm", None), row("h2", "vm", Some("silent"))];
-        let a = usage_cloudevents(&rows, 1_000_000, 61_000_000);
-        assert_eq!(a, usage_cloudevents(&rows, 1_000_000, 61_000_000));
+        let a = usage_cloudevents(&usage_events(&rows, 1_000_000, 61_000_000, false));
+        assert_eq!(
+            a,
+            usage_cloudevents(&usage_events(&rows, 1_000_000, 61_000_000, false))
+        );
         let lines: Vec<serde_json::Value> = a
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -268,10 +315,33 @@ mod tests {
         assert_eq!(e["time"], "1970-01-01T00:01:01.000000Z");
         assert_eq!(e["data"]["window_start"], "1970-01-01T00:00:01.000000Z");
         assert_eq!(e["data"]["running_seconds"], 1.5);
+        assert!(e["data"].get("tenant").is_none(), "no tenant rule");
         assert_ne!(lines[0]["id"], lines[1]["id"]);
         // Another window: other ids.
-        let b = usage_cloudevents(&rows, 61_000_000, 121_000_000);
+        let b = usage_cloudevents(&usage_events(&rows, 61_000_000, 121_000_000, false));
         assert!(!b.contains("usage:h1:u:1000000:61000000"));
+    }
+
+    #[test]
+    fn with_a_tenant_rule_the_subject_is_the_tenant_or_the_uuid() {
+        let mut found = row("h1", "vm", None);
+        found.tenant = Some("project-1".into());
+        let rows = [found, row("h2", "vm", None)];
+        let events = usage_events(&rows, 0, 60_000_000, true);
+        assert_eq!(events[0].subject, "project-1");
+        assert_eq!(events[1].subject, "u");
+        let e: serde_json::Value = serde_json::from_str(&events[0].json).unwrap();
+        assert_eq!(e["subject"], "project-1");
+        assert_eq!(e["data"]["tenant"], "project-1");
+        assert_eq!(e["data"]["domain_uuid"], "u");
+        let e: serde_json::Value = serde_json::from_str(&events[1].json).unwrap();
+        assert_eq!(e["subject"], "u");
+        assert!(e["data"]["tenant"].is_null());
+        // The id does not depend on the tenant.
+        assert_eq!(
+            events[0].id,
+            usage_events(&rows, 0, 60_000_000, false)[0].id
+        );
     }
 
     #[test]

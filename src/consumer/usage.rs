@@ -26,6 +26,9 @@
 //! - a host's epochs are ordered by stream position (see `epochs`), not by
 //!   agent time; an epoch's timelines end where the next one begins.
 //!
+//! - with a tenant rule (`with_tenants`), each row names the tenant found
+//!   in the domain's newest XML on the bus (see `tenant`).
+//!
 //! Usage is a `Feed`: holes in positions come from the lanes stage.
 //!
 //! Invariant: usage does not depend on the order or multiplicity in which
@@ -40,6 +43,7 @@ use super::feed::Feed;
 use super::hole::{Hole, HoleKind};
 use super::liveness::{LastWord, Liveness};
 use super::record::{Body, Lane, Record};
+use super::tenant::{TenantRule, Tenants};
 use crate::model::{DomainState, EventType};
 
 /// One (host, domain) row.
@@ -57,6 +61,10 @@ pub struct UsageRow {
     pub stale: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale_reason: Option<String>,
+    /// The tenant found in the domain's newest XML (only with a tenant
+    /// rule; see `tenant`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +129,8 @@ pub struct Usage {
     epochs: HashMap<String, EpochOrder>,
     /// The silence rule and the time it is judged at (µs).
     liveness: Option<(Liveness, i64)>,
+    /// The latest tenant per (host, domain), with a tenant rule.
+    tenants: Option<Tenants>,
 }
 
 impl Usage {
@@ -133,6 +143,13 @@ impl Usage {
     /// allowance is unknown.
     pub fn with_liveness(mut self, liveness: Liveness, now_us: i64) -> Usage {
         self.liveness = Some((liveness, now_us));
+        self
+    }
+
+    /// Names each row's tenant, found by `rule` in the domain XML of the
+    /// events and snapshot records read.
+    pub fn with_tenants(mut self, rule: TenantRule) -> Usage {
+        self.tenants = Some(Tenants::new(rule));
         self
     }
 
@@ -191,6 +208,15 @@ impl Usage {
                 ));
             }
             Body::Event(e) => {
+                if let Some(t) = &mut self.tenants {
+                    t.note(
+                        &e.host_id,
+                        &e.epoch,
+                        &e.domain.uuid,
+                        e.host_seq,
+                        e.xml.as_deref(),
+                    );
+                }
                 self.timelines
                     .entry((e.host_id.clone(), e.epoch.clone(), e.domain.uuid.clone()))
                     .or_default()
@@ -206,6 +232,15 @@ impl Usage {
                     });
             }
             Body::Domain(d) => {
+                if let Some(t) = &mut self.tenants {
+                    t.note(
+                        &d.host_id,
+                        &d.epoch,
+                        &d.domain.uuid,
+                        d.host_seq,
+                        d.xml.as_deref(),
+                    );
+                }
                 self.timelines
                     .entry((d.host_id.clone(), d.epoch.clone(), d.domain.uuid.clone()))
                     .or_default()
@@ -374,7 +409,15 @@ impl Usage {
                 }
             }
         }
-        bill(spans, from, to)
+        let mut rows = bill(spans, from, to);
+        if let Some(t) = &self.tenants {
+            for r in &mut rows {
+                let mut newest_first = epochs.get(r.host_id.as_str()).cloned().unwrap_or_default();
+                newest_first.reverse();
+                r.tenant = t.of(&r.host_id, &r.uuid, &newest_first);
+            }
+        }
+        rows
     }
 }
 
@@ -502,7 +545,8 @@ fn bill(spans: HashMap<(String, String), HostSpans>, from: i64, to: i64) -> Vec<
                 .unknown
                 .iter()
                 .map(|(a, b)| ((*b).min(to) as f64 - (*a).max(from) as f64).max(0.0) / 1e6)
-                .sum();
+                // Not `sum()`: an empty f64 sum is -0.0, which JSON shows.
+                .fold(0.0, |x, y| x + y);
             let a = acc[i];
             let in_window = s
                 .known
@@ -523,6 +567,7 @@ fn bill(spans: HashMap<(String, String), HostSpans>, from: i64, to: i64) -> Vec<
                 unknown_seconds: unknown,
                 stale,
                 stale_reason: if stale { s.stale_reason.clone() } else { None },
+                tenant: None,
             });
         }
     }
@@ -531,139 +576,5 @@ fn bill(spans: HashMap<(String, String), HostSpans>, from: i64, to: i64) -> Vec<
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::consumer::rebuild::tests::{ev, pos, U1, U2};
-    use crate::model::DomainState;
-
-    const S: i64 = 1_000_000;
-
-    fn at(mut b: Body, t: i64) -> Body {
-        if let Body::Event(e) = &mut b {
-            e.observed_at = t * S;
-        }
-        b
-    }
-
-    fn add(u: &mut Usage, bodies: Vec<Body>) {
-        for (i, body) in bodies.into_iter().enumerate() {
-            u.add(
-                &Record {
-                    body,
-                    pos: pos("S", i as u64 + 1),
-                },
-                false,
-            );
-        }
-    }
-
-    #[test]
-    fn a_recreated_journal_ends_the_old_epochs_billing() {
-        let mut u = Usage::new();
-        add(
-            &mut u,
-            vec![
-                at(ev("a", 1, U1, 1, DomainState::RUNNING), 0),
-                at(ev("a", 2, U2, 1, DomainState::RUNNING), 10),
-                // The old agent's last word at 50 s; the new epoch starts
-                // at 100 s and knows only U1.
-                at(ev("a", 3, U1, 2, DomainState::RUNNING), 50),
-                at(ev("b", 1, U1, 1, DomainState::RUNNING), 100),
-            ],
-        );
-        let rows = u.compute(0, 1000 * S);
-        let u1 = rows.iter().find(|r| r.uuid == U1).unwrap();
-        let u2 = rows.iter().find(|r| r.uuid == U2).unwrap();
-        // U1: known 0..50 and 100..1000, unknown 50..100.
-        assert_eq!((u1.running_seconds, u1.unknown_seconds), (950.0, 50.0));
-        assert!(u1.stale);
-        // U2: known 10..50, unknown until the new epoch, then not there.
-        assert_eq!((u2.running_seconds, u2.unknown_seconds), (40.0, 50.0));
-        assert_eq!(u2.vcpu_seconds, 80.0);
-    }
-
-    #[test]
-    fn a_new_epoch_stamped_before_the_old_one_is_still_the_newest() {
-        // Old epoch "a" at 0 s and 10 s; its journal is recreated and the
-        // clock stepped back: new epoch "b" stamps -100 s, later in the
-        // same partition. "b" lists only U1.
-        let mut u = Usage::new();
-        for (offset, body) in [
-            (1, at(ev("a", 1, U1, 1, DomainState::RUNNING), 0)),
-            (2, at(ev("a", 2, U2, 1, DomainState::RUNNING), 10)),
-            (3, at(ev("b", 1, U1, 1, DomainState::RUNNING), -100)),
-        ] {
-            u.add(
-                &Record {
-                    body,
-                    pos: pos("EV", offset),
-                },
-                true,
-            );
-        }
-        let rows = u.compute(0, 1000 * S);
-        let u1 = rows.iter().find(|r| r.uuid == U1).unwrap();
-        assert_eq!(u1.running_seconds, 1000.0);
-        let u2 = rows.iter().find(|r| r.uuid == U2);
-        assert!(
-            u2.is_none_or(|r| r.running_seconds == 0.0),
-            "the old epoch ended when the new one began: {u2:?}"
-        );
-    }
-
-    #[test]
-    fn a_silent_hosts_time_after_its_last_word_is_unknown() {
-        let rule = Liveness::new(std::time::Duration::from_secs(1), 3);
-        let bodies = || {
-            vec![
-                at(ev("e", 1, U1, 1, DomainState::RUNNING), 0),
-                crate::consumer::rebuild::tests::host_rec(
-                    "e",
-                    5,
-                    crate::model::HostSnapshotKind::HEARTBEAT,
-                    1,
-                    1,
-                ),
-            ]
-        };
-        // Judged at 7 s (the earlier of --to and now): 2 s after the
-        // heartbeat at 5 s, live; billed to --to.
-        let mut u = Usage::new().with_liveness(rule, 7 * S);
-        add(&mut u, bodies());
-        let r = &u.compute(0, 1000 * S)[0];
-        assert_eq!((r.running_seconds, r.unknown_seconds), (1000.0, 0.0));
-        // Judged at 100 s: silent since 5 s + 3 × 1 s.
-        let mut u = Usage::new().with_liveness(rule, 100 * S);
-        add(&mut u, bodies());
-        let r = &u.compute(0, 50 * S)[0];
-        assert_eq!((r.running_seconds, r.unknown_seconds), (8.0, 42.0));
-        assert_eq!(r.vcpu_seconds, 16.0);
-        assert!(r.stale);
-        assert!(
-            r.stale_reason
-                .as_deref()
-                .unwrap()
-                .contains("host h is silent since"),
-            "{:?}",
-            r.stale_reason
-        );
-        // A window ending before the silence is all known.
-        let r = &u.compute(0, 8 * S)[0];
-        assert_eq!((r.running_seconds, r.unknown_seconds), (8.0, 0.0));
-    }
-
-    #[test]
-    fn hostile_numbers_do_not_panic() {
-        let mut u = Usage::new();
-        add(
-            &mut u,
-            vec![
-                at(ev("a", 1, U1, u64::MAX, DomainState::RUNNING), 0),
-                at(ev("a", 2, U1, 0, DomainState::PAUSED), i64::MAX / S),
-            ],
-        );
-        let rows = u.compute(i64::MIN, i64::MAX);
-        assert_eq!(rows.len(), 1);
-        assert!(rows[0].stale, "seq MAX then 0 is not continuous");
-    }
-}
+#[path = "usage_tests.rs"]
+mod tests;
