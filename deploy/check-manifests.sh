@@ -24,7 +24,8 @@
 #      (secretKeyRef ones get dummy values), the journal in a temporary
 #      directory and every referenced secret file created as a dummy file.
 # Bad values (no sink, a journal outside its hostPath, two NATS auth
-# methods, ...) must be refused with their reason.
+# methods, a schema registry without a URL or for a JSON sink, config.usage,
+# ...) must be refused with their reason.
 # deploy/kubernetes/namespace.yaml is validated too, and
 # deploy/kubernetes/virtstream.yaml must equal a fresh render.
 #
@@ -213,10 +214,11 @@ done
 ((failures == 0)) || fail "$failures values file(s) do not lint or render"
 
 # Values the chart must refuse, each with a message naming the problem.
-refused=0
+refused=0 cases=0
 refuse() { # refuse EXPECTED_TEXT HELM_SET_ARGS...
     local want=$1
     shift
+    cases=$((cases + 1))
     if helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@" >/dev/null 2>"$WORK/refused.err"; then
         echo "check-manifests: the chart accepted $* (expected: $want)" >&2
         refused=$((refused + 1))
@@ -233,8 +235,23 @@ refuse "set at most one of credentials, token, nkeySeed" \
 refuse "nats.auth.user needs nats.auth.password.secretName" --set nats.auth.user=u
 refuse "runAsNonRoot is true but runAsUser is 0" --set podSecurityContext.runAsUser=0
 refuse "values don't meet the specifications of the schema" --set metrics.port=not-a-port
+refuse "/schemaRegistry/url': minLength" --set schemaRegistry.enabled=true
+refuse "/schemaRegistry/url': 'http://u:p@registry:8081' does not match pattern" \
+    --set schemaRegistry.enabled=true --set schemaRegistry.url=http://u:p@registry:8081
+refuse "schemaRegistry.auth.username needs schemaRegistry.auth.password.secretName" \
+    --set schemaRegistry.enabled=true --set schemaRegistry.url=http://registry:8081 \
+    --set schemaRegistry.auth.username=u
+refuse "schemaRegistry.url is not https://" \
+    --set schemaRegistry.enabled=true --set schemaRegistry.url=http://registry:8081 \
+    --set schemaRegistry.tls.ca.secretName=registry-ca
+refuse "config.nats.encoding is json, but the schema registry applies to the nats sink" \
+    --set schemaRegistry.enabled=true --set schemaRegistry.url=http://registry:8081 \
+    --set config.nats.encoding=json
+refuse "/config/schema_registry': additional properties 'url' not allowed" \
+    --set config.schema_registry.url=http://registry:8081
+refuse "config.usage is not rendered" --set config.usage.kafka_topic=virt.usage.v1
 ((refused == 0)) || fail "$refused bad values set(s) were not refused as expected"
-log "bad values are refused with their reason (6 cases)"
+log "bad values are refused with their reason ($cases cases)"
 
 # --------------------------------------------------------- schema checks
 

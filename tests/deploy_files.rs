@@ -4,8 +4,9 @@
 //!   binary needs (`deploy/Containerfile`);
 //! - the systemd unit verifies and keeps its sandboxing
 //!   (`deploy/systemd/virtstream.service`);
-//! - every example configuration passes `virtstream check-config` and
-//!   prints its secrets redacted (`deploy/examples/*.toml`).
+//! - every example configuration passes `virtstream check-config`, prints
+//!   its secrets redacted and has exactly the sections its file name says
+//!   (`nats`, `kafka`, `schema-registry`) (`deploy/examples/*.toml`).
 //!
 //! These tests need Debian tools (`ldd`, `dpkg`, `dpkg-query`,
 //! `systemd-analyze`); a missing tool fails the test with the package to
@@ -637,6 +638,7 @@ fn example_configs_pass_check_config() {
         for (section, wanted) in [
             ("nats", name.contains("nats")),
             ("kafka", name.contains("kafka")),
+            ("schema_registry", name.contains("schema-registry")),
         ] {
             assert_eq!(
                 shown.lines().any(|l| l == format!("[{section}]")),

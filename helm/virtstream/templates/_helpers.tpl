@@ -79,7 +79,7 @@ the appVersion).
 {{- end }}
 {{- end }}
 
-{{/* Where the referenced Secrets are mounted, one directory per sink. */}}
+{{/* Where the referenced Secrets are mounted, one directory per sink (and one for the schema registry). */}}
 {{- define "virtstream.secretDir" -}}
 /etc/virtstream/secrets/{{ . }}
 {{- end }}
@@ -125,6 +125,24 @@ The Secret files of the Kafka sink, as for NATS.
 {{- end }}
 
 {{/*
+The Secret files of the schema registry client, as for NATS, under
+/etc/virtstream/secrets/schema-registry/ and named by [schema_registry].
+*/}}
+{{- define "virtstream.schemaRegistrySecretFiles" -}}
+{{- $r := .Values.schemaRegistry }}
+{{- $f := list }}
+{{- if $r.enabled }}
+{{- with $r.auth.password }}{{ if and .secretName (not .fromEnv) }}{{ $f = append $f (dict "secret" .secretName "key" .key "file" "password" "configKey" "password_file") }}{{ end }}{{ end }}
+{{- with $r.tls.ca }}{{ if .secretName }}{{ $f = append $f (dict "secret" .secretName "key" .key "file" "ca.crt" "configKey" "tls_ca_file") }}{{ end }}{{ end }}
+{{- with $r.tls.clientCert }}{{ if .secretName }}
+{{- $f = append $f (dict "secret" .secretName "key" .certKey "file" "tls.crt" "configKey" "tls_cert_file") }}
+{{- $f = append $f (dict "secret" .secretName "key" .keyKey "file" "tls.key" "configKey" "tls_key_file") }}
+{{- end }}{{ end }}
+{{- end }}
+{{- toJson $f }}
+{{- end }}
+
+{{/*
 Consistency checks the schema cannot express with a clear message; each
 fails the render naming the values to fix. Included by the DaemonSet and
 the ConfigMap.
@@ -138,6 +156,9 @@ the ConfigMap.
 {{- $jp := trimSuffix "/" $v.config.journal.path }}
 {{- if not (or (eq $jp $hp) (hasPrefix (printf "%s/" $hp) $jp)) }}
 {{- fail (printf "virtstream: config.journal.path (%s) must be inside journal.hostPath (%s): anywhere else the journal would not survive a pod restart" $v.config.journal.path $v.journal.hostPath) }}
+{{- end }}
+{{- if and (hasKey $v.config "usage") (not (kindIs "invalid" $v.config.usage)) }}
+{{- fail "virtstream: config.usage is not rendered: [usage] is read only by the `virtstream usage --publish` tool, never by the agent; give that tool its own config file (docs/kubernetes.md)" }}
 {{- end }}
 {{- $psc := $v.podSecurityContext }}
 {{- if and $psc.runAsNonRoot (eq (int (default 0 $psc.runAsUser)) 0) }}
@@ -181,6 +202,28 @@ the ConfigMap.
 {{- end }}
 {{- if and $t.keyPassword.secretName (not $t.clientCert.secretName) }}
 {{- fail "virtstream: kafka.tls.keyPassword needs kafka.tls.clientCert" }}
+{{- end }}
+{{- end }}
+{{- $r := $v.schemaRegistry }}
+{{- if $r.enabled }}
+{{- if and $r.auth.username (not $r.auth.password.secretName) }}
+{{- fail "virtstream: schemaRegistry.auth.username needs schemaRegistry.auth.password.secretName" }}
+{{- end }}
+{{- if and $r.auth.password.secretName (not $r.auth.username) }}
+{{- fail "virtstream: schemaRegistry.auth.password needs schemaRegistry.auth.username" }}
+{{- end }}
+{{- if and (not (hasPrefix "https://" $r.url)) (or $r.tls.ca.secretName $r.tls.clientCert.secretName) }}
+{{- fail "virtstream: schemaRegistry.tls.ca / schemaRegistry.tls.clientCert are set but schemaRegistry.url is not https://" }}
+{{- end }}
+{{- /* The registry framing is Avro only: an enabled sink it applies to
+must not encode JSON (the agent would exit 64 at start). */}}
+{{- $rc := default dict $v.config.schema_registry }}
+{{- $sinks := list "kafka" "nats" }}
+{{- if not (kindIs "invalid" (index $rc "sinks")) }}{{ $sinks = index $rc "sinks" }}{{ end }}
+{{- range $sink := $sinks }}
+{{- if and (index $v $sink "enabled") (eq (toString (index (default dict (index $v.config $sink)) "encoding")) "json") }}
+{{- fail (printf "virtstream: config.%s.encoding is json, but the schema registry applies to the %s sink (config.schema_registry.sinks, default both) and its framing is Avro only: use encoding avro, or leave %s out of config.schema_registry.sinks" $sink $sink $sink) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -229,8 +272,10 @@ agent's default).
 
 {{/*
 config.toml: the [host] [libvirt] [journal] [snapshot] [metrics] [log]
-sections from config.*, [nats] / [kafka] only for an enabled sink, with the
-chart-managed keys (url, brokers, TLS and authentication files) merged in.
+sections from config.*, [nats] / [kafka] only for an enabled sink and
+[schema_registry] only when schemaRegistry.enabled, with the chart-managed
+keys (url, brokers, TLS and authentication files) merged in. [usage] is
+never rendered: only the usage tool reads it.
 */}}
 {{- define "virtstream.configToml" -}}
 {{- $v := .Values -}}
@@ -275,5 +320,15 @@ chart-managed keys (url, brokers, TLS and authentication files) merged in.
 {{- $k = merge $k (deepCopy (default dict $v.config.kafka)) }}
 
 {{ include "virtstream.toml.table" (list "kafka" $k) }}
+{{- end }}
+{{- if $v.schemaRegistry.enabled }}
+{{- $r := dict "url" $v.schemaRegistry.url }}
+{{- with $v.schemaRegistry.auth.username }}{{ $_ := set $r "username" . }}{{ end }}
+{{- range (include "virtstream.schemaRegistrySecretFiles" . | fromJsonArray) }}
+{{- $_ := set $r .configKey (printf "%s/%s" (include "virtstream.secretDir" "schema-registry") .file) }}
+{{- end }}
+{{- $r = merge $r (deepCopy (default dict $v.config.schema_registry)) }}
+
+{{ include "virtstream.toml.table" (list "schema_registry" $r) }}
 {{- end }}
 {{- end }}
