@@ -3,18 +3,22 @@
 //! Karapace, Apicurio's ccompat endpoint and Redpanda also serve):
 //!
 //! - `GET /config/{subject}?defaultToGlobal=true`, then `GET /config` when
-//!   the subject has no level of its own: the compatibility level;
+//!   the subject has no level of its own: the compatibility level (for the
+//!   log only);
 //! - `POST /compatibility/subjects/{subject}/versions/latest?verbose=true`:
 //!   would the registry accept this schema (404 = nothing to check
 //!   against yet);
 //! - `POST /subjects/{subject}/versions`: register (idempotent: the same
 //!   schema gets its existing id);
-//! - `POST /subjects/{subject}`: the id of a schema already registered;
+//! - `POST /subjects/{subject}`: the id of a schema already registered
+//!   (looked up first, so a schema registered once is never checked again);
 //! - `GET /schemas/ids/{id}`: a schema by id.
 //!
 //! Invariants:
 //! - an error names the registry URL and the call; a reply the registry
 //!   sent (HTTP status, its `error_code` and `message`) is kept verbatim;
+//! - a 404 means "no such subject, version or schema" only with a 404xx
+//!   `error_code`; a bare 404 is a URL that does not serve this API;
 //! - [`RegistryError::is_fatal`] is true only for answers retrying cannot
 //!   change (the registry refused the schema, the credentials, or the
 //!   client configuration); an unreachable registry or a 5xx is retried;
@@ -55,6 +59,8 @@ pub enum RegistryError {
         schema: String,
         reasons: String,
     },
+    #[error("journal entry {host_seq} cannot be published in the schema registry's framing: {reason}; it stays in the journal (run a build that ships its schema, or remove [schema_registry])")]
+    Unframable { host_seq: u64, reason: String },
     #[error("schema registry at {url}: unexpected reply to {call}: {detail}")]
     BadReply {
         url: String,
@@ -67,7 +73,9 @@ impl RegistryError {
     /// Errors that retrying cannot fix.
     pub fn is_fatal(&self) -> bool {
         match self {
-            RegistryError::Config(_) | RegistryError::Incompatible { .. } => true,
+            RegistryError::Config(_)
+            | RegistryError::Incompatible { .. }
+            | RegistryError::Unframable { .. } => true,
             // 408 and 429 are "try later"; other 4xx are the registry's
             // answer (bad credentials, invalid or incompatible schema).
             RegistryError::Refused { status, .. } => {
@@ -195,15 +203,23 @@ impl RegistryClient {
             call: call.clone(),
             message: error_chain(&e),
         })?;
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
         if !status.is_success() {
             let e: ErrorBody = serde_json::from_str(&text).unwrap_or_default();
+            // "No such subject/version/schema" carries a 404xx code; a bare
+            // 404 is a URL that does not serve the registry API (a wrong
+            // base path or proxy prefix), which retrying cannot fix.
+            if status == reqwest::StatusCode::NOT_FOUND && (40400..40500).contains(&e.error_code) {
+                return Ok(None);
+            }
             let message = if e.message.is_empty() {
                 text.chars().take(200).collect()
             } else {
                 e.message
+            };
+            let message = if status == reqwest::StatusCode::NOT_FOUND {
+                format!("{message} (is {} the registry's base URL?)", self.base)
+            } else {
+                message
             };
             return Err(RegistryError::Refused {
                 url: self.base.clone(),

@@ -48,10 +48,9 @@ pub struct SchemaRegistryConfig {
     /// Per-request timeout.
     #[serde(default = "d_timeout")]
     pub timeout: Dur,
-    /// The sinks that publish in registry framing (default: both; a sink
-    /// not configured is left out).
-    #[serde(default = "d_sinks")]
-    pub sinks: Vec<RegistrySink>,
+    /// The sinks that publish in registry framing (default: every
+    /// configured one; a list names configured sinks only).
+    pub sinks: Option<Vec<RegistrySink>>,
     /// NATS subjects (registry subjects, not NATS ones) per record type;
     /// default `<NATS subject prefix>-value`. `VIRT_SNAPSHOTS` carries two
     /// record types, so it takes two subjects.
@@ -63,9 +62,6 @@ pub struct SchemaRegistryConfig {
 fn d_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(10))
 }
-fn d_sinks() -> Vec<RegistrySink> {
-    vec![RegistrySink::Kafka, RegistrySink::Nats]
-}
 
 /// Registry subjects of the three record types, in the order events,
 /// domain snapshots, host snapshots.
@@ -74,7 +70,7 @@ pub type Subjects = [(String, &'static str); 3];
 impl SchemaRegistryConfig {
     /// Whether `sink` publishes in registry framing.
     pub fn applies_to(&self, sink: RegistrySink) -> bool {
-        self.sinks.contains(&sink)
+        self.sinks.as_ref().is_none_or(|s| s.contains(&sink))
     }
 
     /// TopicNameStrategy subjects of the Kafka topics, with the record
@@ -183,11 +179,32 @@ impl SchemaRegistryConfig {
         if self.timeout.0.is_zero() {
             return Err(key_err(&k("timeout"), "must be more than 0"));
         }
-        for s in &self.sinks {
+        if self.url.starts_with("http://")
+            && (self.tls_ca_file.is_some() || self.tls_cert_file.is_some())
+        {
+            return Err(key_err(
+                &k("tls_ca_file"),
+                "TLS files are set but schema_registry.url is http://; use https://",
+            ));
+        }
+        if self.sinks.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(key_err(
+                &k("sinks"),
+                "is empty: leave [schema_registry] out instead, or name the sinks that use it",
+            ));
+        }
+        let all = [RegistrySink::Kafka, RegistrySink::Nats];
+        for s in all.iter().filter(|s| self.applies_to(**s)) {
             let encoding = match s {
                 RegistrySink::Kafka => kafka.map(|c| c.encoding),
                 RegistrySink::Nats => nats.map(|c| c.encoding),
             };
+            if encoding.is_none() && self.sinks.is_some() {
+                return Err(key_err(
+                    &k("sinks"),
+                    format!("names the {s:?} sink, which is not configured").to_lowercase(),
+                ));
+            }
             if encoding == Some(Encoding::Json) {
                 return Err(key_err(
                     &k("sinks"),

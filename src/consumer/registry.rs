@@ -8,7 +8,9 @@
 //!
 //! Invariants:
 //! - an id is asked of the registry at most once per read; what came back
-//!   (a shipped schema, or why not) is kept for every later message;
+//!   (a shipped schema, or why not: an unknown id, a schema not shipped)
+//!   is kept for every later message, which is then undecodable, not the
+//!   end of the read; only a registry that cannot answer ends the read;
 //! - a schema is recognised by the fingerprint of its Parsing Canonical
 //!   Form, so the registry's copy may differ in layout and logical types;
 //!   a schema this build does not ship is an error naming its id and
@@ -51,15 +53,44 @@ impl Resolver {
         codec::confluent_id(payload).filter(|id| !self.ids.contains_key(id))
     }
 
-    /// Asks the registry for `id` and keeps the answer.
+    /// Asks the registry for `id` and keeps the answer. An id the registry
+    /// does not know, or a schema that is not one this build ships, is
+    /// kept as the reason its messages are undecodable (the read goes on);
+    /// a registry that cannot answer is asked again (three tries, 0.2 s
+    /// then 0.4 s apart) before the read fails.
     pub async fn learn(&mut self, id: u32) -> Result<(), RegistryError> {
-        let text = self.client.schema(id).await?;
-        let entry = codec::by_schema_text(&text).map_err(|e| {
-            format!(
-                "schema registry id {id} at {} is not a schema this build ships ({e})",
+        let mut delay = std::time::Duration::from_millis(200);
+        let mut tries = 0;
+        let answer = loop {
+            tries += 1;
+            match self.client.schema(id).await {
+                Err(e)
+                    if matches!(
+                        e,
+                        RegistryError::Unreachable { .. } | RegistryError::Refused { .. }
+                    ) && !e.is_fatal()
+                        && tries < 3 =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                other => break other,
+            }
+        };
+        let entry = match answer {
+            Ok(text) => codec::by_schema_text(&text).map_err(|e| {
+                format!(
+                    "schema registry id {id} at {} is not a schema this build ships ({e})",
+                    self.client.url()
+                )
+            }),
+            // The registry's own answer about this id (unknown, not Avro).
+            Err(RegistryError::BadReply { detail, .. }) => Err(format!(
+                "schema registry id {id} at {}: {detail}",
                 self.client.url()
-            )
-        });
+            )),
+            Err(e) => return Err(e),
+        };
         self.ids.insert(id, entry);
         Ok(())
     }

@@ -2,9 +2,10 @@
 //! once per process under the sink's subjects, and the ids that re-frame
 //! a journal entry for the bus.
 //!
-//! At start, per subject: the compatibility level is read and logged, each
-//! shipped version of the subject's record (oldest first) is checked
-//! against the latest registered version, then registered. A registry
+//! At start, per subject: the compatibility level is read and logged (best
+//! effort), then each shipped version of the subject's record (oldest
+//! first) is looked up; one not registered yet is checked against the
+//! latest registered version, then registered. A registry
 //! that refuses a schema, or our credentials, ends the sink with its
 //! reason (retrying cannot change it); one that cannot be reached leaves
 //! the sink not ready and is retried, while the journal keeps every event.
@@ -12,6 +13,8 @@
 //! Invariants:
 //! - ids are fetched once per process and never change afterwards (a
 //!   registry gives a registered schema the same id for good);
+//! - an entry that cannot be framed is never skipped: the sink stops with
+//!   it still in the journal;
 //! - every fingerprint a journal entry can carry (current and legacy, of
 //!   every shipped version of the subject's record) maps to an id, so an
 //!   entry journaled before an upgrade is framed like a new one.
@@ -25,6 +28,7 @@ use tokio::sync::OnceCell;
 use crate::bus::registry::{RegistryClient, RegistryError};
 use crate::codec::{self, CodecError};
 use crate::config::Subjects;
+use crate::journal::{Entry, Kind};
 
 /// Registry ids by writer fingerprint (current and legacy).
 #[derive(Debug, Default)]
@@ -43,9 +47,18 @@ impl SchemaIds {
         codec::confluent_frame(payload, id).map(Bytes::from)
     }
 
-    /// The id of a shipped schema, by its fingerprint.
-    pub fn id(&self, fingerprint: u64) -> Option<u32> {
-        self.0.get(&fingerprint).copied()
+    /// Why `entry` cannot be framed, if it cannot: the caller keeps it in
+    /// the journal and stops (skipping it would lose it).
+    pub fn unframable(&self, entry: &Entry) -> Option<RegistryError> {
+        if entry.kind == Kind::DomainTombstone {
+            return None;
+        }
+        self.frame(&entry.payload)
+            .err()
+            .map(|e| RegistryError::Unframable {
+                host_seq: entry.host_seq,
+                reason: e.to_string(),
+            })
     }
 }
 
@@ -84,7 +97,15 @@ async fn register_all(
 ) -> Result<SchemaIds, RegistryError> {
     let mut ids = SchemaIds::default();
     for (subject, record) in subjects {
-        let level = client.compatibility(subject).await?;
+        // For the log only: a registry that will not tell (a 403 on the
+        // global config, an odd reply) must not stop registration.
+        let level = match client.compatibility(subject).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(subject = %subject, error = %e, "schema registry compatibility level unknown");
+                "unknown".to_string()
+            }
+        };
         if level.eq_ignore_ascii_case("NONE") {
             tracing::warn!(subject = %subject, registry = %client.url(), "schema registry compatibility level is NONE: the registry will not stop an incompatible schema from reaching consumers");
         }
@@ -94,15 +115,22 @@ async fn register_all(
             .collect();
         versions.sort_by_key(|s| s.version);
         for s in versions {
-            if let Some(reasons) = client.incompatibility(subject, s.text).await? {
-                return Err(RegistryError::Incompatible {
-                    url: client.url().to_string(),
-                    subject: subject.clone(),
-                    schema: format!("{} v{}", s.name, s.version),
-                    reasons: format!("{reasons} (compatibility level {level})"),
-                });
-            }
-            let id = client.register(subject, s.text).await?;
+            // Registered before (by this build, an older or a newer one):
+            // its id, without checking it again against later versions.
+            let id = match client.lookup(subject, s.text).await? {
+                Some(id) => id,
+                None => {
+                    if let Some(reasons) = client.incompatibility(subject, s.text).await? {
+                        return Err(RegistryError::Incompatible {
+                            url: client.url().to_string(),
+                            subject: subject.clone(),
+                            schema: format!("{} v{}", s.name, s.version),
+                            reasons: format!("{reasons} (compatibility level {level})"),
+                        });
+                    }
+                    client.register(subject, s.text).await?
+                }
+            };
             tracing::info!(subject = %subject, schema = %s.name, version = s.version, id, compatibility = %level, "schema registered");
             ids.0.insert(s.fingerprint, id);
             ids.0.insert(s.legacy_fingerprint, id);
@@ -163,5 +191,28 @@ mod tests {
         let snap = codec::encode_domain_snapshot(&codec::tests::sample_snapshot());
         let e = ids.frame(&snap).unwrap_err().to_string();
         assert!(e.contains("DomainSnapshot v1"), "{e}");
+        // Such an entry, or one whose schema this build does not ship, is
+        // kept (the sink stops), never skipped; a tombstone has no body.
+        let entry = |kind, payload: Vec<u8>| Entry {
+            host_seq: 42,
+            kind,
+            key: "k".into(),
+            observed_at: 0,
+            payload,
+        };
+        assert!(ids
+            .unframable(&entry(Kind::DomainEvent, so.clone()))
+            .is_none());
+        let mut foreign = so.clone();
+        foreign[2..10].copy_from_slice(&0x1234_u64.to_le_bytes());
+        let e = ids.unframable(&entry(Kind::DomainEvent, foreign)).unwrap();
+        assert!(
+            e.is_fatal() && e.to_string().contains("journal entry 42"),
+            "{e}"
+        );
+        assert!(ids.unframable(&entry(Kind::DomainSnapshot, snap)).is_some());
+        assert!(ids
+            .unframable(&entry(Kind::DomainTombstone, Vec::new()))
+            .is_none());
     }
 }

@@ -5,7 +5,8 @@
 //! installed from the package registries this project's machines reach;
 //! docs/testing.md says so and lists the calls.
 //!
-//! Calls: `GET /config`, `GET /config/{subject}[?defaultToGlobal=true]`,
+//! Calls: `GET /config`, `GET /config/{subject}` (404 40408: no subject
+//! has a level of its own, and `defaultToGlobal` is not honoured),
 //! `POST /compatibility/subjects/{subject}/versions/latest`,
 //! `POST /subjects/{subject}/versions`, `POST /subjects/{subject}`,
 //! `GET /subjects/{subject}/versions`, `GET /schemas/ids/{id}`; anything
@@ -204,9 +205,9 @@ fn answer(
         .unwrap_or_else(|| "BACKWARD".into());
     match (method, segs.as_slice()) {
         ("GET", ["config"]) => (200, json!({ "compatibilityLevel": level })),
-        ("GET", ["config", _subject]) if query.contains("defaultToGlobal=true") => {
-            (200, json!({ "compatibilityLevel": level }))
-        }
+        // No subject has a level of its own, and `defaultToGlobal` is not
+        // honoured (as on registries that predate it): the agent must fall
+        // back to `GET /config`.
         ("GET", ["config", _subject]) => error(
             404,
             40408,
@@ -220,7 +221,11 @@ fn answer(
                 return error(422, 42201, "Invalid schema");
             }
             match &st.behaviour.incompatible {
-                Some(why) => (200, json!({ "is_compatible": false, "messages": [why] })),
+                // Reasons only when asked for, as Confluent's registry.
+                Some(why) if query.contains("verbose=true") => {
+                    (200, json!({ "is_compatible": false, "messages": [why] }))
+                }
+                Some(_) => (200, json!({ "is_compatible": false })),
                 None => (200, json!({ "is_compatible": true })),
             }
         }
@@ -236,7 +241,8 @@ fn answer(
             let id = match st.schemas.iter().find(|(_, s)| **s == schema) {
                 Some((id, _)) => *id,
                 None => {
-                    let id = st.schemas.len() as u32 + 1;
+                    // Ids above 2^16, so a width bug shows end to end.
+                    let id = 100_001 + st.schemas.len() as u32;
                     st.schemas.insert(id, schema);
                     id
                 }

@@ -488,6 +488,15 @@ impl Bus for Publisher<'_> {
             let enc = match self.encoding.encode(&entry) {
                 Ok(e) => e,
                 Err(e) => {
+                    // Never skipped: the journal keeps it, the sink stops.
+                    if let Some(fatal) = self
+                        .encoding
+                        .framing
+                        .as_ref()
+                        .and_then(|f| f.unframable(&entry))
+                    {
+                        return Err(fatal.into());
+                    }
                     tracing::error!(host_seq = entry.host_seq, error = %e, "cannot encode journal entry; skipped");
                     progress.ack(entry.host_seq);
                     continue;

@@ -459,6 +459,11 @@ impl Bus for Publisher<'_> {
             let encoded = match self.enc.encode(&entry) {
                 Ok(e) => e,
                 Err(e) => {
+                    if let Some(fatal) =
+                        self.enc.framing.as_ref().and_then(|f| f.unframable(&entry))
+                    {
+                        return Err(fatal.into());
+                    }
                     // An entry this build cannot encode cannot be
                     // published by retrying: report and skip it (audit
                     // shows the hole).
