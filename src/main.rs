@@ -307,6 +307,7 @@ fn state_cmd(cfg: &Config, bus: BusKind, silent_after: u32, table: bool) -> Exit
     diagnose(report::undecodable(&out));
     let domains = fleet.domains();
     diagnose(report::stale_hosts(&fleet.hosts()));
+    diagnose(report::migrations(&domains));
     write_out(&if table {
         report::state_table(&domains)
     } else {

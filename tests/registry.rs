@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,29 +18,6 @@ use common::*;
 use virt::connect::Connect;
 
 const EVENTS_TOPIC: &str = "virt.domain.events.v1";
-
-/// Every message of the events stream/topic as tests/oracle/read_events.py
-/// decodes it with confluent-kafka's registry client.
-fn foreign_read(bus: &str, address: &str, registry: &[&str]) -> Vec<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracle/read_events.py");
-    let out = Command::new(oracle_python())
-        .arg(&script)
-        .args([bus, address])
-        .args(registry)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "read_events.py {bus} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// A scripted lifecycle of a persistent and a transient domain; returns
 /// their names once `virsh event` saw the last event of both.
@@ -178,7 +154,7 @@ fn kafka_registry_framing_is_decoded_by_confluent_kafka_with_basic_auth() {
         pw_arg,
     ];
     let rows = assert_foreign_matches_oracle(
-        || foreign_read("kafka", &kafka.bootstrap(), &args),
+        || read_events("kafka", &kafka.bootstrap(), &args),
         &oracle,
         &names,
     );
@@ -240,7 +216,7 @@ fn unreachable_registry_at_start_journals_then_publishes_everything() {
         "--registry-topic",
         "virt.events.v1",
     ];
-    assert_foreign_matches_oracle(|| foreign_read("nats", &nats.url(), &args), &oracle, &names);
+    assert_foreign_matches_oracle(|| read_events("nats", &nats.url(), &args), &oracle, &names);
     assert_eq!(registry.versions("virt.events.v1-value").len(), 1);
     assert_eq!(registry.versions("virt.snapshots.v1-value").len(), 1);
     assert_eq!(registry.versions("virt.hosts.v1-value").len(), 1);

@@ -48,6 +48,25 @@ pub fn stale_hosts(hosts: &[HostView]) -> Vec<String> {
         .collect()
 }
 
+/// Migrations under way, one diagnostic per domain.
+pub fn migrations(domains: &[DomainView]) -> Vec<String> {
+    domains
+        .iter()
+        .filter_map(|d| d.migration.as_ref().map(|m| (d, m)))
+        .filter(|(d, m)| d.host_id == m.to)
+        .map(|(d, m)| {
+            format!(
+                "domain {} ({}) is migrating from {} to {} since {}",
+                d.name,
+                d.uuid,
+                m.from,
+                m.to,
+                crate::codec::rfc3339_micros(m.since)
+            )
+        })
+        .collect()
+}
+
 /// `state --format table`.
 pub fn state_table(domains: &[DomainView]) -> String {
     let mut rows = vec![[
@@ -371,6 +390,7 @@ mod tests {
             observed_at: 0,
             stale: false,
             stale_reason: None,
+            migration: None,
         };
         let t = state_table(&[d]);
         let lines: Vec<&str> = t.lines().collect();

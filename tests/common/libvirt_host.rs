@@ -116,6 +116,21 @@ impl LibvirtHost {
 
 impl Drop for LibvirtHost {
     fn drop(&mut self) {
+        // QEMU guests outlive a killed libvirtd: destroy them first.
+        let uri = self.qemu_uri();
+        let names = Command::new("virsh")
+            .args(["-c", &uri, "list", "--name"])
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for name in names.lines().filter(|l| !l.trim().is_empty()) {
+            let _ = Command::new("virsh")
+                .args(["-c", &uri, "destroy", name.trim()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         if let Some(mut k) = self.keeper.take() {
             let _ = k.kill();
             let _ = k.wait();

@@ -65,16 +65,16 @@ pub fn ensure_libvirtd() {
 }
 
 /// Kills the system libvirtd, keeps it down for `downtime`, starts it again.
+/// Only the system daemon (its pid file): the private daemons other tests
+/// run (`libvirt_host`) are left alone.
 pub fn restart_libvirtd(downtime: Duration) {
-    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
+    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("the system libvirtd writes /run/libvirtd.pid");
+    super::unsafe_kill(pid as u32, libc::SIGTERM);
     let end = Instant::now() + Duration::from_secs(20);
-    while Command::new("pgrep")
-        .args(["-x", "libvirtd"])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-    {
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
         assert!(Instant::now() < end, "libvirtd did not exit");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -44,3 +44,29 @@ pub fn run_python(what: &str, script: &str, args: &[&str], stdin: &[u8]) -> Vec<
     );
     out.stdout
 }
+
+/// Every message of the events stream (`nats URL`) or topic (`kafka
+/// BOOTSTRAP`) as tests/oracle/read_events.py decodes it (fastavro from
+/// `schemas/`, or confluent-kafka's registry client with `--registry`),
+/// one JSON object per message.
+pub fn read_events(bus: &str, address: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracle/read_events.py");
+    let out = Command::new(oracle_python())
+        .arg(&script)
+        .args([bus, address])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "read_events.py {bus} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

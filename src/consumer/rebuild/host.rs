@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::consumer::liveness::LastWord;
 use crate::consumer::record::{Lane, Position, Tombstone};
 use crate::model::{
-    parse_event_id, DomainEvent, DomainSnapshot, DomainState, EventType, HostSnapshot,
+    parse_event_id, Detail, DomainEvent, DomainSnapshot, DomainState, EventType, HostSnapshot,
     HostSnapshotKind, StateReason,
 };
 
@@ -38,6 +38,16 @@ pub(super) struct Dom {
     /// Stale until a complete round that began after this host_seq.
     pub(super) stale_bound: Option<u64>,
     pub(super) stale_reason: Option<String>,
+    /// Agent time of the `STARTED/MIGRATED` that made this host a
+    /// migration's destination, while the domain waits here paused for it
+    /// to finish (docs/consumers.md "Migrations").
+    pub(super) incoming_since: Option<i64>,
+}
+
+/// Paused reasons of a destination waiting for its migration to finish.
+fn waiting_for_migration(s: &StateReason) -> bool {
+    s.state == DomainState::PAUSED
+        && matches!(s.reason.as_str(), "MIGRATION" | "POSTCOPY" | "STARTING_UP")
 }
 
 impl Dom {
@@ -58,6 +68,7 @@ impl Dom {
             seq_known: false,
             stale_bound: None,
             stale_reason: None,
+            incoming_since: None,
         }
     }
 
@@ -253,6 +264,13 @@ impl Host {
         dom.observed_at = e.observed_at;
         dom.seq_known = true;
         dom.deleted = dom.gone();
+        dom.incoming_since = if e.event == EventType::STARTED && e.detail == Detail::MIGRATED {
+            Some(e.observed_at)
+        } else if dom.deleted || !waiting_for_migration(&dom.state) {
+            None
+        } else {
+            dom.incoming_since
+        };
         Step::Done
     }
 
@@ -364,6 +382,14 @@ impl Host {
             if dom.host_seq > d.host_seq {
                 continue; // an event after the round is already applied
             }
+            // A domain a round finds waiting for a migration it was not
+            // known here before (the agent restarted meanwhile): incoming.
+            let new_here = dom.host_seq == 0 || dom.deleted;
+            dom.incoming_since = match waiting_for_migration(&d.state) {
+                false => None,
+                true if new_here => Some(d.observed_at),
+                true => dom.incoming_since,
+            };
             dom.name = d.domain.name;
             dom.id = d.domain.id;
             dom.state = d.state;

@@ -69,6 +69,20 @@ pub struct DomainView {
     /// Why it is stale (the first cause seen).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale_reason: Option<String>,
+    /// Set on both hosts' views while a migration of the domain is under
+    /// way: the destination waits paused for it, the source still has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+}
+
+/// A migration under way: from the destination's `STARTED/MIGRATED` until
+/// it resumes (success) or stops (failure, abort).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Migration {
+    pub from: String,
+    pub to: String,
+    /// Agent time (destination's clock) of its `STARTED/MIGRATED`, µs.
+    pub since: i64,
 }
 
 /// Counters of one rebuild.

@@ -488,3 +488,110 @@ fn a_silent_host_makes_its_domains_stale_from_its_last_heartbeat() {
     feed(&mut f, bodies());
     assert!(!view(&f, U1).unwrap().stale);
 }
+
+/// An event of `host` with the given event, detail and state after it.
+fn mig(host: &str, hs: u64, seq: u64, e: (EventType, Detail), s: (DomainState, &str)) -> Body {
+    let Body::Event(mut ev) = ev("e", hs, U1, seq, s.0) else {
+        unreachable!()
+    };
+    ev.host_id = host.into();
+    ev.event_id = event_id(host, "e", hs);
+    ev.event = e.0;
+    ev.detail = e.1;
+    ev.state_after = StateReason::named(s.0, s.1);
+    ev.persistent = false;
+    Body::Event(ev)
+}
+
+#[test]
+fn a_domain_is_migrating_from_the_destinations_start_until_it_resumes_or_fails() {
+    use DomainState::{PAUSED, RUNNING, SHUTOFF};
+    use EventType::{RESUMED, STARTED, STOPPED, SUSPENDED};
+    let started = |host, hs| mig(host, hs, 1, (STARTED, Detail::BOOTED), (RUNNING, "BOOTED"));
+    let incoming = |hs| {
+        mig(
+            "b",
+            hs,
+            1,
+            (STARTED, Detail::MIGRATED),
+            (PAUSED, "MIGRATION"),
+        )
+    };
+    let migrating = |f: &Fleet| -> Vec<(String, Option<Migration>)> {
+        f.domains()
+            .into_iter()
+            .map(|d| (d.host_id, d.migration))
+            .collect()
+    };
+    let m = Migration {
+        from: "a".into(),
+        to: "b".into(),
+        since: 5_000_000,
+    };
+    // Success: B starts paused, A switches over, B resumes, A stops.
+    let mut f = Fleet::new();
+    feed(&mut f, [started("a", 1), incoming(5)]);
+    assert_eq!(
+        migrating(&f),
+        vec![("a".into(), Some(m.clone())), ("b".into(), Some(m.clone()))]
+    );
+    feed(
+        &mut f,
+        [mig(
+            "a",
+            2,
+            2,
+            (SUSPENDED, Detail::MIGRATED),
+            (PAUSED, "MIGRATION"),
+        )],
+    );
+    assert!(migrating(&f).iter().all(|(_, x)| x.as_ref() == Some(&m)));
+    feed(
+        &mut f,
+        [mig(
+            "b",
+            6,
+            2,
+            (RESUMED, Detail::MIGRATED),
+            (RUNNING, "MIGRATED"),
+        )],
+    );
+    assert!(migrating(&f).iter().all(|(_, x)| x.is_none()), "over");
+    feed(
+        &mut f,
+        [mig(
+            "a",
+            3,
+            3,
+            (STOPPED, Detail::MIGRATED),
+            (SHUTOFF, "MIGRATED"),
+        )],
+    );
+    let d = f.domains();
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        (d[0].host_id.as_str(), d[0].state.as_str()),
+        ("b", "RUNNING")
+    );
+    // Failure or abort: the destination stops; the source kept running.
+    let mut f = Fleet::new();
+    feed(&mut f, [started("a", 1), incoming(5)]);
+    feed(
+        &mut f,
+        [mig(
+            "b",
+            6,
+            2,
+            (STOPPED, Detail::FAILED),
+            (SHUTOFF, "FAILED"),
+        )],
+    );
+    let d = f.domains();
+    assert_eq!(d.len(), 1);
+    assert!(d[0].migration.is_none() && d[0].state == "RUNNING");
+    // A destination waiting with no active source elsewhere (its agent is
+    // not on this bus) is not reported as a migration.
+    let mut f = Fleet::new();
+    feed(&mut f, [incoming(5)]);
+    assert!(migrating(&f).iter().all(|(_, x)| x.is_none()));
+}

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 use super::host::{Dom, Host};
-use super::{DomainView, Epochs, Fleet};
+use super::{DomainView, Epochs, Fleet, Migration};
 use crate::consumer::record::Lane;
 
 impl Fleet {
@@ -77,6 +77,8 @@ impl Fleet {
     /// has said nothing of are shown from its older epochs (stale).
     pub fn domains(&self) -> Vec<DomainView> {
         let mut out = Vec::new();
+        // Per view, when its host is a migration's waiting destination.
+        let mut incoming: Vec<Option<i64>> = Vec::new();
         for (host_id, epochs) in &self.hosts {
             let Some((host, prev)) = Self::newest(epochs) else {
                 continue;
@@ -123,9 +125,12 @@ impl Fleet {
                     observed_at: d.observed_at,
                     stale: stale_reason.is_some(),
                     stale_reason,
+                    migration: None,
                 });
+                incoming.push(d.incoming_since);
             }
         }
+        mark_migrations(&mut out, &incoming);
         out.sort_by(|a, b| (&a.host_id, &a.name, &a.uuid).cmp(&(&b.host_id, &b.name, &b.uuid)));
         out
     }
@@ -150,6 +155,44 @@ impl Fleet {
             .collect();
         out.sort_by(|a, b| a.host_id.cmp(&b.host_id));
         out
+    }
+}
+
+/// States in which a domain exists and runs or could run on its host.
+fn active(state: &str) -> bool {
+    matches!(
+        state,
+        "RUNNING" | "BLOCKED" | "PAUSED" | "SHUTDOWN" | "PMSUSPENDED"
+    )
+}
+
+/// Marks the views of a domain under migration: a destination waiting
+/// for it (`incoming[i]`) and another host where the domain is active.
+/// With more than one active source (impossible in libvirt, but a stale
+/// host could show one), the first by host id is named.
+fn mark_migrations(views: &mut [DomainView], incoming: &[Option<i64>]) {
+    let mut found = Vec::new();
+    for (i, since) in incoming.iter().enumerate() {
+        let Some(since) = since else { continue };
+        let to = &views[i];
+        let from = views
+            .iter()
+            .enumerate()
+            .filter(|(j, v)| *j != i && v.uuid == to.uuid && active(&v.state))
+            .map(|(j, v)| (j, v.host_id.clone()))
+            .min_by(|a, b| a.1.cmp(&b.1));
+        if let Some((j, from)) = from {
+            let m = Migration {
+                from,
+                to: to.host_id.clone(),
+                since: *since,
+            };
+            found.push((i, j, m));
+        }
+    }
+    for (i, j, m) in found {
+        views[j].migration = Some(m.clone());
+        views[i].migration = Some(m);
     }
 }
 
