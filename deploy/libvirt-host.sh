@@ -4,7 +4,10 @@
 # /var/log/libvirt and /var/cache/libvirt bind-mounted from DIR, so they
 # never touch the system daemon (its sockets, domains, pid files, logs).
 # Used by the soak (a libvirtd restart and thousands of domains must not
-# disturb other tests) and meant for two-host tests (its own host_uuid).
+# disturb other tests) and by the two-host migration tests (its own
+# host_uuid): start two, then
+#   virsh -c 'qemu:///system?socket=A/run/libvirt-sock' migrate --live NAME \
+#     'qemu:///system?socket=B/run/libvirt-sock' --migrateuri tcp://127.0.0.1
 #
 #   deploy/libvirt-host.sh start DIR   # start; prints the two client URIs
 #   deploy/libvirt-host.sh stop DIR    # kill both daemons (SIGKILL, wait)
