@@ -285,6 +285,9 @@ fn now_rfc3339() -> String {
 fn assert_billed_once(p: &Pair, uuid: &str, from: &str, to: &str, wall: f64) {
     for bus in ["nats", "kafka"] {
         let (running, vcpu, gib, hosts) = p.billed(bus, uuid, from, to);
+        eprintln!(
+            "{bus}: window {wall:.3} s: running {running:.3} s on {hosts} host(s), {vcpu:.3} vCPU·s, {gib:.4} GiB·s"
+        );
         assert!(
             (running - wall).abs() < 1.0,
             "{bus}: running {running:.3} s over a {wall:.3} s window"
