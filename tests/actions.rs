@@ -350,7 +350,8 @@ fn a_failing_command_is_retried_then_dead_lettered() {
         work.path(),
         "fail.sh",
         &format!(
-            "echo \"$VIRTSTREAM_EVENT_ID\" >> {}\necho boom >&2\nexit 3",
+            "env > {}\necho \"$VIRTSTREAM_EVENT_ID\" >> {}\necho boom >&2\nexit 3",
+            work.path().join("env.txt").display(),
             count.display()
         ),
     );
@@ -387,6 +388,11 @@ fn a_failing_command_is_retried_then_dead_lettered() {
     assert_eq!(agent.metric("virtstream_action_failures_total"), 3.0);
     assert_eq!(agent.metric("virtstream_action_dead_lettered_total"), 1.0);
     assert!(agent.log().contains("boom"), "stderr is logged");
+    // The agent's own VIRTSTREAM_* settings (here VIRTSTREAM_LOG) are not
+    // passed on; the event's are.
+    let env = std::fs::read_to_string(work.path().join("env.txt")).unwrap();
+    assert!(!env.contains("VIRTSTREAM_LOG="), "{env}");
+    assert!(env.contains("VIRTSTREAM_STATE=RUNNING"), "{env}");
     d.destroy().unwrap();
     d.undefine().unwrap();
     assert_eq!(agent.terminate(), Some(0));

@@ -3,6 +3,9 @@
 //! retries, and the dead-letter line when every attempt failed.
 //!
 //! Invariants:
+//! - the command inherits the agent's environment minus every
+//!   `VIRTSTREAM_*` variable (configuration overrides and secrets), plus
+//!   the event's `VIRTSTREAM_*` variables;
 //! - commands run through `tokio::process`, never a shell, and nothing
 //!   here blocks the async thread (the dead-letter append runs on the
 //!   blocking pool);
@@ -165,6 +168,13 @@ async fn attempt(
 ) -> Result<(), Failure> {
     let cfg = &runner.cfg;
     let mut cmd = Command::new(&runner.program);
+    // The agent's own settings (overrides, secrets such as
+    // VIRTSTREAM_NATS_PASSWORD) are not the command's business.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("VIRTSTREAM_") {
+            cmd.env_remove(k);
+        }
+    }
     cmd.args(cfg.command[1..].iter().map(|a| rule::substitute(a, event)))
         .envs(rule::environment(event))
         .stdin(Stdio::piped())
