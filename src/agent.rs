@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::journal::{Journal, JournalError, OpenOptions};
+use crate::sinks::actions::ActionError;
 use crate::sinks::kafka::KafkaSinkError;
 use crate::sinks::launch::{SinkContext, SinkError, SinkKind};
 use crate::sinks::nats::NatsError;
@@ -34,6 +35,8 @@ pub enum AgentError {
     Nats(#[from] NatsError),
     #[error(transparent)]
     Kafka(#[from] KafkaSinkError),
+    #[error(transparent)]
+    Action(#[from] ActionError),
     #[error("{0}")]
     Thread(String),
 }
@@ -43,6 +46,7 @@ impl From<SinkError> for AgentError {
         match e {
             SinkError::Nats(e) => AgentError::Nats(e),
             SinkError::Kafka(e) => AgentError::Kafka(e),
+            SinkError::Action(e) => AgentError::Action(e),
         }
     }
 }

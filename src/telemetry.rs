@@ -56,6 +56,10 @@ pub struct Metrics {
     pub libvirt_connected: Gauge,
     pub libvirt_reconnects: Counter,
     pub domains_tracked: Gauge,
+    pub action_runs: Family<Labels, Counter>,
+    pub action_failures: Family<Labels, Counter>,
+    pub action_timeouts: Family<Labels, Counter>,
+    pub action_dead_lettered: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -161,6 +165,30 @@ impl Metrics {
             "domains the tracker knows on this host",
             domains_tracked.clone(),
         );
+        let action_runs = Family::<Labels, Counter>::default();
+        registry.register(
+            "action_runs",
+            "action command attempts started, by action",
+            action_runs.clone(),
+        );
+        let action_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "action_failures",
+            "action command attempts that failed (non-zero exit, signal, spawn error or timeout), by action",
+            action_failures.clone(),
+        );
+        let action_timeouts = Family::<Labels, Counter>::default();
+        registry.register(
+            "action_timeouts",
+            "action command attempts killed at their timeout, by action",
+            action_timeouts.clone(),
+        );
+        let action_dead_lettered = Family::<Labels, Counter>::default();
+        registry.register(
+            "action_dead_lettered",
+            "events an action gave up on after its retries (written to actions-dead-letter.jsonl), by action",
+            action_dead_lettered.clone(),
+        );
         Metrics {
             registry,
             events_received,
@@ -179,6 +207,10 @@ impl Metrics {
             libvirt_connected,
             libvirt_reconnects,
             domains_tracked,
+            action_runs,
+            action_failures,
+            action_timeouts,
+            action_dead_lettered,
         }
     }
 
@@ -196,6 +228,19 @@ impl Metrics {
 
     pub fn sink(sink: &str) -> Labels {
         vec![("sink", sink.to_string())]
+    }
+
+    pub fn action(action: &str) -> Labels {
+        vec![("action", action.to_string())]
+    }
+
+    /// Creates an action's series at zero.
+    pub fn register_action(&self, action: &str) {
+        let labels = Self::action(action);
+        let _ = self.action_runs.get_or_create(&labels);
+        let _ = self.action_failures.get_or_create(&labels);
+        let _ = self.action_timeouts.get_or_create(&labels);
+        let _ = self.action_dead_lettered.get_or_create(&labels);
     }
 
     /// Creates an enabled sink's series at zero, so they exist from the

@@ -3,7 +3,8 @@
 //! [`Config`], loading and the error type; each section lives beside its
 //! validation (`host`: host, libvirt, journal; `nats`; `kafka`;
 //! `registry`: schema_registry; `service`: snapshot, metrics, log;
-//! `usage`: where the usage tool publishes, and the tenant rule), `env`
+//! `usage`: where the usage tool publishes, and the tenant rule;
+//! `actions`: the `[[actions]]` commands run for matching events), `env`
 //! applies overrides, `secrets` keeps secret values out of output.
 //!
 //! Invariants:
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod actions;
 mod env;
 mod host;
 mod kafka;
@@ -28,6 +30,7 @@ mod usage;
 mod values;
 
 pub use crate::journal::WhenFull;
+pub use actions::{find_program, placeholders_in, ActionConfig, ActionMatch, PLACEHOLDERS};
 pub use env::ENV_PREFIX;
 pub use host::{HostConfig, JournalConfig, LibvirtConfig, XmlMode};
 pub use kafka::{Brokers, KafkaConfig, PropValue, SaslMechanism, KAFKA_RESERVED_PROPERTIES};
@@ -80,6 +83,10 @@ pub struct Config {
     /// the agent).
     #[serde(default)]
     pub usage: UsageConfig,
+    /// Commands run for matching domain events, each fed from its own
+    /// journal cursor (`action:<name>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<ActionConfig>,
 }
 
 impl Config {
@@ -141,7 +148,10 @@ impl Config {
         if let Some(r) = &self.schema_registry {
             r.validate(self.kafka.as_ref(), self.nats.as_ref())?;
         }
-        self.usage.validate(self.nats.as_ref(), self.kafka.as_ref())
+        self.usage
+            .validate(self.nats.as_ref(), self.kafka.as_ref())?;
+        let path = std::env::var("PATH").ok();
+        actions::validate(&self.actions, path.as_deref())
     }
 
     /// Checks the journal directory can be created and written; the error

@@ -2,9 +2,11 @@
 //! starts them in one loop.
 //!
 //! Invariants:
-//! - sinks come in one fixed order (NATS, then Kafka): the order of their
-//!   cursors in the journal and the order they are started in;
-//! - a sink's name is its journal cursor's and its metrics label.
+//! - sinks come in one fixed order (NATS, then Kafka, then the actions in
+//!   configuration order): the order of their cursors in the journal and
+//!   the order they are started in;
+//! - a sink's name is its journal cursor's and its metrics label; an
+//!   action's is `action:<name>`, made once per process.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
+use super::actions::{self, ActionError, ActionSink};
 use super::kafka::service::KafkaSink;
 use super::kafka::KafkaSinkError;
 use super::nats::encoding::EncodingContext;
@@ -31,6 +34,8 @@ pub enum SinkError {
     Nats(#[from] NatsError),
     #[error(transparent)]
     Kafka(#[from] KafkaSinkError),
+    #[error(transparent)]
+    Action(#[from] ActionError),
 }
 
 /// A kind of sink.
@@ -38,6 +43,8 @@ pub enum SinkError {
 pub enum SinkKind {
     Nats,
     Kafka,
+    /// `actions[index]`, with its sink name.
+    Action(&'static str, usize),
 }
 
 /// What every sink is built with.
@@ -61,6 +68,12 @@ impl SinkKind {
         if cfg.kafka.is_some() {
             kinds.push(SinkKind::Kafka);
         }
+        for (i, a) in cfg.actions.iter().enumerate() {
+            // Leaked once per configured action: names live as long as
+            // the process, like the other sinks' constants.
+            let name: &'static str = Box::leak(actions::sink_name(&a.name).into_boxed_str());
+            kinds.push(SinkKind::Action(name, i));
+        }
         kinds
     }
 
@@ -69,6 +82,7 @@ impl SinkKind {
         match self {
             SinkKind::Nats => super::nats::service::SINK_NAME,
             SinkKind::Kafka => super::kafka::service::SINK_NAME,
+            SinkKind::Action(name, _) => name,
         }
     }
 
@@ -112,6 +126,18 @@ impl SinkKind {
                         .map_err(KafkaSinkError::from)?,
                 })),
             },
+            SinkKind::Action(name, i) => match cfg.actions.get(i) {
+                None => None,
+                Some(a) => Some(Sink::Action(ActionSink::new(
+                    i,
+                    a,
+                    name,
+                    ctx.journal.clone(),
+                    &cfg.journal.path,
+                    ctx.health.clone(),
+                    ctx.metrics.clone(),
+                )?)),
+            },
         })
     }
 }
@@ -135,6 +161,7 @@ fn registrar(
 pub enum Sink {
     Nats(NatsSink),
     Kafka(KafkaSink),
+    Action(ActionSink),
 }
 
 impl Sink {
@@ -148,6 +175,7 @@ impl Sink {
         match self {
             Sink::Nats(s) => Ok(s.run(shutdown, drain_deadline).await?),
             Sink::Kafka(s) => Ok(s.run(shutdown, drain_deadline).await?),
+            Sink::Action(s) => Ok(s.run(shutdown, drain_deadline).await?),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! blocking pool, never on the async thread, (`driver`) the publish loop
 //! every bus plugs into, and (`launch`) building the configured sinks so
 //! the agent starts them alike, and (`registry`) the schema ids of a
-//! schema registry. Connections, topics, streams and wire
+//! schema registry, and (`actions`) the `[[actions]]` commands, sinks
+//! that run a command instead of publishing. Connections, topics, streams and wire
 //! names are the bus layer's ([`crate::bus`]).
 //!
 //! Invariants:
@@ -15,6 +16,7 @@
 //! - a slow or dead sink never blocks the tracker or another sink (the
 //!   journal absorbs the difference, within `journal.max_bytes`).
 
+pub mod actions;
 pub(crate) mod driver;
 mod journal_io;
 pub mod kafka;
