@@ -89,19 +89,6 @@ fn oracle_pairs(oracle: &Oracle, name: &str, events: &[&str]) -> Vec<(String, St
         .collect()
 }
 
-fn lifecycle(conn: &Connect, name: &str) {
-    let d = conn
-        .define_domain_xml(&test_domain_xml(name, &new_uuid()))
-        .unwrap();
-    d.create().unwrap();
-    d.suspend().unwrap();
-    d.resume().unwrap();
-    d.destroy().unwrap();
-    d.create().unwrap();
-    d.shutdown().unwrap();
-    d.undefine().unwrap();
-}
-
 #[test]
 fn an_action_runs_once_per_matching_event_and_never_otherwise() {
     ensure_libvirtd();
@@ -126,9 +113,9 @@ fn an_action_runs_once_per_matching_event_and_never_otherwise() {
         format!("{prefix}-2"),
         unique("act-other"),
     );
-    lifecycle(&conn, &one);
-    lifecycle(&conn, &two);
-    lifecycle(&conn, &other);
+    scripted_lifecycle(&conn, &one);
+    scripted_lifecycle(&conn, &two);
+    scripted_lifecycle(&conn, &other);
     wait_until(
         Duration::from_secs(20),
         "oracle sees the lifecycles",
@@ -192,7 +179,7 @@ fn after_kill_9_every_matching_event_ran_at_least_once_in_order() {
     let conn = Connect::open(Some(TEST_URI)).unwrap();
     let names = [format!("{prefix}-1"), format!("{prefix}-2")];
     for n in &names {
-        lifecycle(&conn, n);
+        scripted_lifecycle(&conn, n);
     }
     let all = [
         "DEFINED",

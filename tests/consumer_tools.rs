@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -27,19 +27,6 @@ fn stdout(o: &Output) -> String {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn now_s() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-fn rfc3339(t: f64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos((t * 1e9) as i128).unwrap();
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap()
 }
 
 /// What `virsh list --all` and `virsh domstate --reason` say of `name`:

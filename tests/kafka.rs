@@ -65,16 +65,7 @@ fn kafka_scripted_lifecycle_matches_the_oracle() {
 
     let conn = Connect::open(Some(TEST_URI)).unwrap();
     let p_name = unique("kpersist");
-    let d = conn
-        .define_domain_xml(&test_domain_xml(&p_name, &new_uuid()))
-        .unwrap();
-    d.create().unwrap();
-    d.suspend().unwrap();
-    d.resume().unwrap();
-    d.destroy().unwrap();
-    d.create().unwrap();
-    d.shutdown().unwrap();
-    d.undefine().unwrap();
+    scripted_lifecycle(&conn, &p_name);
     let t_name = unique("ktransient");
     let t = conn
         .create_domain_xml(&test_domain_xml(&t_name, &new_uuid()), 0)

@@ -21,16 +21,7 @@ fn scripted_lifecycle_matches_the_oracle() {
     let conn = Connect::open(Some(TEST_URI)).unwrap();
     // Persistent domain: the full lifecycle.
     let p_name = unique("persist");
-    let d = conn
-        .define_domain_xml(&test_domain_xml(&p_name, &new_uuid()))
-        .unwrap();
-    d.create().unwrap();
-    d.suspend().unwrap();
-    d.resume().unwrap();
-    d.destroy().unwrap();
-    d.create().unwrap();
-    d.shutdown().unwrap();
-    d.undefine().unwrap();
+    scripted_lifecycle(&conn, &p_name);
     // Transient domain.
     let t_name = unique("transient");
     let t = conn

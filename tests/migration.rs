@@ -274,12 +274,6 @@ fn pairs(events: &[OracleEvent]) -> Vec<String> {
         .collect()
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap()
-}
-
 /// Running, vCPU·s and GiB·s over the window equal the wall time (× 1
 /// vCPU, × 32 MiB) within 1 s: billed once across the two hosts.
 fn assert_billed_once(p: &Pair, uuid: &str, from: &str, to: &str, wall: f64) {
@@ -310,7 +304,7 @@ fn live_migration_moves_the_domain_once_and_bills_it_once() {
     p.virsh_ok(A, &["create", xml.to_str().unwrap()]);
     p.wait_oracle(A, &name, &["STARTED/BOOTED"]);
     std::thread::sleep(Duration::from_secs(1));
-    let (from, t0) = (now_rfc3339(), Instant::now());
+    let (from, t0) = (rfc3339(now_s()), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
     let started = Instant::now();
     let out = p.migrate(&name, &["--live"]).wait_with_output().unwrap();
@@ -329,7 +323,7 @@ fn live_migration_moves_the_domain_once_and_bills_it_once() {
         pairs(&p.oracles[B].for_domain(&name))
     );
     std::thread::sleep(Duration::from_secs(2));
-    let (to, wall) = (now_rfc3339(), t0.elapsed().as_secs_f64());
+    let (to, wall) = (rfc3339(now_s()), t0.elapsed().as_secs_f64());
     p.assert_buses_match_oracles(&name);
     for bus in ["nats", "kafka"] {
         let views = p.state_of(bus, &uuid, |v| v.len() == 1);
@@ -348,7 +342,7 @@ fn an_aborted_migration_leaves_the_domain_on_the_source_billed_once() {
     create_slow_guest(&p, &name, &uuid);
     p.wait_oracle(A, &name, &["STARTED/BOOTED"]);
     std::thread::sleep(Duration::from_secs(1));
-    let (from, t0) = (now_rfc3339(), Instant::now());
+    let (from, t0) = (rfc3339(now_s()), Instant::now());
     let child = p.migrate(&name, &["--live", "--bandwidth", "1"]);
     p.wait_oracle(B, &name, &["STARTED/MIGRATED"]);
     // Abort once memory is moving (not before QEMU's migration began).
@@ -380,7 +374,7 @@ fn an_aborted_migration_leaves_the_domain_on_the_source_billed_once() {
     assert!(!out.status.success(), "the migration was aborted");
     p.wait_oracle(B, &name, &["STARTED/MIGRATED", "STOPPED/FAILED"]);
     std::thread::sleep(Duration::from_secs(2));
-    let (to, wall) = (now_rfc3339(), t0.elapsed().as_secs_f64());
+    let (to, wall) = (rfc3339(now_s()), t0.elapsed().as_secs_f64());
     eprintln!(
         "oracle A: {:?}\noracle B: {:?}",
         pairs(&p.oracles[A].for_domain(&name)),

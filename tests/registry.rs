@@ -363,15 +363,18 @@ fn a_registry_that_refuses_our_schema_or_credentials_stops_the_sink_with_its_rea
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let mut agent = Agent::new(
-        TEST_URI,
-        None,
-        &format!(
-            "{}{}",
-            kafka_section(&kafka.bootstrap()),
-            registry_section(&registry.url(), "")
-        ),
-    );
+    let kafka_agent = |url: &str, extra: &str| {
+        Agent::new(
+            TEST_URI,
+            None,
+            &format!(
+                "{}{}",
+                kafka_section(&kafka.bootstrap()),
+                registry_section(url, extra)
+            ),
+        )
+    };
+    let mut agent = kafka_agent(&registry.url(), "");
     agent.start();
     assert_ne!(wait_exit(&mut agent), 0);
     let log = agent.log();
@@ -384,15 +387,7 @@ fn a_registry_that_refuses_our_schema_or_credentials_stops_the_sink_with_its_rea
         basic_auth: Some(("virtstream".into(), "right".into())),
         ..Default::default()
     });
-    let mut agent = Agent::new(
-        TEST_URI,
-        None,
-        &format!(
-            "{}{}",
-            kafka_section(&kafka.bootstrap()),
-            registry_section(&auth.url(), "username = \"virtstream\"\n")
-        ),
-    );
+    let mut agent = kafka_agent(&auth.url(), "username = \"virtstream\"\n");
     agent.env.push((
         "VIRTSTREAM_SCHEMA_REGISTRY_PASSWORD".into(),
         "pw-wrong-7731".into(),

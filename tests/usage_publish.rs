@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Output};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -34,19 +34,6 @@ fn tool(agent: &Agent, args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn now_s() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-fn rfc3339(t: f64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos((t * 1e9) as i128).unwrap();
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap()
 }
 
 /// A test-driver domain with Nova's instance metadata (the layout of

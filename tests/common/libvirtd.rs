@@ -33,6 +33,21 @@ pub fn burst(name: String, pairs: usize, pace: Duration) -> std::thread::JoinHan
     })
 }
 
+/// The scripted lifecycle of a persistent test-driver domain: define,
+/// start, suspend, resume, destroy, start, shut down, undefine.
+pub fn scripted_lifecycle(conn: &virt::connect::Connect, name: &str) {
+    let d = conn
+        .define_domain_xml(&test_domain_xml(name, &new_uuid()))
+        .unwrap();
+    d.create().unwrap();
+    d.suspend().unwrap();
+    d.resume().unwrap();
+    d.destroy().unwrap();
+    d.create().unwrap();
+    d.shutdown().unwrap();
+    d.undefine().unwrap();
+}
+
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {

@@ -84,3 +84,19 @@ pub fn unsafe_kill(pid: u32, sig: i32) {
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Seconds since the Unix epoch, now.
+pub fn now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// `t` (seconds since the Unix epoch) in RFC 3339, as the tools' `--from`
+/// and `--to` take it.
+pub fn rfc3339(t: f64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos((t * 1e9) as i128).unwrap();
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
