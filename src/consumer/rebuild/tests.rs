@@ -54,6 +54,7 @@ pub(crate) fn ev(epoch: &str, hs: u64, uuid: &str, seq: u64, state: DomainState)
         config_hash: None,
         observed_at: hs as i64 * 1_000_000,
         xml: None,
+        hook: None,
     })
 }
 
