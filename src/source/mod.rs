@@ -24,7 +24,7 @@ pub mod ffi;
 mod handoff;
 mod inspect;
 
-pub use handoff::{Facts, Item, RawEvent, ResyncRequests};
+pub use handoff::{Facts, HookPhase, Item, RawEvent, ResyncRequests};
 pub use inspect::{facts_of, list, sizes_from_xml, ConnSlot, LibvirtInspector};
 
 use std::sync::atomic::{AtomicBool, Ordering};
