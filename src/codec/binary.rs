@@ -297,6 +297,31 @@ mod tests {
     }
 
     #[test]
+    fn both_readers_agree_on_every_truncation_and_corruption_of_a_hook_record() {
+        let bytes = encode_event(&hook_sample());
+        for n in 10..=bytes.len() {
+            let (a, b) = (decode_event(&bytes[..n]), decode_event_generic(&bytes[..n]));
+            match (&a, &b) {
+                (Ok(x), Ok(y)) => assert_eq!(x, y, "prefix {n}"),
+                (Err(_), Err(_)) => {}
+                _ => panic!("prefix {n}: direct {a:?} generic {b:?}"),
+            }
+        }
+        for i in bytes.len() - 20..bytes.len() {
+            for v in [0x00u8, 0x02, 0x7f, 0x80, 0xff] {
+                let mut c = bytes.clone();
+                c[i] = v;
+                let (a, b) = (decode_event(&c), decode_event_generic(&c));
+                match (&a, &b) {
+                    (Ok(x), Ok(y)) => assert_eq!(x, y, "byte {i} = {v}"),
+                    (Err(_), Err(_)) => {}
+                    _ => panic!("byte {i} = {v}: direct {a:?} generic {b:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn v1_data_still_reads_and_v1_writers_cannot_name_v2_symbols() {
         let v1 = schemas()
             .iter()
