@@ -127,13 +127,33 @@ pub fn spool(path: &Path, max_bytes: u64, line: &[u8]) -> Result<bool, HookError
         .mode(0o600)
         .open(path)
         .map_err(err)?;
-    let len = f.metadata().map_err(err)?.len();
+    let meta = f.metadata().map_err(err)?;
+    give_to_dir_owner(path, &f, &meta);
+    let len = meta.len();
     if len + line.len() as u64 > max_bytes {
         count_drop(path);
         return Ok(false);
     }
     f.write_all(line).map_err(err)?;
     Ok(true)
+}
+
+/// The hook runs as root, the agent usually as the owner of the spool's
+/// directory (the unit's `StateDirectory`): a spool the hook created is
+/// handed to that owner, so the agent can read it.
+fn give_to_dir_owner(path: &Path, f: &std::fs::File, meta: &std::fs::Metadata) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(dir) = path.parent().and_then(|d| std::fs::metadata(d).ok()) else {
+        return;
+    };
+    if (meta.uid(), meta.gid()) != (dir.uid(), dir.gid()) {
+        if let Err(e) = std::os::unix::fs::fchown(f, Some(dir.uid()), Some(dir.gid())) {
+            eprintln!(
+                "virtstream hook: giving {} to the owner of its directory: {e}",
+                path.display()
+            );
+        }
+    }
 }
 
 /// Counts one dropped record: one byte appended to `<spool>.dropped`
@@ -198,5 +218,22 @@ mod tests {
             .len();
         assert_eq!(count, dropped as u64);
         assert_eq!(run(&target, args, &b"<domain/>"[..], 1), Outcome::NoUuid);
+    }
+
+    #[test]
+    fn a_spool_the_hook_creates_belongs_to_its_directorys_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        // As root (the hook's case), hand the directory to another user.
+        if std::os::unix::fs::chown(&state, Some(4242), Some(4243)).is_err() {
+            eprintln!("not root: ownership not checked");
+            return;
+        }
+        let spool_path = state.join("hooks.spool");
+        assert!(spool(&spool_path, 4096, b"{}\n").unwrap());
+        let m = std::fs::metadata(&spool_path).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (4242, 4243, 0o600));
     }
 }
