@@ -202,6 +202,7 @@ fn event(host: &str, epoch: &str, hs: u64, d: usize, seq: u64, kind: usize, t: i
         config_hash: Some("sha256:0123456789abcdef".into()),
         observed_at: t,
         xml: None,
+        hook: None,
     }
 }
 

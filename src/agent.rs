@@ -1,8 +1,8 @@
 //! The agent: wires source → tracker → journal → sinks and the telemetry
 //! endpoint, and shuts them down in order.
 //!
-//! Shutdown order (SIGTERM/SIGINT): stop the libvirt source (no new
-//! intake), let the tracker drain its queue into the journal, then give the
+//! Shutdown order (SIGTERM/SIGINT): stop the libvirt source and the qemu
+//! hook listener (no new intake), let the tracker drain its queue into the journal, then give the
 //! sinks `host.shutdown_timeout` to publish what the brokers accept; what
 //! is left stays in the journal for the next start.
 
@@ -19,6 +19,7 @@ use crate::sinks::kafka::KafkaSinkError;
 use crate::sinks::launch::{SinkContext, SinkError, SinkKind};
 use crate::sinks::nats::NatsError;
 use crate::source::enrich::{EnrichOptions, EnrichTask, Enricher};
+use crate::source::hooks::{self, listen::HookListener};
 use crate::source::{self, ffi, LibvirtInspector, Source, SourceOptions};
 use crate::telemetry::{self, Health, Metrics, TelemetryError};
 use crate::tracker::{
@@ -37,6 +38,8 @@ pub enum AgentError {
     Kafka(#[from] KafkaSinkError),
     #[error(transparent)]
     Action(#[from] ActionError),
+    #[error(transparent)]
+    Hook(#[from] crate::source::hooks::HookError),
     #[error("{0}")]
     Thread(String),
 }
@@ -156,6 +159,30 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         items_tx.clone(),
         &shutdown_tx,
     );
+    // The qemu hook listener: queues each call before acknowledging it,
+    // so it precedes the events libvirt emits after the hook returns.
+    let hook_thread = match &cfg.hooks {
+        Some(h) => {
+            let listener = HookListener::bind(&h.socket, &h.spool)?;
+            let spooled = listener.take_spool()?;
+            if spooled.dropped > 0 {
+                tracing::error!(
+                    dropped = spooled.dropped,
+                    spool = %h.spool.display(),
+                    "qemu hook calls were dropped on a full spool while the agent was down"
+                );
+            }
+            metrics.hook_spool_dropped.inc_by(spooled.dropped);
+            let (items, stop) = (items_tx.clone(), stop.clone());
+            let socket = h.socket.clone();
+            let thread = std::thread::Builder::new()
+                .name("hook-listener".into())
+                .spawn(move || listener.run(items, spooled.calls, stop))
+                .map_err(|e| AgentError::Thread(e.to_string()))?;
+            Some((thread, socket))
+        }
+        None => None,
+    };
     let src = Source {
         opts: src_opts,
         callbacks: ffi::CallbackTarget {
@@ -333,6 +360,10 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     // 1. Stop intake; 2. tracker drains into the journal.
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || {
+        if let Some((thread, socket)) = hook_thread {
+            hooks::listen::wake(&socket);
+            let _ = thread.join();
+        }
         let _ = source_thread.join();
         let _ = enrich_thread.join();
         let _ = tracker_thread.join();

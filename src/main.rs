@@ -93,6 +93,30 @@ enum Command {
         #[arg(long)]
         publish: bool,
     },
+    /// libvirt hook script entry: `virtstream hook qemu GUEST OPERATION
+    /// SUBOPERATION EXTRA` with the domain XML on stdin. Hands the call to
+    /// the agent (or its spool) and always exits 0; never calls libvirt.
+    Hook {
+        /// The libvirt hook driver (only `qemu` is forwarded).
+        driver: String,
+        #[arg(allow_hyphen_values = true)]
+        guest: String,
+        #[arg(allow_hyphen_values = true)]
+        operation: String,
+        #[arg(allow_hyphen_values = true, default_value = "-")]
+        sub_operation: String,
+        #[arg(allow_hyphen_values = true, default_value = "-")]
+        extra: String,
+        /// The agent's `[hooks] socket`.
+        #[arg(long, env = "VIRTSTREAM_HOOKS_SOCKET", default_value = virtstream::config::DEFAULT_HOOKS_SOCKET)]
+        socket: PathBuf,
+        /// The `[hooks] spool` used when no agent listens.
+        #[arg(long, env = "VIRTSTREAM_HOOKS_SPOOL", default_value = virtstream::config::DEFAULT_HOOKS_SPOOL)]
+        spool: PathBuf,
+        /// The `[hooks] spool_max_bytes` bound.
+        #[arg(long, env = "VIRTSTREAM_HOOKS_SPOOL_MAX_BYTES", default_value_t = virtstream::config::DEFAULT_SPOOL_MAX_BYTES)]
+        spool_max_bytes: u64,
+    },
 }
 
 /// The config file and the bus a tool reads.
@@ -394,12 +418,42 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            // The hook never fails libvirt's operation, not even on bad
+            // arguments.
+            let hook = std::env::args().nth(1).as_deref() == Some("hook");
+            let code = if e.use_stderr() && !hook { EX_USAGE } else { 0 };
             let _ = e.print();
             return ExitCode::from(code);
         }
     };
     match cli.command {
+        Command::Hook {
+            driver,
+            guest,
+            operation,
+            sub_operation,
+            extra,
+            socket,
+            spool,
+            spool_max_bytes,
+        } => {
+            if driver != "qemu" {
+                eprintln!("virtstream hook: driver {driver:?} is not forwarded (only qemu)");
+                return ExitCode::SUCCESS;
+            }
+            let target = virtstream::source::hooks::client::HookTarget {
+                socket,
+                spool,
+                spool_max_bytes,
+            };
+            virtstream::source::hooks::client::run(
+                &target,
+                [&guest, &operation, &sub_operation, &extra],
+                std::io::stdin().lock(),
+                virtstream::clock::now_micros(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { config } => {
             let cfg = match load_checked(&config) {
                 Ok(c) => c,

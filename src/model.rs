@@ -46,23 +46,27 @@ macro_rules! symbols {
 symbols! {
     /// What happened. The first nine are libvirt's lifecycle event types in
     /// libvirt's order; `REBOOT` is the REBOOT event id; `GAP` is the agent's
-    /// marker for events it knows it lost.
+    /// marker for events it knows it lost; `HOOK` (schema v2) is a call of
+    /// libvirt's qemu hook script, forwarded by `virtstream hook`.
     EventType {
         DEFINED, UNDEFINED, STARTED, SUSPENDED, RESUMED, STOPPED, SHUTDOWN,
-        PMSUSPENDED, CRASHED, REBOOT, GAP, UNKNOWN,
+        PMSUSPENDED, CRASHED, REBOOT, GAP, UNKNOWN, HOOK,
     }
 }
 
 symbols! {
     /// The union of libvirt's per-type event details, plus `NONE` (the event
-    /// has no detail, e.g. REBOOT) and the agent's gap causes.
+    /// has no detail, e.g. REBOOT), the agent's gap causes and (schema v2)
+    /// the qemu hook's operations.
     Detail {
         ADDED, UPDATED, RENAMED, FROM_SNAPSHOT, REMOVED, BOOTED, MIGRATED,
         RESTORED, WAKEUP, RECREATED, PAUSED, IOERROR, WATCHDOG, API_ERROR,
         POSTCOPY, POSTCOPY_FAILED, UNPAUSED, SHUTDOWN, DESTROYED, CRASHED,
         SAVED, FAILED, FINISHED, GUEST, HOST, MEMORY, DISK, PANICKED,
         CRASHLOADED, NONE, DISCONNECTED, QUEUE_OVERFLOW, JOURNAL_FULL,
-        AGENT_RESTART, UNKNOWN,
+        AGENT_RESTART, UNKNOWN, HOOK_PREPARE, HOOK_START, HOOK_STARTED,
+        HOOK_STOPPED, HOOK_RELEASE, HOOK_MIGRATE, HOOK_RESTORE, HOOK_RECONNECT,
+        HOOK_ATTACH,
     }
 }
 
@@ -177,7 +181,7 @@ fn detail_table(event: EventType) -> &'static [Detail] {
         EventType::PMSUSPENDED => &[MEMORY, DISK],
         EventType::CRASHED => &[PANICKED, CRASHLOADED],
         EventType::GAP => &[DISCONNECTED, QUEUE_OVERFLOW, JOURNAL_FULL, AGENT_RESTART],
-        EventType::REBOOT | EventType::UNKNOWN => &[],
+        EventType::REBOOT | EventType::UNKNOWN | EventType::HOOK => &[],
     }
 }
 
@@ -334,7 +338,35 @@ pub struct DomainRef {
 /// The UUID standing for "this host" in host-level records (gap markers).
 pub const HOST_UUID: &str = "00000000-0000-0000-0000-000000000000";
 
-/// One `DomainEvent` record (schemas/DomainEvent.v1.avsc), in field order.
+/// The qemu hook call a HOOK record carries (the script's arguments after
+/// the guest name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookCall {
+    pub operation: String,
+    pub sub_operation: String,
+    pub extra: String,
+}
+
+impl Detail {
+    /// The HOOK detail of a qemu hook OPERATION argument (`UNKNOWN` for
+    /// one this build does not know; the raw operation travels in `hook`).
+    pub fn of_hook_operation(operation: &str) -> Detail {
+        match operation {
+            "prepare" => Detail::HOOK_PREPARE,
+            "start" => Detail::HOOK_START,
+            "started" => Detail::HOOK_STARTED,
+            "stopped" => Detail::HOOK_STOPPED,
+            "release" => Detail::HOOK_RELEASE,
+            "migrate" => Detail::HOOK_MIGRATE,
+            "restore" => Detail::HOOK_RESTORE,
+            "reconnect" => Detail::HOOK_RECONNECT,
+            "attach" => Detail::HOOK_ATTACH,
+            _ => Detail::UNKNOWN,
+        }
+    }
+}
+
+/// One `DomainEvent` record (schemas/DomainEvent.v2.avsc), in field order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DomainEvent {
     pub event_id: String,
@@ -361,6 +393,8 @@ pub struct DomainEvent {
     /// Agent receive time, microseconds since the Unix epoch.
     pub observed_at: i64,
     pub xml: Option<String>,
+    /// The hook call, on HOOK records only (schema v2; `None` from v1 data).
+    pub hook: Option<HookCall>,
 }
 
 symbols! {

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub reconcile_events: Counter,
     pub snapshot_rounds: Counter,
     pub journal_full_drops: Counter,
+    pub hook_spool_dropped: Counter,
     pub published: Family<Labels, Counter>,
     pub publish_errors: Family<Labels, Counter>,
     pub publish_latency: Family<Labels, Histogram>,
@@ -102,6 +103,12 @@ impl Metrics {
             "journal_full_drops",
             "events not journaled because journal.max_bytes was reached",
             journal_full_drops.clone(),
+        );
+        let hook_spool_dropped = Counter::default();
+        registry.register(
+            "hook_spool_dropped",
+            "qemu hook calls the hook dropped on a full spool while the agent was down (counted at start)",
+            hook_spool_dropped.clone(),
         );
         let published = Family::<Labels, Counter>::default();
         registry.register(
@@ -197,6 +204,7 @@ impl Metrics {
             reconcile_events,
             snapshot_rounds,
             journal_full_drops,
+            hook_spool_dropped,
             published,
             publish_errors,
             publish_latency,

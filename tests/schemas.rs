@@ -37,9 +37,63 @@ fn schema_files() -> BTreeMap<String, BTreeMap<u32, (String, String)>> {
 fn check_pair(old: &Schema, new: &Schema) -> Result<(), String> {
     SchemaCompatibility::can_read(old, new)
         .map_err(|e| format!("new cannot read old data: {e}"))?;
-    SchemaCompatibility::can_read(new, old)
+    SchemaCompatibility::can_read(&with_reader_enum_defaults(new, old), old)
         .map_err(|e| format!("old cannot read new data: {e}"))?;
     Ok(())
+}
+
+/// `writer` as `reader` sees it under the specification's enum rule
+/// (Avro 1.9+): a writer symbol the reader's enum lacks resolves to the
+/// reader's `default`, so for a reader enum with a default the writer's
+/// extra symbols are dropped before apache-avro's check (which does not
+/// know that rule). A reader enum without a default keeps the strict check.
+fn with_reader_enum_defaults(writer: &Schema, reader: &Schema) -> Schema {
+    fn enums(v: &serde_json::Value, out: &mut BTreeMap<String, (Vec<String>, bool)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.get("type").and_then(|t| t.as_str()) == Some("enum") {
+                    let name = m["name"].as_str().unwrap().to_string();
+                    let symbols = m["symbols"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|s| s.as_str().unwrap().to_string())
+                        .collect();
+                    let has_default = m
+                        .get("default")
+                        .and_then(|d| d.as_str())
+                        .is_some_and(|d| m["symbols"].as_array().unwrap().iter().any(|s| s == d));
+                    out.insert(name, (symbols, has_default));
+                }
+                m.values().for_each(|v| enums(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| enums(v, out)),
+            _ => {}
+        }
+    }
+    fn restrict(v: &mut serde_json::Value, reader: &BTreeMap<String, (Vec<String>, bool)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.get("type").and_then(|t| t.as_str()) == Some("enum") {
+                    let name = m["name"].as_str().unwrap().to_string();
+                    if let Some((symbols, true)) = reader.get(&name) {
+                        m["symbols"]
+                            .as_array_mut()
+                            .unwrap()
+                            .retain(|s| symbols.iter().any(|r| r == s));
+                    }
+                }
+                m.values_mut().for_each(|v| restrict(v, reader));
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|v| restrict(v, reader)),
+            _ => {}
+        }
+    }
+    let mut r = BTreeMap::new();
+    enums(&serde_json::to_value(reader).unwrap(), &mut r);
+    let mut w: serde_json::Value = serde_json::to_value(writer).unwrap();
+    restrict(&mut w, &r);
+    Schema::parse(&w).unwrap()
 }
 
 #[test]
@@ -122,6 +176,96 @@ fn the_compatibility_check_catches_breaking_changes() {
         }
     }
     assert!(check_pair(&old, &Schema::parse_str(&j2.to_string()).unwrap()).is_err());
+    // Breaking: a symbol appended to an enum without a default (old
+    // readers could not resolve it); fine with one.
+    let mut j3: serde_json::Value = serde_json::from_str(v1).unwrap();
+    for f in j3["fields"].as_array_mut().unwrap() {
+        if f["name"] == "origin" {
+            f["type"]["symbols"]
+                .as_array_mut()
+                .unwrap()
+                .push("PLUGIN".into());
+        }
+    }
+    assert!(check_pair(&old, &Schema::parse_str(&j3.to_string()).unwrap()).is_ok());
+    for f in j3["fields"].as_array_mut().unwrap() {
+        if f["name"] == "origin" {
+            f["type"].as_object_mut().unwrap().remove("default");
+        }
+    }
+    let old_no_default = {
+        let mut j: serde_json::Value = serde_json::from_str(v1).unwrap();
+        for f in j["fields"].as_array_mut().unwrap() {
+            if f["name"] == "origin" {
+                f["type"].as_object_mut().unwrap().remove("default");
+            }
+        }
+        Schema::parse_str(&j.to_string()).unwrap()
+    };
+    assert!(check_pair(
+        &old_no_default,
+        &Schema::parse_str(&j3.to_string()).unwrap()
+    )
+    .is_err());
+}
+
+/// A v1 reader that is not ours (fastavro, given only DomainEvent.v1)
+/// reads the v2 HOOK record this build writes: the new symbols resolve to
+/// the enums' default UNKNOWN and the `hook` field is skipped.
+#[test]
+fn a_v1_reader_reads_v2_hook_records_as_unknown() {
+    use virtstream::model::{
+        Detail, DomainEvent, DomainRef, DomainState, EventType, HookCall, Origin, StateReason,
+    };
+    let e = DomainEvent {
+        event_id: "h:e:5".into(),
+        host_id: "h".into(),
+        epoch: "e".into(),
+        host_seq: 5,
+        seq: 2,
+        domain: DomainRef {
+            uuid: "b9906489-6d5b-40f8-a742-ca71b2b84277".into(),
+            name: "vm".into(),
+            id: None,
+        },
+        event: EventType::HOOK,
+        libvirt_event_id: -1,
+        event_code: -1,
+        detail: Detail::HOOK_PREPARE,
+        detail_code: -1,
+        origin: Origin::HOOK,
+        state_after: StateReason::named(DomainState::SHUTOFF, "UNKNOWN"),
+        persistent: true,
+        autostart: None,
+        vcpus: None,
+        memory_kib: None,
+        config_hash: None,
+        observed_at: 1,
+        xml: None,
+        hook: Some(HookCall {
+            operation: "prepare".into(),
+            sub_operation: "begin".into(),
+            extra: "-".into(),
+        }),
+    };
+    let bytes = virtstream::codec::encode_event(&e);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    let script = r#"
+import io, json, sys, fastavro
+w = fastavro.parse_schema(json.load(open(sys.argv[1])))
+r = fastavro.parse_schema(json.load(open(sys.argv[2])))
+body = sys.stdin.buffer.read()[10:]
+rec = fastavro.schemaless_reader(io.BytesIO(body), w, r)
+print(json.dumps({"event": rec["event"], "detail": rec["detail"], "origin": rec["origin"], "hook": "hook" in rec}))
+"#;
+    let v2 = dir.join("DomainEvent.v2.avsc").display().to_string();
+    let v1 = dir.join("DomainEvent.v1.avsc").display().to_string();
+    let out = run_python("fastavro v1 reader", script, &[&v2, &v1], &bytes);
+    let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        got,
+        serde_json::json!({"event": "UNKNOWN", "detail": "UNKNOWN", "origin": "HOOK", "hook": false})
+    );
 }
 
 /// Our Parsing Canonical Form and fingerprint of every schema file equal

@@ -1,9 +1,10 @@
-//! A direct Avro binary reader for `DomainEvent` v1, the record the
+//! A direct Avro binary reader for `DomainEvent` v1 and v2, the record the
 //! consumer tools decode by the million. It reads the datum field by field
 //! in the writer schema's order, without building a generic Avro value, and
 //! is used only when the message's writer fingerprint is exactly
-//! `DomainEvent` v1; every other writer schema goes through `apache-avro`
-//! with schema resolution.
+//! `DomainEvent` v1 or v2 (v2 = v1 + enum symbols appended at the end + a
+//! trailing optional `hook` record); every other writer schema goes
+//! through `apache-avro` with schema resolution.
 //!
 //! Invariants:
 //! - never panics and never reads past the datum: every length and varint is
@@ -14,7 +15,9 @@
 //!   compares both).
 
 use super::CodecError;
-use crate::model::{Detail, DomainEvent, DomainRef, DomainState, EventType, Origin, StateReason};
+use crate::model::{
+    Detail, DomainEvent, DomainRef, DomainState, EventType, HookCall, Origin, StateReason,
+};
 
 struct Reader<'a> {
     buf: &'a [u8],
@@ -22,7 +25,7 @@ struct Reader<'a> {
 }
 
 fn malformed(field: &'static str, what: impl std::fmt::Display) -> CodecError {
-    CodecError::Shape(format!("DomainEvent v1 field {field}: {what}"))
+    CodecError::Shape(format!("DomainEvent field {field}: {what}"))
 }
 
 impl<'a> Reader<'a> {
@@ -129,7 +132,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn symbol<T>(&mut self, from_index: fn(u32) -> Option<T>) -> Result<T, CodecError> {
+    fn symbol<T>(&mut self, from_index: impl Fn(u32) -> Option<T>) -> Result<T, CodecError> {
         let i = self.long()?;
         u32::try_from(i)
             .ok()
@@ -165,8 +168,23 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes a `DomainEvent` v1 datum (the bytes after the 10-byte header).
-pub(super) fn domain_event_v1(datum: &[u8]) -> Result<DomainEvent, CodecError> {
+/// Decodes a `DomainEvent` v1 or v2 datum (the bytes after the 10-byte
+/// header). A v1 writer knows neither the HOOK symbols nor the `hook`
+/// field: its indexes past its own lists are out of range, as they are
+/// for the generic path.
+pub(super) fn domain_event(datum: &[u8], version: u32) -> Result<DomainEvent, CodecError> {
+    let v1 = version == 1;
+    // The symbols of the v1 enums: the v2 lists minus what v2 appended.
+    let event_v1 = |i: u32| {
+        (i <= EventType::UNKNOWN.index())
+            .then(|| EventType::from_index(i))
+            .flatten()
+    };
+    let detail_v1 = |i: u32| {
+        (i <= Detail::UNKNOWN.index())
+            .then(|| Detail::from_index(i))
+            .flatten()
+    };
     let r = &mut Reader {
         buf: datum,
         field: "",
@@ -181,10 +199,18 @@ pub(super) fn domain_event_v1(datum: &[u8]) -> Result<DomainEvent, CodecError> {
         name: r.at("domain.name").str()?.to_owned(),
         id: r.at("domain.id").opt(Reader::int)?,
     };
-    let event = r.at("event").symbol(EventType::from_index)?;
+    let event = if v1 {
+        r.at("event").symbol(event_v1)?
+    } else {
+        r.at("event").symbol(EventType::from_index)?
+    };
     let libvirt_event_id = r.at("libvirt_event_id").int()?;
     let event_code = r.at("event_code").int()?;
-    let detail = r.at("detail").symbol(Detail::from_index)?;
+    let detail = if v1 {
+        r.at("detail").symbol(detail_v1)?
+    } else {
+        r.at("detail").symbol(Detail::from_index)?
+    };
     let detail_code = r.at("detail_code").int()?;
     let origin = r.at("origin").symbol(Origin::from_index)?;
     let state_after = StateReason {
@@ -200,6 +226,17 @@ pub(super) fn domain_event_v1(datum: &[u8]) -> Result<DomainEvent, CodecError> {
     let config_hash = r.at("config_hash").opt_str()?;
     let observed_at = r.at("observed_at").long()?;
     let xml = r.at("xml").opt_str()?;
+    let hook = if v1 {
+        None
+    } else {
+        r.at("hook").opt(|r| {
+            Ok(HookCall {
+                operation: r.at("hook.operation").str()?.to_owned(),
+                sub_operation: r.at("hook.sub_operation").str()?.to_owned(),
+                extra: r.at("hook.extra").str()?.to_owned(),
+            })
+        })?
+    };
     if !r.buf.is_empty() {
         return Err(CodecError::Trailing(r.buf.len()));
     }
@@ -224,5 +261,87 @@ pub(super) fn domain_event_v1(datum: &[u8]) -> Result<DomainEvent, CodecError> {
         config_hash,
         observed_at,
         xml,
+        hook,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::sample;
+    use super::super::{decode_event, decode_event_generic, encode_event, schemas};
+    use crate::model::{Detail, EventType, HookCall, Origin};
+
+    fn hook_sample() -> crate::model::DomainEvent {
+        let mut e = sample();
+        e.event = EventType::HOOK;
+        e.detail = Detail::HOOK_RELEASE;
+        e.origin = Origin::HOOK;
+        e.event_code = -1;
+        e.detail_code = -1;
+        e.libvirt_event_id = -1;
+        e.hook = Some(HookCall {
+            operation: "release".into(),
+            sub_operation: "end".into(),
+            extra: "-".into(),
+        });
+        e
+    }
+
+    #[test]
+    fn v2_hook_records_read_the_same_directly_and_through_apache_avro() {
+        for e in [sample(), hook_sample()] {
+            let bytes = encode_event(&e);
+            assert_eq!(decode_event(&bytes).unwrap(), e);
+            assert_eq!(decode_event_generic(&bytes).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn both_readers_agree_on_every_truncation_and_corruption_of_a_hook_record() {
+        let bytes = encode_event(&hook_sample());
+        for n in 10..=bytes.len() {
+            let (a, b) = (decode_event(&bytes[..n]), decode_event_generic(&bytes[..n]));
+            match (&a, &b) {
+                (Ok(x), Ok(y)) => assert_eq!(x, y, "prefix {n}"),
+                (Err(_), Err(_)) => {}
+                _ => panic!("prefix {n}: direct {a:?} generic {b:?}"),
+            }
+        }
+        for i in bytes.len() - 20..bytes.len() {
+            for v in [0x00u8, 0x02, 0x7f, 0x80, 0xff] {
+                let mut c = bytes.clone();
+                c[i] = v;
+                let (a, b) = (decode_event(&c), decode_event_generic(&c));
+                match (&a, &b) {
+                    (Ok(x), Ok(y)) => assert_eq!(x, y, "byte {i} = {v}"),
+                    (Err(_), Err(_)) => {}
+                    _ => panic!("byte {i} = {v}: direct {a:?} generic {b:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn v1_data_still_reads_and_v1_writers_cannot_name_v2_symbols() {
+        let v1 = schemas()
+            .iter()
+            .find(|s| s.name == "DomainEvent" && s.version == 1)
+            .unwrap();
+        // A v1 datum is the v2 one of a record without a hook, minus the
+        // trailing null branch of `hook`.
+        let e = sample();
+        let mut bytes = encode_event(&e);
+        assert_eq!(bytes.pop(), Some(0));
+        bytes[2..10].copy_from_slice(&v1.fingerprint.to_le_bytes());
+        assert_eq!(decode_event(&bytes).unwrap(), e);
+        assert_eq!(decode_event_generic(&bytes).unwrap(), e);
+        // HOOK as a v1 event index is out of v1's range for both readers.
+        let mut h = sample();
+        h.event = EventType::HOOK;
+        let mut bytes = encode_event(&h);
+        bytes.pop();
+        bytes[2..10].copy_from_slice(&v1.fingerprint.to_le_bytes());
+        assert!(decode_event(&bytes).is_err());
+        assert!(decode_event_generic(&bytes).is_err());
+    }
 }

@@ -1,5 +1,5 @@
 //! Decoders of single-object messages into this crate's records: the
-//! direct reader (`binary`) for `DomainEvent` v1, `apache-avro` with
+//! direct reader (`binary`) for `DomainEvent` v1 and v2, `apache-avro` with
 //! schema resolution for every other writer schema.
 //!
 //! Invariants:
@@ -18,8 +18,8 @@ use super::binary;
 use super::schema::{latest, split};
 use super::CodecError;
 use crate::model::{
-    Detail, DomainEvent, DomainRef, DomainSnapshot, DomainState, EventType, HostSnapshot, Origin,
-    StateReason,
+    Detail, DomainEvent, DomainRef, DomainSnapshot, DomainState, EventType, HookCall, HostSnapshot,
+    Origin, StateReason,
 };
 
 /// Decodes a single-object message into a generic Avro value, resolved to
@@ -41,9 +41,9 @@ pub fn decode_value(bytes: &[u8]) -> Result<(&'static str, Value), CodecError> {
 /// Decodes a `DomainEvent` message.
 pub fn decode_event(bytes: &[u8]) -> Result<DomainEvent, CodecError> {
     let (writer, datum) = split(bytes)?;
-    if writer.name == "DomainEvent" && writer.version == 1 {
-        // The wire format of the newest version: read it directly.
-        return binary::domain_event_v1(datum);
+    if writer.name == "DomainEvent" && matches!(writer.version, 1 | 2) {
+        // The wire formats this build writes and wrote: read them directly.
+        return binary::domain_event(datum, writer.version);
     }
     decode_event_generic(bytes)
 }
@@ -163,6 +163,26 @@ impl Fields {
             reason_code: s.int("reason_code")?,
         })
     }
+    /// The optional `HookCall` record (absent or null: `None`).
+    fn opt_hook(&mut self, k: &str) -> Result<Option<HookCall>, CodecError> {
+        if !self.0.contains_key(k) {
+            return Ok(None);
+        }
+        match self.take(k)? {
+            Value::Null => Ok(None),
+            v @ Value::Record(_) => {
+                let mut h = Fields::of(v)?;
+                Ok(Some(HookCall {
+                    operation: h.string("operation")?,
+                    sub_operation: h.string("sub_operation")?,
+                    extra: h.string("extra")?,
+                }))
+            }
+            other => Err(shape(format!(
+                "{k}: expected HookCall or null, found {other:?}"
+            ))),
+        }
+    }
     fn symbol(&mut self, k: &str) -> Result<String, CodecError> {
         match self.take(k)? {
             Value::Enum(_, s) => Ok(s),
@@ -196,6 +216,7 @@ fn event_from_value(v: Value) -> Result<DomainEvent, CodecError> {
         config_hash: f.opt_string("config_hash")?,
         observed_at: f.long("observed_at")?,
         xml: f.opt_string("xml")?,
+        hook: f.opt_hook("hook")?,
     })
 }
 
@@ -309,17 +330,24 @@ mod tests {
     #[test]
     fn truncated_or_corrupt_events_are_errors_not_panics() {
         let bytes = encode_event(&sample());
-        // The last byte is the index of the trailing `xml` union, which
-        // apache-avro (and so the direct reader) reads as null when the
-        // datum ends before it; any shorter prefix is an error.
-        for n in 0..bytes.len() - 1 {
+        // The last two bytes are the indexes of the trailing `xml` and
+        // `hook` unions, which apache-avro (and so the direct reader) reads
+        // as null when the datum ends before them; any shorter prefix is an
+        // error.
+        for n in 0..bytes.len() - 2 {
             assert!(decode_event(&bytes[..n]).is_err(), "prefix of {n} bytes");
             assert!(
                 decode_event_generic(&bytes[..n]).is_err(),
                 "prefix of {n} bytes"
             );
         }
-        assert_eq!(decode_event(&bytes[..bytes.len() - 1]).unwrap(), sample());
+        for cut in 1..=2 {
+            assert_eq!(decode_event(&bytes[..bytes.len() - cut]).unwrap(), sample());
+            assert_eq!(
+                decode_event_generic(&bytes[..bytes.len() - cut]).unwrap(),
+                sample()
+            );
+        }
         let mut long = bytes.clone();
         long.push(0);
         assert!(matches!(decode_event(&long), Err(CodecError::Trailing(1))));
@@ -339,7 +367,7 @@ mod tests {
         huge.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0x0f]);
         assert!(decode_host_snapshot(&huge).is_err());
         let mut bad_enum = encode_event(&sample());
-        let at = bad_enum.len() - 1; // last byte: xml null branch
+        let at = bad_enum.len() - 2; // xml null branch (hook's is last)
         bad_enum[at] = 4; // branch 2
         let err = decode_event(&bad_enum).unwrap_err().to_string();
         assert!(
@@ -389,9 +417,9 @@ mod tests {
         ));
         let good = encode_event(&sample());
         // apache-avro reads a union index cut off at end of input as null,
-        // so dropping the final byte (xml = null) is accepted; every other
-        // truncation must fail.
-        for cut in 10..good.len() - 1 {
+        // so dropping the final bytes (xml, hook = null) is accepted; every
+        // other truncation must fail.
+        for cut in 10..good.len() - 2 {
             assert!(
                 decode_event(&good[..cut]).is_err(),
                 "truncated at {cut} decoded"

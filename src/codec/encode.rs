@@ -3,7 +3,7 @@
 //! Invariants:
 //! - encoding is deterministic: the same record always yields the same
 //!   bytes (re-publishing a journal entry is byte-identical);
-//! - each encoder follows its schema file (`schemas/*.v1.avsc`) field by
+//! - each encoder follows its schema file (the newest version of `schemas/<Record>.v<N>.avsc`) field by
 //!   field, in order; the round-trip tests in `decode` and the
 //!   `apache-avro` check in `json` hold it to that.
 
@@ -83,6 +83,11 @@ pub fn encode_event(e: &DomainEvent) -> Vec<u8> {
     w.opt(&e.config_hash, |w, v| w.str(v));
     w.long(e.observed_at);
     w.opt(&e.xml, |w, v| w.str(v));
+    w.opt(&e.hook, |w, h| {
+        w.str(&h.operation);
+        w.str(&h.sub_operation);
+        w.str(&h.extra);
+    });
     w.0
 }
 

@@ -107,6 +107,11 @@ pub fn event_to_json(e: &DomainEvent) -> serde_json::Value {
         "config_hash": e.config_hash,
         "observed_at": e.observed_at,
         "xml": e.xml,
+        "hook": e.hook.as_ref().map(|h| serde_json::json!({
+            "operation": h.operation,
+            "sub_operation": h.sub_operation,
+            "extra": h.extra,
+        })),
     })
 }
 

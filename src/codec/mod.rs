@@ -11,7 +11,7 @@
 //! Invariants:
 //! - encoding is deterministic: the same `DomainEvent` always yields the same
 //!   bytes (re-publishing a journal entry is byte-identical);
-//! - the hand-written encoder follows `schemas/DomainEvent.v1.avsc` field by
+//! - the hand-written encoder follows `schemas/DomainEvent.v2.avsc` field by
 //!   field; tests decode its output with `apache-avro` against that file;
 //! - decoding never panics: any byte string gives a value or a `CodecError`
 //!   naming what is wrong.

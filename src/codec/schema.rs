@@ -36,6 +36,11 @@ pub const SCHEMA_FILES: &[(&str, u32, &str)] = &[
         include_str!("../../schemas/DomainEvent.v1.avsc"),
     ),
     (
+        "DomainEvent",
+        2,
+        include_str!("../../schemas/DomainEvent.v2.avsc"),
+    ),
+    (
         "DomainSnapshot",
         1,
         include_str!("../../schemas/DomainSnapshot.v1.avsc"),
@@ -183,7 +188,7 @@ mod tests {
 
     #[test]
     fn enum_symbols_match_the_schema_file() {
-        let text = SCHEMA_FILES[0].2;
+        let text = latest("DomainEvent").text;
         let j: serde_json::Value = serde_json::from_str(text).unwrap();
         let fields = j["fields"].as_array().unwrap();
         let symbols = |name: &str| -> Vec<String> {
@@ -242,13 +247,19 @@ mod tests {
                 .collect::<String>()
         };
         for (name, want) in [
-            ("DomainEvent", "f6b1dfedc7acc0a3"),
+            ("DomainEvent", "7effbc33c91dc267"),
             ("DomainSnapshot", "46c25d79ec0a9c5c"),
             ("HostSnapshot", "463ccb69c741e340"),
         ] {
             assert_eq!(hex(latest(name).fingerprint), want, "{name}");
         }
         // The spec's test vector: fingerprint of the canonical form `"null"`.
+        // The earlier version stays readable under its pinned fingerprint.
+        let v1 = schemas()
+            .iter()
+            .find(|s| s.name == "DomainEvent" && s.version == 1)
+            .unwrap();
+        assert_eq!(hex(v1.fingerprint), "f6b1dfedc7acc0a3");
         assert_eq!(crc64_avro(b"\"null\""), 0x63dd_24e7_cc25_8f8a);
     }
 

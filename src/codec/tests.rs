@@ -36,6 +36,7 @@ pub fn sample() -> DomainEvent {
         config_hash: Some("sha256:00".into()),
         observed_at: 1_795_312_588_856_123,
         xml: None,
+        hook: None,
     }
 }
 

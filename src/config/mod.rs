@@ -4,7 +4,8 @@
 //! validation (`host`: host, libvirt, journal; `nats`; `kafka`;
 //! `registry`: schema_registry; `service`: snapshot, metrics, log;
 //! `usage`: where the usage tool publishes, and the tenant rule;
-//! `actions`: the `[[actions]]` commands run for matching events), `env`
+//! `actions`: the `[[actions]]` commands run for matching events; `hooks`:
+//! the qemu hook listener and spool), `env`
 //! applies overrides, `secrets` keeps secret values out of output.
 //!
 //! Invariants:
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 mod actions;
 mod env;
+mod hooks;
 mod host;
 mod kafka;
 mod nats;
@@ -32,6 +34,7 @@ mod values;
 pub use crate::journal::WhenFull;
 pub use actions::{find_program, placeholders_in, ActionConfig, ActionMatch, PLACEHOLDERS};
 pub use env::ENV_PREFIX;
+pub use hooks::{HooksConfig, DEFAULT_HOOKS_SOCKET, DEFAULT_HOOKS_SPOOL, DEFAULT_SPOOL_MAX_BYTES};
 pub use host::{HostConfig, JournalConfig, LibvirtConfig, XmlMode};
 pub use kafka::{Brokers, KafkaConfig, PropValue, SaslMechanism, KAFKA_RESERVED_PROPERTIES};
 pub use nats::NatsConfig;
@@ -87,6 +90,8 @@ pub struct Config {
     /// journal cursor (`action:<name>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub actions: Vec<ActionConfig>,
+    /// The qemu hook listener (`virtstream hook`); enabled when present.
+    pub hooks: Option<HooksConfig>,
 }
 
 impl Config {
@@ -150,6 +155,9 @@ impl Config {
         }
         self.usage
             .validate(self.nats.as_ref(), self.kafka.as_ref())?;
+        if let Some(h) = &self.hooks {
+            h.validate()?;
+        }
         let path = std::env::var("PATH").ok();
         actions::validate(&self.actions, path.as_deref())
     }

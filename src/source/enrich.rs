@@ -174,7 +174,7 @@ impl<I: Inspector> Enricher<I> {
                 Item::ListingBegin { .. } => self.touched = Some(HashMap::new()),
                 Item::Resync { listing, .. } => self.apply_listing(listing),
                 Item::Disconnected { .. } => self.touched = None,
-                Item::StaleSnapshots(_) => {}
+                Item::StaleSnapshots(_) | Item::Hook(_) => {}
             }
         }
         if wanted.is_empty() {

@@ -54,11 +54,29 @@ pub struct Facts {
     pub xml: Option<String>,
 }
 
+/// One call of libvirt's qemu hook script, forwarded by `virtstream hook`
+/// (see `source::hooks`). Carries no state: the tracker journals it with
+/// the state it knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookPhase {
+    pub uuid: String,
+    /// The GUEST argument (the domain's name).
+    pub name: String,
+    pub operation: String,
+    pub sub_operation: String,
+    pub extra: String,
+    /// When the hook ran (µs since the Unix epoch).
+    pub observed_at: i64,
+}
+
 /// Items on the hand-off queue, in the order the tracker must see them.
 #[derive(Debug, Clone)]
 pub enum Item {
     /// Boxed so the queue's slots stay small (the queue preallocates).
     Event(Box<RawEvent>),
+    /// A qemu hook call, queued by the hook listener before the hook
+    /// returns to libvirt, so it precedes the events libvirt emits after it.
+    Hook(Box<HookPhase>),
     /// The barrier of a list + watch: the source is about to take a
     /// listing. Every event after this item on the queue was delivered
     /// after the listing began, so the listing that follows may be older

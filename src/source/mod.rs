@@ -4,8 +4,9 @@
 //! (re)connect and on request, and reports disconnects as items on the
 //! tracker's queue. The source owns the hand-off to the tracker: the
 //! queue's items and the listing requests (`handoff`), the enricher
-//! stage and its `Inspector` (`enrich`), the reads behind them (`inspect`)
-//! and the FFI (`ffi`, the only module allowed `unsafe`). Nothing here
+//! stage and its `Inspector` (`enrich`), the reads behind them (`inspect`),
+//! the qemu hook forwarding (`hooks`: the `virtstream hook` command and
+//! the agent's listener) and the FFI (`ffi`, the only module allowed `unsafe`). Nothing here
 //! imports the tracker.
 //!
 //! Invariants:
@@ -22,9 +23,10 @@ pub mod enrich;
 #[allow(unsafe_code)]
 pub mod ffi;
 mod handoff;
+pub mod hooks;
 mod inspect;
 
-pub use handoff::{Facts, Item, RawEvent, ResyncRequests};
+pub use handoff::{Facts, HookPhase, Item, RawEvent, ResyncRequests};
 pub use inspect::{facts_of, list, sizes_from_xml, ConnSlot, LibvirtInspector};
 
 use std::sync::atomic::{AtomicBool, Ordering};

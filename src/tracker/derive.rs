@@ -51,7 +51,8 @@ pub fn derive_state(
             | EventType::UNDEFINED
             | EventType::REBOOT
             | EventType::GAP
-            | EventType::UNKNOWN,
+            | EventType::UNKNOWN
+            | EventType::HOOK,
             _,
         ) => return None,
     };

@@ -10,7 +10,8 @@
 //!
 //! Files: `types` (records, outputs, settings), `derive` (pure: the state
 //! an event leads to, the event a listing difference needs), `state` (the
-//! `Tracker`: records, counters, applying an event), `rounds` (listings,
+//! `Tracker`: records, counters, applying an event), `hook` (applying a
+//! qemu hook call: a HOOK record with the state the tracker knows), `rounds` (listings,
 //! snapshot rounds, heartbeats), `stale` (snapshots an earlier epoch left),
 //! `task` (the thread: queue in, journal out, timers, stopping).
 //!
@@ -33,6 +34,7 @@
 //!   `task` touches the queue, the journal, the clock and the heap.
 
 mod derive;
+mod hook;
 mod rounds;
 mod stale;
 mod state;

@@ -324,6 +324,7 @@ impl Tracker {
             config_hash: record.config_hash.clone(),
             observed_at,
             xml,
+            hook: None,
         };
         self.domains.insert(uuid.to_string(), record.clone());
         Output {

@@ -166,6 +166,7 @@ impl Tracker {
                 config_hash: None,
                 observed_at,
                 xml: None,
+                hook: None,
             },
             record: None,
         }
@@ -287,6 +288,7 @@ impl Tracker {
             config_hash,
             observed_at: raw.observed_at,
             xml,
+            hook: None,
         };
         let had_facts = facts.is_some();
         self.domains.insert(raw.uuid.clone(), record.clone());

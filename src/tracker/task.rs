@@ -186,6 +186,18 @@ impl TrackerTask {
                     self.metrics.count_received(o.event.event.as_str());
                     self.append(o);
                 }
+                Item::Hook(hook) => {
+                    if full {
+                        full_gap_pending = true;
+                        journal_loss_in_listing |= barrier_drops.is_some();
+                        self.metrics.journal_full_drops.inc();
+                        continue;
+                    }
+                    self.recall(&hook.uuid);
+                    let o = self.tracker.on_hook(&hook);
+                    self.metrics.count_received(o.event.event.as_str());
+                    self.append(o);
+                }
                 Item::Resync {
                     listing,
                     observed_at,

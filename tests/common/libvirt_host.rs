@@ -24,6 +24,13 @@ fn script() -> PathBuf {
 impl LibvirtHost {
     /// Starts a private libvirtd (needs root), or fails saying why.
     pub fn start() -> LibvirtHost {
+        Self::start_with(|_| {})
+    }
+
+    /// [`Self::start`], with `setup` run on the host's directory before
+    /// the daemons start (e.g. a hook script in `DIR/etc/hooks/qemu`,
+    /// which is the daemon's `/etc/libvirt/hooks/qemu`).
+    pub fn start_with(setup: impl FnOnce(&Path)) -> LibvirtHost {
         assert!(
             super::is_root(),
             "a private libvirtd needs root (mount namespace): run the tests as root"
@@ -34,6 +41,7 @@ impl LibvirtHost {
             .prefix("libvirt-host-")
             .tempdir()
             .unwrap();
+        setup(dir.path());
         let mut h = LibvirtHost { dir, keeper: None };
         h.run("start");
         h.keep();

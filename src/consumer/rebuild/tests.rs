@@ -54,6 +54,7 @@ pub(crate) fn ev(epoch: &str, hs: u64, uuid: &str, seq: u64, state: DomainState)
         config_hash: None,
         observed_at: hs as i64 * 1_000_000,
         xml: None,
+        hook: None,
     })
 }
 
@@ -594,4 +595,31 @@ fn a_domain_is_migrating_from_the_destinations_start_until_it_resumes_or_fails()
     let mut f = Fleet::new();
     feed(&mut f, [incoming(5)]);
     assert!(migrating(&f).iter().all(|(_, x)| x.is_none()));
+}
+
+#[test]
+fn a_hook_record_continues_the_seq_and_leaves_the_state_as_it_was() {
+    // The tracker writes a HOOK record with the state it knew: applied like
+    // any record, it changes nothing but the seq.
+    let mut f = Fleet::new();
+    let mut hook = ev("e", 2, U1, 2, DomainState::RUNNING);
+    if let Body::Event(e) = &mut hook {
+        e.event = EventType::HOOK;
+        e.detail = Detail::HOOK_STOPPED;
+        e.origin = Origin::HOOK;
+        e.event_code = -1;
+        e.hook = Some(crate::model::HookCall {
+            operation: "stopped".into(),
+            sub_operation: "end".into(),
+            extra: "-".into(),
+        });
+    }
+    feed(&mut f, [ev("e", 1, U1, 1, DomainState::RUNNING), hook]);
+    let v = view(&f, U1).unwrap();
+    assert!(!v.stale, "{:?}", v.stale_reason);
+    assert_eq!((v.state.as_str(), v.seq), ("RUNNING", 2));
+    feed(&mut f, [ev("e", 3, U1, 3, DomainState::SHUTOFF)]);
+    let v = view(&f, U1).unwrap();
+    assert!(!v.stale);
+    assert_eq!((v.state.as_str(), v.seq), ("SHUTOFF", 3));
 }

@@ -160,6 +160,7 @@ mod tests {
             config_hash: None,
             observed_at: 0,
             xml: None,
+            hook: None,
         }
     }
 

@@ -139,7 +139,7 @@ mod tests {
         assert_eq!(h("content-type").as_deref(), Some("application/avro"));
         assert_eq!(
             h("virtstream-schema").as_deref(),
-            Some("io.virtstream.DomainEvent.v1")
+            Some("io.virtstream.DomainEvent.v2")
         );
     }
 

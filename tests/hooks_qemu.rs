@@ -1,0 +1,223 @@
+//! libvirt's qemu hook forwarded by `virtstream hook` on a private
+//! libvirtd (its `/etc/libvirt/hooks/qemu` installed before the daemon
+//! starts) running a QEMU/TCG domain: the hook calls are journaled as HOOK
+//! records interleaved with the lifecycle events in the order libvirt made
+//! them (each call is queued before the hook returns), in the domain's
+//! `seq`, with no state change; the hook returns fast with the agent
+//! running and stopped; what it spooled while the agent was down is
+//! journaled when the agent starts. The hook script also appends each call
+//! to a log, the oracle of which calls libvirt made.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::libvirt_host::LibvirtHost;
+use common::*;
+use virt::connect::Connect;
+use virtstream::model::{EventType, Origin};
+
+/// The label of a journaled record: `hook:<operation>` or the event type.
+fn label(s: &Stored) -> String {
+    match s.event.origin {
+        Origin::HOOK => format!("hook:{}", s.event.hook.as_ref().unwrap().operation),
+        _ => s.event.event.as_str().to_string(),
+    }
+}
+
+fn of_domain(msgs: &[Stored], uuid: &str) -> Vec<Stored> {
+    let mut v: Vec<Stored> = msgs
+        .iter()
+        .filter(|m| m.event.domain.uuid == uuid)
+        .cloned()
+        .collect();
+    v.sort_by_key(|m| m.event.seq);
+    v
+}
+
+/// One direct `virtstream hook qemu …` call; its wall time.
+fn call_hook(socket: &Path, spool: &Path, uuid: &str, op: &str) -> Duration {
+    let xml = qemu_domain_xml("direct", uuid);
+    let t = Instant::now();
+    let mut c = Command::new(Agent::bin())
+        .args(["hook", "qemu", "direct", op, "begin", "-", "--socket"])
+        .arg(socket)
+        .arg("--spool")
+        .arg(spool)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
+    let st = c.wait().unwrap();
+    let took = t.elapsed();
+    assert!(st.success(), "the hook always exits 0");
+    took
+}
+
+fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    let p = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+    (p(0.50), p(0.99))
+}
+
+#[test]
+fn qemu_hook_calls_are_journaled_in_order_with_the_lifecycle_events() {
+    let nats = NatsServer::start();
+    let hk = tempfile::tempdir().unwrap();
+    let socket: PathBuf = hk.path().join("hooks.sock");
+    let spool: PathBuf = hk.path().join("spool/hooks.spool");
+    let calls_log: PathBuf = hk.path().join("calls.log");
+    let host = LibvirtHost::start_with(|dir| {
+        let hooks = dir.join("etc/hooks");
+        std::fs::create_dir_all(&hooks).unwrap();
+        let script = format!(
+            "#!/bin/sh\necho \"$2\" >> '{}'\nexec '{}' hook qemu \"$@\" --socket '{}' --spool '{}'\n",
+            calls_log.display(),
+            Agent::bin(),
+            socket.display(),
+            spool.display()
+        );
+        let path = hooks.join("qemu");
+        std::fs::write(&path, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    });
+    let uri = host.qemu_uri();
+    let extra = format!(
+        "[hooks]\nsocket = \"{}\"\nspool = \"{}\"\n",
+        socket.display(),
+        spool.display()
+    );
+    let mut agent = Agent::ready(&uri, Some(&nats.url()), &extra);
+
+    // 1. A start/stop cycle with the agent running.
+    let conn = Connect::open(Some(&uri)).unwrap();
+    let name = unique("vsh");
+    let uuid = new_uuid();
+    let d = conn
+        .define_domain_xml(&qemu_domain_xml(&name, &uuid))
+        .unwrap();
+    d.create().unwrap();
+    d.destroy().unwrap();
+    let msgs = wait_for(
+        &nats.url(),
+        &agent.filter(),
+        Duration::from_secs(60),
+        "the domain's STOPPED and hook:release",
+        |m| {
+            let l: Vec<String> = of_domain(m, &uuid).iter().map(label).collect();
+            l.iter().any(|x| x == "STOPPED") && l.iter().any(|x| x == "hook:release")
+        },
+    );
+    assert_contiguous(&msgs);
+    let dom = of_domain(&msgs, &uuid);
+    let labels: Vec<String> = dom.iter().map(label).collect();
+    eprintln!("journaled: {labels:?}");
+    // seq is contiguous over hook records and events alike.
+    for (i, m) in dom.iter().enumerate() {
+        assert_eq!(m.event.seq, i as u64 + 1, "{labels:?}");
+    }
+    // The hook calls are the ones libvirt made (the script's log), in
+    // that order.
+    let called: Vec<String> = std::fs::read_to_string(&calls_log)
+        .unwrap()
+        .lines()
+        .map(|l| format!("hook:{l}"))
+        .collect();
+    let hooks: Vec<String> = labels
+        .iter()
+        .filter(|l| l.starts_with("hook:"))
+        .cloned()
+        .collect();
+    assert_eq!(hooks, called);
+    // libvirt runs prepare, start and started before it emits STARTED;
+    // stopped and release after the guest stopped, before it emits
+    // STOPPED (qemuProcessStop runs both, its caller emits the event).
+    let pos = |l: &str| {
+        labels
+            .iter()
+            .position(|x| x == l)
+            .unwrap_or_else(|| panic!("{l} missing: {labels:?}"))
+    };
+    assert!(pos("DEFINED") < pos("hook:prepare"), "{labels:?}");
+    assert!(pos("hook:prepare") < pos("hook:start"), "{labels:?}");
+    assert!(pos("hook:start") < pos("hook:started"), "{labels:?}");
+    assert!(pos("hook:started") < pos("STARTED"), "{labels:?}");
+    assert!(pos("STARTED") < pos("hook:stopped"), "{labels:?}");
+    assert!(pos("hook:stopped") < pos("hook:release"), "{labels:?}");
+    assert!(pos("hook:release") < pos("STOPPED"), "{labels:?}");
+    // A hook record changes no state: it carries the state before it.
+    for w in dom.windows(2) {
+        if w[1].event.origin == Origin::HOOK {
+            assert_eq!(w[1].event.event, EventType::HOOK);
+            assert_eq!(w[1].event.state_after, w[0].event.state_after, "{labels:?}");
+            assert_eq!(w[1].event.persistent, w[0].event.persistent);
+            assert_eq!(
+                w[1].subject, w[0].subject,
+                "same subject as the domain's events"
+            );
+        }
+    }
+
+    // 2. Latency of the hook, agent running: acknowledged calls.
+    let direct = new_uuid();
+    let spool_direct = hk.path().join("direct.spool");
+    let running: Vec<Duration> = (0..50)
+        .map(|_| call_hook(&socket, &spool_direct, &direct, "started"))
+        .collect();
+    assert!(!spool_direct.exists(), "the agent took every call");
+    let (p50, p99) = percentiles(running);
+    eprintln!("hook with the agent running: p50 {p50:?} p99 {p99:?}");
+    assert!(p99 < Duration::from_millis(50), "p99 {p99:?}");
+
+    // 3. Agent stopped: the hook spools, as fast; a domain cycle too.
+    assert_eq!(agent.terminate(), Some(0));
+    let stopped: Vec<Duration> = (0..50)
+        .map(|_| call_hook(&socket, &spool, &direct, "release"))
+        .collect();
+    let (p50, p99) = percentiles(stopped);
+    eprintln!("hook with the agent stopped: p50 {p50:?} p99 {p99:?}");
+    assert!(p99 < Duration::from_millis(50), "p99 {p99:?}");
+    let before = called.len();
+    d.create().unwrap();
+    d.destroy().unwrap();
+    let spooled = std::fs::read_to_string(&spool).unwrap();
+    assert_eq!(spooled.lines().count(), 50 + 5, "{spooled}");
+    let called_now = std::fs::read_to_string(&calls_log).unwrap().lines().count();
+    assert_eq!(called_now - before, 5);
+
+    // 4. The agent journals the spool when it starts.
+    agent.start();
+    agent.wait_ready(Duration::from_secs(30));
+    let msgs = wait_for(
+        &nats.url(),
+        &agent.filter(),
+        Duration::from_secs(60),
+        "the spooled hook calls",
+        |m| {
+            of_domain(m, &direct).len() == 100
+                && of_domain(m, &uuid)
+                    .iter()
+                    .filter(|s| s.event.origin == Origin::HOOK)
+                    .count()
+                    == 10
+        },
+    );
+    assert_contiguous(&msgs);
+    let dm = of_domain(&msgs, &direct);
+    assert!(dm
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.event.seq == i as u64 + 1));
+    assert!(dm[50..]
+        .iter()
+        .all(|m| m.event.hook.as_ref().unwrap().operation == "release"));
+    assert!(!spool.exists(), "a drained spool is removed");
+    d.undefine().unwrap();
+    assert_eq!(agent.terminate(), Some(0));
+}
