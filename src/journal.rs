@@ -456,10 +456,15 @@ impl Journal {
         self.committed.clone()
     }
 
-    /// A sink's acknowledged position. A sink never seen before starts at
-    /// the oldest retained entry.
-    /// A cursor behind the trimmed point (a sink disabled for a while)
-    /// reads as the trimmed point: what was trimmed cannot be sent.
+    /// Whether `sink` has a cursor (it acknowledged something before).
+    pub fn has_cursor(&self, sink: &str) -> Result<bool, JournalError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let t = read.open_table(CURSORS).map_err(storage)?;
+        t.get(sink).map(|c| c.is_some()).map_err(storage)
+    }
+
+    /// A sink's acknowledged position; a new sink's, or one behind the
+    /// trimmed point (disabled for a while), is the trimmed point.
     pub fn cursor(&self, sink: &str) -> Result<u64, JournalError> {
         Ok(self.cursor_and_state(sink)?.0)
     }

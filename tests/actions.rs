@@ -384,3 +384,123 @@ fn a_failing_command_is_retried_then_dead_lettered() {
     d.undefine().unwrap();
     assert_eq!(agent.terminate(), Some(0));
 }
+
+#[test]
+fn an_unwritable_dead_letter_file_keeps_the_event_until_it_can_be_written() {
+    ensure_libvirtd();
+    let work = tempfile::tempdir().unwrap();
+    let fail = script(work.path(), "fail.sh", "exit 1");
+    let prefix = unique("act-dl");
+    let mut agent = Agent::new(
+        TEST_URI,
+        None,
+        &format!(
+            "[[actions]]\nname = \"dl\"\ncommand = [\"{}\"]\n\
+             on = {{ event = [\"STARTED\"], domain = \"{prefix}-*\" }}\nretries = 0\n",
+            fail.display()
+        ),
+    );
+    // A directory where the file should be: every write fails (EISDIR).
+    let dead = agent.dir.path().join("journal/actions-dead-letter.jsonl");
+    std::fs::create_dir_all(&dead).unwrap();
+    agent.start();
+    agent.wait_ready(Duration::from_secs(30));
+    let conn = Connect::open(Some(TEST_URI)).unwrap();
+    let d = conn
+        .define_domain_xml(&test_domain_xml(&format!("{prefix}-1"), &new_uuid()))
+        .unwrap();
+    d.create().unwrap();
+    wait_until(Duration::from_secs(15), "the write failure logged", || {
+        agent.log().contains("cannot write the dead-letter file")
+    });
+    // Not acknowledged meanwhile: the action's backlog holds it.
+    let backlog = || agent.metric("virtstream_sink_backlog{sink=\"action:dl\"}");
+    assert!(backlog() >= 1.0, "the event is still pending");
+    std::fs::remove_dir(&dead).unwrap();
+    wait_until(Duration::from_secs(15), "the dead-letter line", || {
+        lines(&dead).len() == 1
+    });
+    wait_until(Duration::from_secs(10), "acknowledged once written", || {
+        backlog() == 0.0
+    });
+    d.destroy().unwrap();
+    d.undefine().unwrap();
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[test]
+fn a_new_action_starts_at_the_journal_head_and_a_stop_never_dead_letters() {
+    ensure_libvirtd();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("runs.txt");
+    let pids = work.path().join("pids.txt");
+    let slow = script(
+        work.path(),
+        "slow.sh",
+        &format!(
+            "echo $$ >> {}\nsleep 3\necho \"$VIRTSTREAM_DOMAIN_NAME|$VIRTSTREAM_EVENT_ID\" >> {}",
+            pids.display(),
+            out.display()
+        ),
+    );
+    let prefix = unique("act-new");
+    // Events journaled before the action exists…
+    let mut agent = Agent::ready(TEST_URI, None, "");
+    let conn = Connect::open(Some(TEST_URI)).unwrap();
+    let old = conn
+        .define_domain_xml(&test_domain_xml(&format!("{prefix}-old"), &new_uuid()))
+        .unwrap();
+    old.create().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.terminate(), Some(0));
+    // …are not run for when it is added (start = "now").
+    let mut cfg = std::fs::read_to_string(&agent.config).unwrap();
+    cfg.push_str(&format!(
+        "[[actions]]\nname = \"new\"\ncommand = [\"{}\"]\n\
+         on = {{ event = [\"STARTED\"], domain = \"{prefix}-*\" }}\nretries = 0\n",
+        slow.display()
+    ));
+    std::fs::write(&agent.config, cfg).unwrap();
+    agent.start();
+    agent.wait_ready(Duration::from_secs(30));
+    let d = conn
+        .define_domain_xml(&test_domain_xml(&format!("{prefix}-new"), &new_uuid()))
+        .unwrap();
+    d.create().unwrap();
+    // Stopped while the command runs, and the command killed by the stop
+    // (as a unit-wide signal would): neither retried nor dead-lettered.
+    wait_until(Duration::from_secs(15), "the command started", || {
+        !lines(&pids).is_empty()
+    });
+    let pid: u32 = lines(&pids)[0].parse().unwrap();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &agent.pid().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    std::thread::sleep(Duration::from_millis(200));
+    unsafe_kill(pid, 9);
+    let end = Instant::now() + Duration::from_secs(20);
+    while agent.try_exit().is_none() {
+        assert!(Instant::now() < end, "the agent did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dead = agent.dir.path().join("journal/actions-dead-letter.jsonl");
+    assert!(lines(&dead).is_empty(), "nothing dead-lettered by a stop");
+    assert!(lines(&out).is_empty(), "the run was cut short");
+    // The next start runs it again, once, and only the new domain's.
+    agent.start();
+    agent.wait_ready(Duration::from_secs(30));
+    wait_until(Duration::from_secs(20), "the interrupted event ran", || {
+        !lines(&out).is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let ran = lines(&out);
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert!(ran[0].starts_with(&format!("{prefix}-new|")), "{ran:?}");
+    assert_eq!(agent.terminate(), Some(0));
+    for dom in [old, d] {
+        dom.destroy().unwrap();
+        dom.undefine().unwrap();
+    }
+}

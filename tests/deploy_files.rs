@@ -501,6 +501,10 @@ fn systemd_unit_verifies() {
         .unwrap_or_else(|_| panic!("TimeoutStopSec={stop}: expected seconds like 30s"));
     assert!(secs > 10, "TimeoutStopSec={stop} is not above 10s");
     assert!(
+        unit_text.contains("\nKillMode=mixed\n"),
+        "KillMode=mixed: SIGTERM reaches the agent only, not its action commands"
+    );
+    assert!(
         unit_text.contains("\nRestartPreventExitStatus=64\n"),
         "the unit must not restart on exit 64 (configuration error)"
     );

@@ -51,6 +51,20 @@ pub struct ActionConfig {
     /// 60 s).
     #[serde(default = "d_retries")]
     pub retries: u32,
+    /// Where a new action (no cursor yet: just added or renamed) starts:
+    /// `now`, the journal's head (events from its first start on), or
+    /// `oldest`, every event the journal still holds.
+    #[serde(default)]
+    pub start: ActionStart,
+}
+
+/// [`ActionConfig::start`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionStart {
+    #[default]
+    Now,
+    Oldest,
 }
 
 /// `on`: every key given must match (AND); a list matches any of its

@@ -32,7 +32,9 @@ mod usage;
 mod values;
 
 pub use crate::journal::WhenFull;
-pub use actions::{find_program, placeholders_in, ActionConfig, ActionMatch, PLACEHOLDERS};
+pub use actions::{
+    find_program, placeholders_in, ActionConfig, ActionMatch, ActionStart, PLACEHOLDERS,
+};
 pub use env::ENV_PREFIX;
 pub use hooks::{HooksConfig, DEFAULT_HOOKS_SOCKET, DEFAULT_HOOKS_SPOOL, DEFAULT_SPOOL_MAX_BYTES};
 pub use host::{HostConfig, JournalConfig, LibvirtConfig, XmlMode};

@@ -9,7 +9,12 @@
 //! Invariants:
 //! - at least once: an entry is acknowledged only after its command
 //!   finished (success, or final failure written to the dead-letter
-//!   file); a crash before that runs it again after the restart;
+//!   file, the write retried until it succeeds); a crash before that runs
+//!   it again after the restart; after shutdown begins no attempt starts,
+//!   and a failed one is neither retried nor dead-lettered (it runs again
+//!   at the next start);
+//! - a new action starts at the journal's head (`start = "oldest"`: at
+//!   the oldest retained entry);
 //! - in order per domain, at most `concurrency` commands at once;
 //! - a slow command delays only its own action's cursor: event intake and
 //!   the other sinks go on, and the journal keeps the entries behind the
@@ -28,7 +33,7 @@ use tokio::sync::broadcast;
 use self::bus::ActionBus;
 use self::run::{Counters, Runner};
 use super::driver::{Driver, DriverOptions};
-use crate::config::{find_program, ActionConfig};
+use crate::config::{find_program, ActionConfig, ActionStart};
 use crate::journal::{Journal, JournalError};
 use crate::telemetry::{Health, Metrics, SinkState};
 
@@ -97,10 +102,31 @@ impl ActionSink {
         self.metrics.register_action(&self.cfg.name);
         let journal = self.journal.clone();
         let sink = self.sink;
-        let start = tokio::task::spawn_blocking(move || journal.cursor(sink))
-            .await
-            .map_err(|e| ActionError::Journal(JournalError::Storage(e.to_string())))?
-            .map_err(ActionError::Journal)?;
+        let from_now = self.cfg.start == ActionStart::Now;
+        // A new action (no cursor) starts at the journal's head unless it
+        // asked for everything retained: adding or renaming an action must
+        // not run it for hours of old events a lagging sink kept.
+        let start = tokio::task::spawn_blocking(move || -> Result<u64, JournalError> {
+            if from_now && !journal.has_cursor(sink)? {
+                let head = *journal.committed().borrow();
+                journal.ack(sink, head)?;
+                journal.sync()?;
+                tracing::info!(action = sink, head, "new action: starts at the journal's head (start = \"oldest\" runs it for what the journal holds)");
+            }
+            journal.cursor(sink)
+        })
+        .await
+        .map_err(|e| ActionError::Journal(JournalError::Storage(e.to_string())))?
+        .map_err(ActionError::Journal)?;
+        // Once shutdown begins no attempt starts and none is retried or
+        // dead-lettered: the entry stays for the next start.
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut rx = shutdown.resubscribe();
+        let flag = stopping.clone();
+        tokio::spawn(async move {
+            let _ = rx.recv().await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
         self.health.set_sink(sink, SinkState::Ready);
         tracing::info!(action = %self.cfg.name, cursor = start, "action started");
         let runner = Arc::new(Runner {
@@ -108,6 +134,7 @@ impl ActionSink {
             cfg: self.cfg.clone(),
             program: self.program,
             dead_letter: self.journal_dir.join(DEAD_LETTER_FILE),
+            stopping,
         });
         let bus = ActionBus::new(
             self.cfg.name.clone(),

@@ -46,6 +46,14 @@ pub struct Runner {
     pub program: PathBuf,
     pub dead_letter: PathBuf,
     pub counters: Counters,
+    /// Set when shutdown begins.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Runner {
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// The action's metrics.
@@ -121,6 +129,11 @@ pub async fn execute(
     let mut backoff = BACKOFF_FIRST;
     let mut attempts = 0;
     loop {
+        if runner.stopping() {
+            // Never settled: the driver drops this at its drain deadline
+            // and the entry runs at the next start.
+            std::future::pending::<()>().await;
+        }
         attempts += 1;
         runner.counters.runs.inc();
         let failure = match attempt(&runner, event, json).await {
@@ -131,6 +144,12 @@ pub async fn execute(
             Err(f) => f,
         };
         runner.counters.failures.inc();
+        if runner.stopping() {
+            // Likely killed by the stop itself (systemd signals the whole
+            // unit): not the command's failure, never dead-lettered.
+            tracing::warn!(action = name, event_id = %event.event_id, reason = %failure, "action interrupted by shutdown; runs again at the next start");
+            std::future::pending::<()>().await;
+        }
         if matches!(failure, Failure::Timeout(_)) {
             runner.counters.timeouts.inc();
         }
@@ -197,8 +216,13 @@ async fn attempt(
     let status = tokio::time::timeout(cfg.timeout.0, child.wait()).await;
     let result = match status {
         Ok(Ok(status)) => {
-            // Exited: what it left running is its own business.
-            group.0 = None;
+            // Exited: what a successful command left running is its own
+            // business; a failed one's leftovers must not overlap the retry.
+            if status.success() {
+                group.0 = None;
+            } else {
+                group.kill();
+            }
             exit_result(status)
         }
         Ok(Err(e)) => Err(Failure::Spawn(e.to_string())),
@@ -289,29 +313,38 @@ async fn dead_letter(runner: &Runner, json: &serde_json::Value, failure: &Failur
         "time": time,
         "event": json,
     });
-    let path = runner.dead_letter.clone();
-    let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)?;
-        f.write_all(format!("{line}\n").as_bytes())?;
-        f.sync_data()
-    })
-    .await;
-    match r {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(
+    // Until it is written: the entry is acknowledged only after, so a
+    // full or read-only disk stalls the action (its backlog shows) rather
+    // than lose the event.
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let path = runner.dead_letter.clone();
+        let text = format!("{line}\n");
+        let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_data()
+        })
+        .await;
+        let error = match r {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(
             action = %runner.cfg.name,
             path = %runner.dead_letter.display(),
-            error = %e,
-            "cannot write the dead-letter file"
-        ),
-        Err(e) => {
-            tracing::error!(action = %runner.cfg.name, error = %e, "dead-letter write failed")
-        }
+            error = %error,
+            retry_in = ?backoff,
+            "cannot write the dead-letter file; the event stays unacknowledged"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
