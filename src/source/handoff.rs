@@ -55,9 +55,10 @@ pub struct Facts {
 }
 
 /// One call of libvirt's qemu hook script, forwarded by `virtstream hook`
-/// (see `source::hooks`). Carries no state: the tracker journals it with
-/// the state it knows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// (see `source::hooks`, which also gives it its wire and spool form: one
+/// JSON line). Carries no state: the tracker journals it with the state it
+/// knows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HookPhase {
     pub uuid: String,
     /// The GUEST argument (the domain's name).

@@ -22,7 +22,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{dropped_path, uuid_of_xml, HookError, HookRecord};
+use super::{dropped_path, uuid_of_xml, HookError, HookPhase};
 
 /// The most of the domain XML read from stdin (the UUID is near its top).
 pub const MAX_XML: u64 = 1 << 20;
@@ -66,7 +66,7 @@ pub fn run(target: &HookTarget, args: [&str; 4], stdin: impl Read, now: i64) -> 
         );
         return Outcome::NoUuid;
     };
-    let record = HookRecord::new(&uuid, args, now);
+    let record = HookPhase::new(&uuid, args, now);
     let line = record.line();
     match send(&target.socket, &line) {
         Ok(true) => Outcome::Acknowledged,

@@ -27,7 +27,7 @@ use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{dropped_path, HookError, HookRecord, MAX_RECORD};
+use super::{dropped_path, HookError, MAX_RECORD};
 use crate::source::{HookPhase, Item};
 
 /// How long one connection may take to send its record.
@@ -101,8 +101,8 @@ impl HookListener {
                 Err(e) => return Err(err(e)),
             };
             for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                match HookRecord::parse(line) {
-                    Ok(r) => out.calls.push(r.phase()),
+                match HookPhase::parse(line) {
+                    Ok(r) => out.calls.push(r),
                     Err(e) => {
                         out.bad += 1;
                         tracing::warn!(spool = %path.display(), error = %e, "unreadable hook record in the spool; skipped");
@@ -161,7 +161,7 @@ impl HookListener {
                     continue;
                 }
             };
-            if items.send(Item::Hook(Box::new(record.phase()))).is_err() {
+            if items.send(Item::Hook(Box::new(record))).is_err() {
                 break;
             }
             // The hook may have given up waiting: nothing to do about it.
@@ -172,7 +172,7 @@ impl HookListener {
 }
 
 /// One record from a connection, within the time and size bounds.
-fn read_record(conn: &mut UnixStream) -> Result<HookRecord, HookError> {
+fn read_record(conn: &mut UnixStream) -> Result<HookPhase, HookError> {
     let io = |e| HookError::Record(format!("reading: {e}"));
     conn.set_read_timeout(Some(READ_WAIT)).map_err(io)?;
     let mut buf = Vec::with_capacity(512);
@@ -180,7 +180,7 @@ fn read_record(conn: &mut UnixStream) -> Result<HookRecord, HookError> {
         .take(MAX_RECORD as u64 + 1)
         .read_to_end(&mut buf)
         .map_err(io)?;
-    HookRecord::parse(buf.trim_ascii_end())
+    HookPhase::parse(buf.trim_ascii_end())
 }
 
 /// Unblocks a listener's `accept` (after `stop` is set).

@@ -20,8 +20,6 @@ pub mod listen;
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use super::HookPhase;
 
 /// The largest record (one JSON line, newline included).
@@ -49,17 +47,6 @@ pub enum HookError {
     Record(String),
 }
 
-/// One hook call on the wire and in the spool.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookRecord {
-    pub uuid: String,
-    pub name: String,
-    pub operation: String,
-    pub sub_operation: String,
-    pub extra: String,
-    pub observed_at: i64,
-}
-
 fn cut(s: &str) -> String {
     if s.len() <= MAX_FIELD {
         return s.to_string();
@@ -71,10 +58,11 @@ fn cut(s: &str) -> String {
     s[..end].to_string()
 }
 
-impl HookRecord {
+/// The wire and spool form of a hook call.
+impl HookPhase {
     /// The record of a hook call (fields cut to fit [`MAX_RECORD`]).
-    pub fn new(uuid: &str, args: [&str; 4], observed_at: i64) -> HookRecord {
-        HookRecord {
+    pub fn new(uuid: &str, args: [&str; 4], observed_at: i64) -> HookPhase {
+        HookPhase {
             uuid: uuid.to_string(),
             name: cut(args[0]),
             operation: cut(args[1]),
@@ -92,31 +80,19 @@ impl HookRecord {
     }
 
     /// Parses one line (without or with its newline); the UUID must be one.
-    pub fn parse(line: &[u8]) -> Result<HookRecord, HookError> {
+    pub fn parse(line: &[u8]) -> Result<HookPhase, HookError> {
         if line.len() > MAX_RECORD {
             return Err(HookError::Record(format!(
                 "{} bytes, over the {MAX_RECORD}-byte bound",
                 line.len()
             )));
         }
-        let mut r: HookRecord =
+        let mut r: HookPhase =
             serde_json::from_slice(line).map_err(|e| HookError::Record(e.to_string()))?;
         let u = uuid::Uuid::parse_str(&r.uuid)
             .map_err(|e| HookError::Record(format!("uuid {:?}: {e}", r.uuid)))?;
         r.uuid = u.hyphenated().to_string();
         Ok(r)
-    }
-
-    /// The queue item.
-    pub fn phase(self) -> HookPhase {
-        HookPhase {
-            uuid: self.uuid,
-            name: self.name,
-            operation: self.operation,
-            sub_operation: self.sub_operation,
-            extra: self.extra,
-            observed_at: self.observed_at,
-        }
     }
 }
 
@@ -149,7 +125,7 @@ mod tests {
     #[test]
     fn records_round_trip_and_are_bounded() {
         let long = "x".repeat(5000) + "é";
-        let r = HookRecord::new(
+        let r = HookPhase::new(
             "B9906489-6D5B-40F8-A742-CA71B2B84277",
             ["vm", "prepare", "begin", &long],
             5,
@@ -157,13 +133,13 @@ mod tests {
         assert_eq!(r.extra.len(), MAX_FIELD);
         let line = r.line();
         assert!(line.len() <= MAX_RECORD);
-        let back = HookRecord::parse(&line).unwrap();
+        let back = HookPhase::parse(&line).unwrap();
         assert_eq!(back.uuid, "b9906489-6d5b-40f8-a742-ca71b2b84277");
         assert_eq!(back.operation, "prepare");
-        assert!(HookRecord::parse(b"{}").is_err());
-        assert!(HookRecord::parse(&vec![b' '; MAX_RECORD + 1]).is_err());
-        let bad = HookRecord::new("not-a-uuid", ["vm", "start", "begin", "-"], 1);
-        assert!(HookRecord::parse(&bad.line()).is_err());
+        assert!(HookPhase::parse(b"{}").is_err());
+        assert!(HookPhase::parse(&vec![b' '; MAX_RECORD + 1]).is_err());
+        let bad = HookPhase::new("not-a-uuid", ["vm", "start", "begin", "-"], 1);
+        assert!(HookPhase::parse(&bad.line()).is_err());
     }
 
     #[test]
