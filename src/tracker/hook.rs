@@ -15,11 +15,10 @@
 //! - it never settles anything a listing under way must respect (no
 //!   `Touch`).
 
-use crate::model::{
-    event_id, Detail, DomainEvent, DomainRef, DomainState, EventType, HookCall, Origin, StateReason,
-};
+use crate::model::{Detail, DomainState, EventType, HookCall, Origin, StateReason};
 use crate::source::HookPhase;
 
+use super::rounds::Made;
 use super::state::Tracker;
 use super::types::{DomainRecord, Output};
 
@@ -49,30 +48,10 @@ impl Tracker {
         if !hook.name.is_empty() {
             record.name = hook.name.clone();
         }
-        let host_seq = self.next_host_seq();
-        let event = DomainEvent {
-            event_id: event_id(&self.host_id, &self.epoch, host_seq),
-            host_id: self.host_id.clone(),
-            epoch: self.epoch.clone(),
-            host_seq,
-            seq: record.seq,
-            domain: DomainRef {
-                uuid: hook.uuid.clone(),
-                name: record.name.clone(),
-                id: record.id,
-            },
-            event: EventType::HOOK,
-            libvirt_event_id: crate::model::event_id::NONE,
-            event_code: -1,
-            detail: Detail::of_hook_operation(&hook.operation),
-            detail_code: -1,
+        let made = Made {
             origin: Origin::HOOK,
-            state_after: record.state(),
-            persistent: record.persistent,
-            autostart: record.autostart,
-            vcpus: record.vcpus,
-            memory_kib: record.memory_kib,
-            config_hash: record.config_hash.clone(),
+            event: EventType::HOOK,
+            detail: Detail::of_hook_operation(&hook.operation),
             observed_at: hook.observed_at,
             xml: None,
             hook: Some(HookCall {
@@ -81,11 +60,7 @@ impl Tracker {
                 extra: hook.extra.clone(),
             }),
         };
-        self.domains.insert(hook.uuid.clone(), record.clone());
-        Output {
-            event,
-            record: Some((hook.uuid.clone(), record)),
-        }
+        self.made_event(&hook.uuid, record, made)
     }
 }
 
@@ -124,6 +99,11 @@ mod tests {
         assert_eq!(o.event.event, EventType::HOOK);
         assert_eq!(o.event.detail, Detail::HOOK_PREPARE);
         assert_eq!(o.event.origin, Origin::HOOK);
+        assert_eq!(
+            (o.event.event_code, o.event.detail_code),
+            (-1, -1),
+            "no libvirt codes"
+        );
         assert_eq!(o.event.state_after, defined.event.state_after);
         assert_eq!(o.event.persistent, defined.event.persistent);
         assert_eq!(o.event.hook.as_ref().unwrap().sub_operation, "begin");

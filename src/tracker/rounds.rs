@@ -297,8 +297,22 @@ impl Tracker {
         observed_at: i64,
         xml: Option<String>,
     ) -> Output {
+        let made = Made {
+            origin: Origin::RECONCILE,
+            event,
+            detail,
+            observed_at,
+            xml,
+            hook: None,
+        };
+        self.made_event(uuid, record, made)
+    }
+
+    /// Journals an event the tracker makes itself (a reconcile's, a hook
+    /// call's) with `record` as the domain's state after it, and keeps
+    /// `record` as the domain's.
+    pub(super) fn made_event(&mut self, uuid: &str, record: DomainRecord, m: Made) -> Output {
         let host_seq = self.next_host_seq();
-        let state = record.state();
         let ev = DomainEvent {
             event_id: event_id(&self.host_id, &self.epoch, host_seq),
             host_id: self.host_id.clone(),
@@ -310,21 +324,21 @@ impl Tracker {
                 name: record.name.clone(),
                 id: record.id,
             },
-            event,
+            event: m.event,
             libvirt_event_id: crate::model::event_id::NONE,
-            event_code: event.lifecycle_code().unwrap_or(-1),
-            detail,
-            detail_code: detail.code(event),
-            origin: Origin::RECONCILE,
-            state_after: state,
+            event_code: m.event.lifecycle_code().unwrap_or(-1),
+            detail: m.detail,
+            detail_code: m.detail.code(m.event),
+            origin: m.origin,
+            state_after: record.state(),
             persistent: record.persistent,
             autostart: record.autostart,
             vcpus: record.vcpus,
             memory_kib: record.memory_kib,
             config_hash: record.config_hash.clone(),
-            observed_at,
-            xml,
-            hook: None,
+            observed_at: m.observed_at,
+            xml: m.xml,
+            hook: m.hook,
         };
         self.domains.insert(uuid.to_string(), record.clone());
         Output {
@@ -332,4 +346,14 @@ impl Tracker {
             record: Some((uuid.to_string(), record)),
         }
     }
+}
+
+/// What an event the tracker makes itself says besides the domain's state.
+pub(super) struct Made {
+    pub origin: Origin,
+    pub event: EventType,
+    pub detail: Detail,
+    pub observed_at: i64,
+    pub xml: Option<String>,
+    pub hook: Option<crate::model::HookCall>,
 }
