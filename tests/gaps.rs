@@ -14,10 +14,11 @@ use common::*;
 use virt::connect::Connect;
 use virtstream::model::{DomainState, Origin};
 
-/// The full-journal tests run one at a time: each agent journals every
-/// domain on the shared test driver, so one test's burst would fill the
-/// other's tiny journal before its own domain's first events.
-static FULL_JOURNAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The tests of this file run one at a time: each agent journals every
+/// domain on the shared test driver, so one test's burst (the overflow
+/// test's 401 events included) would fill another's tiny journal, and the
+/// gap listing that follows would race that test's own domain's events.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Destroys and undefines a test domain also when the test fails: a
 /// leftover on the shared test driver grows every other agent's rounds.
@@ -35,6 +36,7 @@ impl Drop for Undefine {
 
 #[test]
 fn queue_overflow_gives_gap_marker_then_reconcile() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     ensure_libvirtd();
     let nats = NatsServer::start();
     let _oracle = Oracle::start(TEST_URI);
@@ -100,7 +102,7 @@ fn queue_overflow_gives_gap_marker_then_reconcile() {
 
 #[test]
 fn full_journal_keeps_what_it_accepted_then_gap_and_reconcile() {
-    let _serial = FULL_JOURNAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     ensure_libvirtd();
     let _oracle = Oracle::start(TEST_URI);
     let port = free_port();
@@ -268,7 +270,7 @@ fn wait_kafka_round_after(bootstrap: &str, host_id: &str, host_seq: u64) {
 /// libvirt's state.
 #[test]
 fn full_journal_behind_a_frozen_broker_stops_intake_for_both_sinks() {
-    let _serial = FULL_JOURNAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     ensure_libvirtd();
     let oracle = Oracle::start(TEST_URI);
     let nats = NatsServer::start();
