@@ -26,7 +26,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use when_full::WhenFull;
+pub use crate::config::WhenFull;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
@@ -250,7 +250,7 @@ impl Journal {
     pub fn open(
         opts: OpenOptions<'_>,
     ) -> Result<(Journal, JournalWriter, Recovered), JournalError> {
-        create_private_dir(opts.dir).map_err(|source| JournalError::Dir {
+        crate::config::create_private_dir(opts.dir).map_err(|source| JournalError::Dir {
             path: opts.dir.to_path_buf(),
             source,
         })?;
@@ -531,17 +531,6 @@ impl Journal {
     pub fn commits(&self) -> u64 {
         self.shared.commits.load(Ordering::Relaxed)
     }
-}
-
-/// Creates `dir` and missing parents with mode 0700 (an existing
-/// directory keeps the mode its operator gave it). The config check of
-/// `journal.path` creates it the same way.
-pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }
 
 /// Creates an empty file with mode 0600 (redb initializes an empty file).

@@ -8,7 +8,7 @@
 //! reading side, `bus` being how both sides reach NATS and Kafka;
 //! `codec` and `model` define the messages;
 //! `config` and `telemetry` serve the operator; `agent` wires it together;
-//! `clock` and `heap` are small helpers every stage may use.
+//! `clock` is a small helper every stage may use.
 //!
 //! `unsafe` is denied here and allowed in one module only,
 //! `source::ffi`, where libvirt's and glibc's C calls live.
@@ -22,7 +22,6 @@ pub mod codec;
 pub mod config;
 pub mod consumer;
 pub mod epoch;
-pub mod heap;
 pub mod journal;
 pub mod model;
 pub mod sinks;

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use virtstream::clock::now_micros;
 use virtstream::config::{Config, LogFormat};
 use virtstream::consumer::bus::StartAt;
 use virtstream::consumer::{self, replay, report, BusKind};
@@ -319,12 +320,8 @@ fn write_out(text: &str) -> ExitCode {
 }
 
 /// The wall clock, µs since the Unix epoch.
-fn now_us() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
-}
-
 fn state_cmd(cfg: &Config, bus: BusKind, silent_after: u32, table: bool) -> ExitCode {
-    let (fleet, out) = match consumer::state(cfg, bus, silent_after, now_us()) {
+    let (fleet, out) = match consumer::state(cfg, bus, silent_after, now_micros()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
@@ -346,7 +343,7 @@ fn audit_cmd(
     silent_after: u32,
     json: bool,
 ) -> ExitCode {
-    let audit = match consumer::audit(cfg, bus, from, silent_after, now_us()) {
+    let audit = match consumer::audit(cfg, bus, from, silent_after, now_micros()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
@@ -377,7 +374,7 @@ fn usage_cmd(
                 .into(),
         ]);
     }
-    let (rows, out) = match consumer::usage(cfg, bus, from_us, to_us, silent_after, now_us()) {
+    let (rows, out) = match consumer::usage(cfg, bus, from_us, to_us, silent_after, now_micros()) {
         Ok(r) => r,
         Err(e) => return tool_failed(e),
     };
@@ -463,7 +460,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { config } => {
-            virtstream::heap::limit_arenas();
+            virtstream::source::heap::limit_arenas();
             let cfg = match load_checked(&config) {
                 Ok(c) => c,
                 Err(code) => return code,

@@ -34,14 +34,18 @@ const NEVER: &[(&str, &[&str])] = &[
         "consumer",
         &["source", "tracker", "journal", "sinks", "agent", "epoch"],
     ),
-    (
-        "model",
-        &["source", "tracker", "journal", "sinks", "bus", "consumer"],
-    ),
-    (
-        "codec",
-        &["source", "tracker", "journal", "sinks", "bus", "consumer"],
-    ),
+    ("epoch", &["consumer", "agent"]),
+    ("model", LEAF_NEVER),
+    ("codec", LEAF_NEVER),
+    ("config", LEAF_NEVER),
+    ("clock", LEAF_NEVER),
+    ("telemetry", LEAF_NEVER),
+];
+
+/// The shared leaves (`model`, `codec`, `config`, `clock`, `telemetry`)
+/// import no stage and no wiring.
+const LEAF_NEVER: &[&str] = &[
+    "source", "tracker", "journal", "sinks", "bus", "consumer", "agent", "epoch",
 ];
 
 /// The one module allowed `unsafe` code.

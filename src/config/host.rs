@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 
 use super::values::{d_true, Dur};
 use super::{key_err, ConfigError};
-use crate::journal::WhenFull;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +63,17 @@ pub struct LibvirtConfig {
     /// Domain XML in messages: off | on-change | always.
     #[serde(default = "d_xml")]
     pub xml: XmlMode,
+}
+
+/// `journal.when_full`: what happens to new entries while the journal's
+/// unpublished backlog is at `journal.max_bytes` (applied by
+/// `Journal::rejects_new`, which handles every variant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Accepted entries are kept; new events are not journaled while full.
+    /// A gap marker and a reconcile follow once space is free again.
+    RejectNew,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -31,13 +31,12 @@ mod service;
 mod usage;
 mod values;
 
-pub use crate::journal::WhenFull;
 pub use actions::{
     find_program, placeholders_in, ActionConfig, ActionMatch, ActionStart, PLACEHOLDERS,
 };
 pub use env::ENV_PREFIX;
 pub use hooks::{HooksConfig, DEFAULT_HOOKS_SOCKET, DEFAULT_HOOKS_SPOOL, DEFAULT_SPOOL_MAX_BYTES};
-pub use host::{HostConfig, JournalConfig, LibvirtConfig, XmlMode};
+pub use host::{HostConfig, JournalConfig, LibvirtConfig, WhenFull, XmlMode};
 pub use kafka::{Brokers, KafkaConfig, PropValue, SaslMechanism, KAFKA_RESERVED_PROPERTIES};
 pub use nats::NatsConfig;
 pub use registry::{RegistrySink, SchemaRegistryConfig, Subjects};
@@ -175,7 +174,7 @@ impl Config {
             )
         };
         // 0700: the journal holds domain names and, optionally, XML.
-        crate::journal::create_private_dir(dir).map_err(fail)?;
+        create_private_dir(dir).map_err(fail)?;
         let probe = dir.join(format!(".virtstream-probe-{}", std::process::id()));
         std::fs::write(&probe, b"probe").map_err(fail)?;
         std::fs::remove_file(&probe).map_err(fail)?;
@@ -200,6 +199,18 @@ impl Config {
         scrub(&mut v);
         toml::to_string_pretty(&v).expect("toml renders")
     }
+}
+
+/// Creates `dir` and missing parents with mode 0700 (an existing
+/// directory keeps the mode its operator gave it): how the journal's
+/// directory is made, by the config check of `journal.path` and by the
+/// journal at open alike.
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! What the journal does with new entries once its unpublished backlog
-//! reaches `journal.max_bytes`: the [`WhenFull`] policy and the one place
-//! it is applied, [`Journal::rejects_new`].
+//! reaches `journal.max_bytes`: the one place the [`WhenFull`] policy
+//! (configured in `config`) is applied, [`Journal::rejects_new`].
 //!
 //! Invariants:
 //! - every policy is handled in `rejects_new` (an exhaustive `match`), so
@@ -9,19 +9,8 @@
 //!   dropped; new ones are refused while the backlog is at the bound, and
 //!   the caller records a gap marker and reconciles once space is free.
 
-use serde::{Deserialize, Serialize};
-
 use super::Journal;
-
-/// `journal.when_full`: what happens to new entries while the journal's
-/// unpublished backlog is at `journal.max_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WhenFull {
-    /// Accepted entries are kept; new events are not journaled while full.
-    /// A gap marker and a reconcile follow once space is free again.
-    RejectNew,
-}
+use crate::config::WhenFull;
 
 impl Journal {
     /// Whether a new entry offered now is to be refused: the unpublished

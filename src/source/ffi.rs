@@ -2,7 +2,7 @@
 //! root, allowed here only): libvirt's default event loop, domain event
 //! and close-callback registration (the safe `virt` crate has none), the
 //! raw `virDomainGetState` integers, bulk domain stats, and the two glibc
-//! allocator calls behind `crate::heap`.
+//! allocator calls behind `super::heap`.
 //!
 //! Every pointer libvirt hands over is held by a type that says who owns
 //! it (as rust-rdkafka's `NativePtr`):
@@ -81,7 +81,7 @@ pub fn init_event_loop() -> Result<(), String> {
 }
 
 /// Limits glibc malloc to one arena: the call behind
-/// `crate::heap::limit_arenas` (see there). Measured: about 2 MiB less RSS
+/// `super::heap::limit_arenas` (see there). Measured: about 2 MiB less RSS
 /// with 1,000 domains tracked.
 pub fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -93,7 +93,7 @@ pub fn limit_malloc_arenas() {
 }
 
 /// Returns freed heap memory to the system: the call behind
-/// `crate::heap::trim` (see there).
+/// `super::heap::trim` (see there).
 pub fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory of glibc's heap; it is

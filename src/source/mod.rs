@@ -6,8 +6,9 @@
 //! queue's items and the listing requests (`handoff`), the enricher
 //! stage and its `Inspector` (`enrich`), the reads behind them (`inspect`),
 //! the qemu hook forwarding (`hooks`: the `virtstream hook` command and
-//! the agent's listener) and the FFI (`ffi`, the only module allowed `unsafe`). Nothing here
-//! imports the tracker.
+//! the agent's listener), the FFI (`ffi`, the only module allowed
+//! `unsafe`) and the safe allocator helpers over its glibc calls
+//! (`heap`). Nothing here imports the tracker.
 //!
 //! Invariants:
 //! - callbacks are registered *before* the listing, so no change falls
@@ -23,6 +24,7 @@ pub mod enrich;
 #[allow(unsafe_code)]
 pub mod ffi;
 mod handoff;
+pub mod heap;
 pub mod hooks;
 mod inspect;
 

@@ -110,7 +110,7 @@ impl TrackerTask {
                 }
                 // What a round's burst left behind (listing, records, sink
                 // buffers) goes back to the system.
-                crate::heap::trim();
+                crate::source::heap::trim();
             }
             if now >= next_sweep {
                 next_sweep = now + SWEEP_EVERY;
@@ -235,7 +235,7 @@ impl TrackerTask {
                     for s in snaps {
                         self.append_snap(s);
                     }
-                    crate::heap::trim();
+                    crate::source::heap::trim();
                     self.metrics.snapshot_rounds.inc();
                     // Losses while the listing was under way: the round may
                     // miss them, so a marker follows it, and a new listing.

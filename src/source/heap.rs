@@ -7,7 +7,7 @@
 //! - neither changes what the program computes, only how much freed
 //!   memory stays resident.
 
-use crate::source::ffi;
+use super::ffi;
 
 /// Limits glibc malloc to one arena (per-thread caches still serve small
 /// allocations without locking). The agent has a handful of threads
