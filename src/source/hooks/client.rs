@@ -121,12 +121,7 @@ pub fn spool(path: &Path, max_bytes: u64, line: &[u8]) -> Result<bool, HookError
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
+    let mut f = open_own_file(path).map_err(err)?;
     let meta = f.metadata().map_err(err)?;
     give_to_dir_owner(path, &f, &meta);
     let len = meta.len();
@@ -136,6 +131,28 @@ pub fn spool(path: &Path, max_bytes: u64, line: &[u8]) -> Result<bool, HookError
     }
     f.write_all(line).map_err(err)?;
     Ok(true)
+}
+
+/// Opens (or creates, 0600) a file the hook appends to, refusing anything
+/// but a plain file of its own: the hook runs as root in a directory the
+/// agent's user owns, and a symlink or hard link placed there must not
+/// make root append to (and hand over) another file such as
+/// `/etc/shadow`.
+fn open_own_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    use std::os::unix::fs::MetadataExt;
+    if !meta.file_type().is_file() || meta.nlink() != 1 {
+        return Err(std::io::Error::other(
+            "not a plain file with one link (refused: the hook runs as root)",
+        ));
+    }
+    Ok(f)
 }
 
 /// The hook runs as root, the agent usually as the owner of the spool's
@@ -160,17 +177,12 @@ fn give_to_dir_owner(path: &Path, f: &std::fs::File, meta: &std::fs::Metadata) {
 /// (itself bounded: it stops growing at the spool bound's 1 MiB default).
 fn count_drop(spool: &Path) {
     let p = dropped_path(spool);
-    let res = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(&p)
-        .and_then(|mut f| {
-            if f.metadata()?.len() < super::listen::MAX_DROP_COUNT {
-                f.write_all(b"x")?;
-            }
-            Ok(())
-        });
+    let res = open_own_file(&p).and_then(|mut f| {
+        if f.metadata()?.len() < super::listen::MAX_DROP_COUNT {
+            f.write_all(b"x")?;
+        }
+        Ok(())
+    });
     if let Err(e) = res {
         eprintln!(
             "virtstream hook: counting a dropped call in {}: {e}",
@@ -235,5 +247,41 @@ mod tests {
         assert!(spool(&spool_path, 4096, b"{}\n").unwrap());
         let m = std::fs::metadata(&spool_path).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (4242, 4243, 0o600));
+    }
+
+    #[test]
+    fn a_link_or_fifo_in_place_of_the_spool_is_refused_untouched() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Another file the agent's user must not get root to append to
+        // or hand over (as /etc/shadow would be).
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"root only\n").unwrap();
+        let before = std::fs::metadata(&secret).unwrap();
+        let sym = dir.path().join("sym.spool");
+        std::os::unix::fs::symlink(&secret, &sym).unwrap();
+        let hard = dir.path().join("hard.spool");
+        std::fs::hard_link(&secret, &hard).unwrap();
+        let fifo = dir.path().join("fifo.spool");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        for p in [&sym, &hard, &fifo] {
+            let e = spool(p, 4096, b"{}\n").unwrap_err().to_string();
+            assert!(e.contains(&p.display().to_string()), "{e}");
+            // The drop counter refuses links the same way.
+            let counter = dropped_path(p);
+            std::os::unix::fs::symlink(&secret, &counter).unwrap();
+            count_drop(p);
+            std::fs::remove_file(&counter).unwrap();
+        }
+        let after = std::fs::metadata(&secret).unwrap();
+        assert_eq!(std::fs::read(&secret).unwrap(), b"root only\n");
+        assert_eq!(
+            (after.uid(), after.gid(), after.len()),
+            (before.uid(), before.gid(), before.len())
+        );
     }
 }
