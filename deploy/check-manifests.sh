@@ -18,14 +18,16 @@
 #   3. no duplicate keys (PyYAML, and so kubernetes-validate, would keep
 #      the last one), and invariants of the agent's pod (libvirt directory
 #      mounted read-only, journal on a hostPath, host id from the node name,
-#      maxSurge 0, ...);
+#      maxSurge 0, [hooks] directories mounted at their host paths, ...),
+#      and the installed qemu hook script run against the agent binary
+#      (spools without an agent, exits 0 even without the binary);
 #   4. the rendered config.toml accepted by the agent itself:
 #      `virtstream check-config` with the container's VIRTSTREAM_* variables
 #      (secretKeyRef ones get dummy values), the journal in a temporary
 #      directory and every referenced secret file created as a dummy file.
 # Bad values (no sink, a journal outside its hostPath, two NATS auth
 # methods, a schema registry without a URL or for a JSON sink, config.usage,
-# ...) must be refused with their reason.
+# a bad [hooks] directory or bound, ...) must be refused with their reason.
 # deploy/kubernetes/namespace.yaml is validated too, and
 # deploy/kubernetes/virtstream.yaml must equal a fresh render.
 #
@@ -250,6 +252,24 @@ refuse "config.nats.encoding is json, but the schema registry applies to the nat
 refuse "/config/schema_registry': additional properties 'url' not allowed" \
     --set config.schema_registry.url=http://registry:8081
 refuse "config.usage is not rendered" --set config.usage.kafka_topic=virt.usage.v1
+refuse "/hooks/spoolMaxBytes': minimum" --set hooks.enabled=true --set hooks.spoolMaxBytes=100
+refuse "/hooks/spoolMaxBytes': maximum" --set hooks.enabled=true --set hooks.spoolMaxBytes=67108865
+refuse "/hooks/hostSocketDir': 'run/virtstream' does not match pattern" \
+    --set hooks.enabled=true --set hooks.hostSocketDir=run/virtstream
+refuse "/hooks/hostBinDir': '/opt/my bin' does not match pattern" \
+    --set hooks.enabled=true --set hooks.install=true --set-string "hooks.hostBinDir=/opt/my bin"
+refuse "/hooks/hostSocketDir': maxLength" \
+    --set hooks.enabled=true --set "hooks.hostSocketDir=/run/$(printf 'x%.0s' {1..90})"
+refuse "/hooks': additional properties 'socket' not allowed" --set hooks.socket=/run/x.sock
+refuse "/config': additional properties 'hooks' not allowed" --set config.hooks.spool_max_bytes=4096
+refuse "hooks.hostSocketDir (/run/libvirt) overlaps libvirt.hostRunDir" \
+    --set hooks.enabled=true --set hooks.hostSocketDir=/run/libvirt
+refuse "hooks.hostSpoolDir (/var/lib/virtstream/spool) overlaps journal.hostPath" \
+    --set hooks.enabled=true --set hooks.hostSpoolDir=/var/lib/virtstream/spool
+refuse "hooks.hostBinDir (/var/lib/virtstream/bin) overlaps hooks.hostSpoolDir (/var/lib/virtstream)" \
+    --set hooks.enabled=true --set hooks.install=true --set hooks.hostBinDir=/var/lib/virtstream/bin
+refuse "hooks.hostBinDir (/etc/libvirt/hooks/bin) overlaps /etc/libvirt/hooks" \
+    --set hooks.enabled=true --set hooks.install=true --set hooks.hostBinDir=/etc/libvirt/hooks/bin
 ((refused == 0)) || fail "$refused bad values set(s) were not refused as expected"
 log "bad values are refused with their reason ($cases cases)"
 
@@ -267,11 +287,11 @@ grep -q "^INFO $NAMESPACE_FILE passed for resource namespace/$NAMESPACE " "$WORK
 # the ServiceMonitors (it only warns about kinds it has no schema for);
 # those are validated against our schema. Then the pod's invariants, and
 # each ConfigMap's config.toml prepared for `virtstream check-config`.
-"$PYTHON" - "$WORK" "$kv_rc" "$SM_SCHEMA" "${names[@]}" <<'PY' || fail "manifest validation"
-import json, os, re, sys
+"$PYTHON" - "$WORK" "$kv_rc" "$SM_SCHEMA" "$BIN" "${names[@]}" <<'PY' || fail "manifest validation"
+import json, os, re, subprocess, sys
 import jsonschema, yaml
 
-work, kv_rc, sm_schema_path, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+work, kv_rc, sm_schema_path, agent_bin, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
 kv_out = open(os.path.join(work, "kv.out")).read().splitlines()
 sm_validator = jsonschema.Draft7Validator(json.load(open(sm_schema_path)))
 NO_SCHEMA_OK = {"ServiceMonitor"}
@@ -364,12 +384,66 @@ for name in names:
         if "projected" in v and v["projected"].get("defaultMode") != 0o440:
             err(name, f"secret volume {v['name']} must have defaultMode 0440")
 
+    # [hooks]: the socket's and the spool's directories are read-write
+    # DirectoryOrCreate hostPaths mounted at their host paths (the hook on
+    # the node uses the same paths), the installed hook script names
+    # exactly the config's paths and bound, and it works: run against the
+    # agent binary it spools (no agent listens) and exits 0, and it exits
+    # 0 without the binary too (libvirt fails a guest's start on a hook's
+    # non-zero exit).
+    toml = cm["data"]["config.toml"]
+    inits = {c["name"]: c for c in pod.get("initContainers", [])}
+    hostpaths = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
+    hm = re.search(r'^\[hooks\]\nsocket = "([^"]+)"\nspool = "([^"]+)"\nspool_max_bytes = (\d+)$', toml, re.M)
+    if "[hooks]" in toml and not hm:
+        err(name, "[hooks] is not socket, spool, spool_max_bytes as the chart renders it")
+    if not hm:
+        if "hooks-setup" in inits or any(n.startswith("hooks-") or n == "libvirt-hooks" for n in vols):
+            err(name, "hook volumes or the hooks-setup init container without [hooks]")
+    else:
+        sock, spool, smax = hm.group(1), hm.group(2), int(hm.group(3))
+        for what, path in (("socket", sock), ("spool", spool)):
+            d = os.path.dirname(path)
+            m = next((m for m in agent["volumeMounts"] if m["mountPath"] == d), None)
+            hp = hostpaths.get(m["name"], {}) if m else {}
+            if not m or m.get("readOnly") or hp.get("path") != d or hp.get("type") != "DirectoryOrCreate":
+                err(name, f"the hook {what} directory {d} must be a read-write DirectoryOrCreate hostPath mounted at its host path")
+        if any(m["name"] in ("hooks-bin", "libvirt-hooks") for m in agent["volumeMounts"]):
+            err(name, "the agent must not mount the hook binary or libvirt hook directories")
+        script = (inits.get("hooks-setup") or {}).get("command", [""])[-1]
+        if "/etc/libvirt/hooks/qemu.d/virtstream" in script:
+            hs = re.search(r"<<'EOF'\n(.*?\n)EOF\n", script, re.S)
+            call = re.search(r'^(/\S+)/virtstream hook --socket (\S+) --spool (\S+) --spool-max-bytes (\d+) -- qemu "\$@" \|\| true$',
+                             hs.group(1) if hs else "", re.M)
+            if not call or (call.group(2), call.group(3), int(call.group(4))) != (sock, spool, smax):
+                err(name, f"the installed hook script does not name [hooks] socket {sock}, spool {spool}, bound {smax}")
+            elif not hs.group(1).startswith("#!/bin/sh\n") or not hs.group(1).endswith("\nexit 0\n"):
+                err(name, "the hook script must be #!/bin/sh and end with exit 0")
+            else:
+                hookdir = os.path.join(work, "hook-" + name)
+                os.makedirs(hookdir, exist_ok=True)
+                tsock, tspool = os.path.join(hookdir, "run/hooks.sock"), os.path.join(hookdir, "spool/hooks.spool")
+                xml = b"<domain><name>ci-guest</name><uuid>c7a5fdbd-cdaf-9455-926a-d65c16db1809</uuid></domain>"
+                for label, binary in (("with the agent binary", agent_bin), ("without the binary", os.path.join(hookdir, "missing"))):
+                    text = (hs.group(1).replace(f"{call.group(1)}/virtstream ", f"{binary} ", 1)
+                            .replace(f"--socket {sock} ", f"--socket {tsock} ", 1)
+                            .replace(f"--spool {spool} ", f"--spool {tspool} ", 1))
+                    path = os.path.join(hookdir, "qemu-hook")
+                    with open(path, "w") as f:
+                        f.write(text)
+                    os.chmod(path, 0o755)
+                    r = subprocess.run([path, "ci-guest", "prepare", "begin", "-"], input=xml, capture_output=True, timeout=30)
+                    if r.returncode != 0:
+                        err(name, f"the hook script {label} exited {r.returncode}: {r.stderr.decode(errors='replace')}")
+                spooled = open(tspool).read() if os.path.exists(tspool) else ""
+                if spooled.count("\n") != 1 or '"operation":"prepare"' not in spooled:
+                    err(name, f"the hook script did not spool the call without an agent: {spooled!r}")
+
     # config.toml for check-config: secret paths moved to a temp dir where
     # the referenced files are created, the container's VIRTSTREAM_*
     # variables with dummy secrets.
     out = os.path.join(work, "config-" + name)
     os.makedirs(out, exist_ok=True)
-    toml = cm["data"]["config.toml"]
     m = re.search(r'^listen = "0\.0\.0\.0:(\d+)"$', toml, re.M)
     port = next((p["containerPort"] for p in agent.get("ports", []) if p["name"] == "metrics"), None)
     if not m or int(m.group(1)) != port:
@@ -401,7 +475,7 @@ for e in errors:
     print("check-manifests:", e, file=sys.stderr)
 sys.exit(1 if errors else 0)
 PY
-log "resources validated; pod invariants hold"
+log "resources validated; pod invariants hold; hook scripts run"
 
 # ---------------------------------------------------- the agent's verdict
 

@@ -160,6 +160,28 @@ the ConfigMap.
 {{- if and (hasKey $v.config "usage") (not (kindIs "invalid" $v.config.usage)) }}
 {{- fail "virtstream: config.usage is not rendered: [usage] is read only by the `virtstream usage --publish` tool, never by the agent; give that tool its own config file (docs/kubernetes.md)" }}
 {{- end }}
+{{- if $v.hooks.enabled }}
+{{- $h := $v.hooks }}
+{{- $lv := trimSuffix "/" $v.libvirt.hostRunDir }}
+{{- range $key, $dir := dict "hooks.hostSocketDir" $h.hostSocketDir "hooks.hostSpoolDir" $h.hostSpoolDir }}
+{{- if include "virtstream.overlaps" (list $dir $lv) }}
+{{- fail (printf "virtstream: %s (%s) overlaps libvirt.hostRunDir (%s), which is mounted read-only: use a directory of its own" $key $dir $lv) }}
+{{- end }}
+{{- if and (ne $dir $hp) (include "virtstream.overlaps" (list $dir $hp)) }}
+{{- fail (printf "virtstream: %s (%s) overlaps journal.hostPath (%s): use journal.hostPath itself or a directory outside it" $key $dir $hp) }}
+{{- end }}
+{{- end }}
+{{- if $h.install }}
+{{- range $key, $dir := dict "journal.hostPath" $hp "hooks.hostSocketDir" $h.hostSocketDir "hooks.hostSpoolDir" $h.hostSpoolDir "libvirt.hostRunDir" $lv }}
+{{- if include "virtstream.overlaps" (list $h.hostBinDir $dir) }}
+{{- fail (printf "virtstream: hooks.hostBinDir (%s) overlaps %s (%s): the binary libvirtd runs as root must be in a root-owned directory of its own (the agent's user owns the journal, socket and spool directories and could replace it), e.g. /opt/virtstream/bin" $h.hostBinDir $key $dir) }}
+{{- end }}
+{{- end }}
+{{- if include "virtstream.overlaps" (list $h.hostBinDir "/etc/libvirt/hooks") }}
+{{- fail (printf "virtstream: hooks.hostBinDir (%s) overlaps /etc/libvirt/hooks: libvirtd would run everything in it" $h.hostBinDir) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $psc := $v.podSecurityContext }}
 {{- if and $psc.runAsNonRoot (eq (int (default 0 $psc.runAsUser)) 0) }}
 {{- fail "virtstream: podSecurityContext.runAsNonRoot is true but runAsUser is 0 (or unset); set runAsUser (default 65532), or runAsNonRoot: false to run as root" }}
@@ -228,6 +250,29 @@ must not encode JSON (the agent would exit 64 at start). */}}
 {{- end }}
 {{- end }}
 
+{{/* "true" when the directories (list A B) are equal or one is inside the other; "" otherwise. */}}
+{{- define "virtstream.overlaps" -}}
+{{- $a := trimSuffix "/" (index . 0) }}
+{{- $b := trimSuffix "/" (index . 1) }}
+{{- if or (eq $a $b) (hasPrefix (printf "%s/" $a) $b) (hasPrefix (printf "%s/" $b) $a) }}true{{ end }}
+{{- end }}
+
+{{/*
+The hook script installed as /etc/libvirt/hooks/qemu.d/virtstream with
+hooks.install: the agent's paths passed explicitly, and exit 0 even when
+the binary is missing or cannot run (libvirt fails a guest's start or
+migration on a hook's non-zero exit).
+*/}}
+{{- define "virtstream.hookScript" -}}
+{{- $h := .Values.hooks -}}
+#!/bin/sh
+# Installed by the virtstream Helm chart (release {{ .Release.Name }}, namespace
+# {{ .Release.Namespace }}): forwards libvirt's qemu hook calls to the node's
+# virtstream agent, or to its spool while no agent listens.
+{{ $h.hostBinDir }}/virtstream hook --socket {{ $h.hostSocketDir }}/hooks.sock --spool {{ $h.hostSpoolDir }}/hooks.spool --spool-max-bytes {{ int64 $h.spoolMaxBytes }} -- qemu "$@" || true
+exit 0
+{{- end }}
+
 {{/*
 TOML rendering. Strings are written as JSON string literals (valid TOML
 basic strings), numbers and booleans bare, lists as inline arrays, maps as
@@ -273,7 +318,8 @@ agent's default).
 {{/*
 config.toml: the [host] [libvirt] [journal] [snapshot] [metrics] [log]
 sections from config.*, [nats] / [kafka] only for an enabled sink and
-[schema_registry] only when schemaRegistry.enabled, with the chart-managed
+[schema_registry] only when schemaRegistry.enabled, [hooks] only when
+hooks.enabled, with the chart-managed
 keys (url, brokers, TLS and authentication files) merged in. [usage] is
 never rendered: only the usage tool reads it.
 */}}
@@ -330,5 +376,10 @@ never rendered: only the usage tool reads it.
 {{- $r = merge $r (deepCopy (default dict $v.config.schema_registry)) }}
 
 {{ include "virtstream.toml.table" (list "schema_registry" $r) }}
+{{- end }}
+{{- if $v.hooks.enabled }}
+{{- $h := $v.hooks }}
+
+{{ include "virtstream.toml.table" (list "hooks" (dict "socket" (printf "%s/hooks.sock" $h.hostSocketDir) "spool" (printf "%s/hooks.spool" $h.hostSpoolDir) "spool_max_bytes" (int64 $h.spoolMaxBytes))) }}
 {{- end }}
 {{- end }}
