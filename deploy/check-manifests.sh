@@ -142,9 +142,11 @@ agent_binary() {
     BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/virtstream"
     if [[ ! -x $BIN ]]; then
         log "building the agent (cargo build --release)"
-        cargo build --release --bin virtstream
+        cargo build --release --bin virtstream --bin virtstream-hook
     fi
     [[ -x $BIN ]] || fail "no agent binary at $BIN"
+    # The hook binary is built beside the agent's.
+    [[ -x $(dirname "$BIN")/virtstream-hook ]] || fail "no virtstream-hook beside $BIN (cargo build builds both)"
 }
 
 install_helm
@@ -413,7 +415,7 @@ for name in names:
         script = (inits.get("hooks-setup") or {}).get("command", [""])[-1]
         if "/etc/libvirt/hooks/qemu.d/virtstream" in script:
             hs = re.search(r"<<'EOF'\n(.*?\n)EOF\n", script, re.S)
-            call = re.search(r'^(/\S+)/virtstream hook --socket (\S+) --spool (\S+) --spool-max-bytes (\d+) -- qemu "\$@" \|\| true$',
+            call = re.search(r'^(/\S+)/virtstream-hook --socket (\S+) --spool (\S+) --spool-max-bytes (\d+) -- qemu "\$@" \|\| true$',
                              hs.group(1) if hs else "", re.M)
             if not call or (call.group(2), call.group(3), int(call.group(4))) != (sock, spool, smax):
                 err(name, f"the installed hook script does not name [hooks] socket {sock}, spool {spool}, bound {smax}")
@@ -424,8 +426,8 @@ for name in names:
                 os.makedirs(hookdir, exist_ok=True)
                 tsock, tspool = os.path.join(hookdir, "run/hooks.sock"), os.path.join(hookdir, "spool/hooks.spool")
                 xml = b"<domain><name>ci-guest</name><uuid>c7a5fdbd-cdaf-9455-926a-d65c16db1809</uuid></domain>"
-                for label, binary in (("with the agent binary", agent_bin), ("without the binary", os.path.join(hookdir, "missing"))):
-                    text = (hs.group(1).replace(f"{call.group(1)}/virtstream ", f"{binary} ", 1)
+                for label, binary in (("with the hook binary", os.path.join(os.path.dirname(agent_bin), "virtstream-hook")), ("without the binary", os.path.join(hookdir, "missing"))):
+                    text = (hs.group(1).replace(f"{call.group(1)}/virtstream-hook ", f"{binary} ", 1)
                             .replace(f"--socket {sock} ", f"--socket {tsock} ", 1)
                             .replace(f"--spool {spool} ", f"--spool {tspool} ", 1))
                     path = os.path.join(hookdir, "qemu-hook")

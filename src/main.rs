@@ -97,27 +97,8 @@ enum Command {
     /// libvirt hook script entry: `virtstream hook qemu GUEST OPERATION
     /// SUBOPERATION EXTRA` with the domain XML on stdin. Hands the call to
     /// the agent (or its spool) and always exits 0; never calls libvirt.
-    Hook {
-        /// The libvirt hook driver (only `qemu` is forwarded).
-        driver: String,
-        #[arg(allow_hyphen_values = true)]
-        guest: String,
-        #[arg(allow_hyphen_values = true)]
-        operation: String,
-        #[arg(allow_hyphen_values = true, default_value = "-")]
-        sub_operation: String,
-        #[arg(allow_hyphen_values = true, default_value = "-")]
-        extra: String,
-        /// The agent's `[hooks] socket`.
-        #[arg(long, env = "VIRTSTREAM_HOOKS_SOCKET", default_value = virtstream::config::DEFAULT_HOOKS_SOCKET)]
-        socket: PathBuf,
-        /// The `[hooks] spool` used when no agent listens.
-        #[arg(long, env = "VIRTSTREAM_HOOKS_SPOOL", default_value = virtstream::config::DEFAULT_HOOKS_SPOOL)]
-        spool: PathBuf,
-        /// The `[hooks] spool_max_bytes` bound.
-        #[arg(long, env = "VIRTSTREAM_HOOKS_SPOOL_MAX_BYTES", default_value_t = virtstream::config::DEFAULT_SPOOL_MAX_BYTES)]
-        spool_max_bytes: u64,
-    },
+    /// `virtstream-hook` does the same with a faster start.
+    Hook(virtstream::source::hooks::cli::HookArgs),
 }
 
 /// The config file and the bus a tool reads.
@@ -424,31 +405,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Hook {
-            driver,
-            guest,
-            operation,
-            sub_operation,
-            extra,
-            socket,
-            spool,
-            spool_max_bytes,
-        } => {
-            if driver != "qemu" {
-                eprintln!("virtstream hook: driver {driver:?} is not forwarded (only qemu)");
-                return ExitCode::SUCCESS;
-            }
-            let target = virtstream::source::hooks::client::HookTarget {
-                socket,
-                spool,
-                spool_max_bytes,
-            };
-            virtstream::source::hooks::client::run(
-                &target,
-                [&guest, &operation, &sub_operation, &extra],
-                std::io::stdin().lock(),
-                virtstream::clock::now_micros(),
-            );
+        Command::Hook(hook) => {
+            hook.forward();
             ExitCode::SUCCESS
         }
         Command::CheckConfig { config } => {

@@ -269,7 +269,7 @@ migration on a hook's non-zero exit).
 # Installed by the virtstream Helm chart (release {{ .Release.Name }}, namespace
 # {{ .Release.Namespace }}): forwards libvirt's qemu hook calls to the node's
 # virtstream agent, or to its spool while no agent listens.
-{{ $h.hostBinDir }}/virtstream hook --socket {{ $h.hostSocketDir }}/hooks.sock --spool {{ $h.hostSpoolDir }}/hooks.spool --spool-max-bytes {{ int64 $h.spoolMaxBytes }} -- qemu "$@" || true
+{{ $h.hostBinDir }}/virtstream-hook --socket {{ $h.hostSocketDir }}/hooks.sock --spool {{ $h.hostSpoolDir }}/hooks.spool --spool-max-bytes {{ int64 $h.spoolMaxBytes }} -- qemu "$@" || true
 exit 0
 {{- end }}
 

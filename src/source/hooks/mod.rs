@@ -15,6 +15,7 @@
 //! - the hook side never calls libvirt and never makes libvirt's operation
 //!   fail (see `client`).
 
+pub mod cli;
 pub mod client;
 pub mod listen;
 
