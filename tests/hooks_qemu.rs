@@ -78,34 +78,77 @@ fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
     (p(0.50), p(0.99))
 }
 
+/// A private libvirtd with the qemu hook installed before it starts: the
+/// hook script logs each call's operation (the oracle of which calls
+/// libvirt made) and runs `virtstream-hook` against `socket`/`spool`.
+struct HookedHost {
+    host: LibvirtHost,
+    socket: PathBuf,
+    spool: PathBuf,
+    calls_log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl HookedHost {
+    fn start() -> HookedHost {
+        let dir = tempfile::tempdir().unwrap();
+        let socket: PathBuf = dir.path().join("hooks.sock");
+        let spool: PathBuf = dir.path().join("spool/hooks.spool");
+        let calls_log: PathBuf = dir.path().join("calls.log");
+        let host = LibvirtHost::start_with(|root| {
+            let hooks = root.join("etc/hooks");
+            std::fs::create_dir_all(&hooks).unwrap();
+            let script = format!(
+                "#!/bin/sh\necho \"$2\" >> '{}'\nexec '{}' qemu \"$@\" --socket '{}' --spool '{}'\n",
+                calls_log.display(),
+                HOOK_BIN,
+                socket.display(),
+                spool.display()
+            );
+            let path = hooks.join("qemu");
+            std::fs::write(&path, script).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        });
+        HookedHost {
+            host,
+            socket,
+            spool,
+            calls_log,
+            _dir: dir,
+        }
+    }
+
+    /// The agent's `[hooks]` section for this host.
+    fn hooks_section(&self) -> String {
+        format!(
+            "[hooks]\nsocket = \"{}\"\nspool = \"{}\"\n",
+            self.socket.display(),
+            self.spool.display()
+        )
+    }
+
+    /// The hook calls libvirt made, as `hook:<operation>`.
+    fn called(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.calls_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| format!("hook:{l}"))
+            .collect()
+    }
+}
+
 #[test]
 fn qemu_hook_calls_are_journaled_in_order_with_the_lifecycle_events() {
     let nats = NatsServer::start();
     let kafka = KafkaBroker::start();
+    let hh = HookedHost::start();
     let hk = tempfile::tempdir().unwrap();
-    let socket: PathBuf = hk.path().join("hooks.sock");
-    let spool: PathBuf = hk.path().join("spool/hooks.spool");
-    let calls_log: PathBuf = hk.path().join("calls.log");
-    let host = LibvirtHost::start_with(|dir| {
-        let hooks = dir.join("etc/hooks");
-        std::fs::create_dir_all(&hooks).unwrap();
-        let script = format!(
-            "#!/bin/sh\necho \"$2\" >> '{}'\nexec '{}' qemu \"$@\" --socket '{}' --spool '{}'\n",
-            calls_log.display(),
-            HOOK_BIN,
-            socket.display(),
-            spool.display()
-        );
-        let path = hooks.join("qemu");
-        std::fs::write(&path, script).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    });
-    let uri = host.qemu_uri();
+    let (socket, spool, calls_log) = (&hh.socket, &hh.spool, &hh.calls_log);
+    let uri = hh.host.qemu_uri();
     let extra = format!(
-        "[hooks]\nsocket = \"{}\"\nspool = \"{}\"\n{}",
-        socket.display(),
-        spool.display(),
+        "{}{}",
+        hh.hooks_section(),
         kafka_section(&kafka.bootstrap())
     );
     let mut agent = Agent::ready(&uri, Some(&nats.url()), &extra);
@@ -139,11 +182,7 @@ fn qemu_hook_calls_are_journaled_in_order_with_the_lifecycle_events() {
     }
     // The hook calls are the ones libvirt made (the script's log), in
     // that order.
-    let called: Vec<String> = std::fs::read_to_string(&calls_log)
-        .unwrap()
-        .lines()
-        .map(|l| format!("hook:{l}"))
-        .collect();
+    let called = hh.called();
     let hooks: Vec<String> = labels
         .iter()
         .filter(|l| l.starts_with("hook:"))
@@ -203,10 +242,10 @@ fn qemu_hook_calls_are_journaled_in_order_with_the_lifecycle_events() {
     let direct = new_uuid();
     let spool_direct = hk.path().join("direct.spool");
     let running: Vec<Duration> = (0..50)
-        .map(|_| call_hook(false, &socket, &spool_direct, &direct, "started"))
+        .map(|_| call_hook(false, socket, &spool_direct, &direct, "started"))
         .collect();
     let lean: Vec<Duration> = (0..50)
-        .map(|_| call_hook(true, &socket, &spool_direct, &direct, "started"))
+        .map(|_| call_hook(true, socket, &spool_direct, &direct, "started"))
         .collect();
     assert!(!spool_direct.exists(), "the agent took every call");
     let (lp50, lp99) = percentiles(lean);
@@ -229,7 +268,7 @@ fn qemu_hook_calls_are_journaled_in_order_with_the_lifecycle_events() {
     // 3. Agent stopped: the hook spools, as fast; a domain cycle too.
     assert_eq!(agent.terminate(), Some(0));
     let stopped: Vec<Duration> = (0..50)
-        .map(|i| call_hook(i % 2 == 0, &socket, &spool, &direct, "release"))
+        .map(|i| call_hook(i % 2 == 0, socket, spool, &direct, "release"))
         .collect();
     let (p50, p99) = percentiles(stopped);
     eprintln!("hook with the agent stopped: p50 {p50:?} p99 {p99:?}");
@@ -240,9 +279,9 @@ fn qemu_hook_calls_are_journaled_in_order_with_the_lifecycle_events() {
     let before = called.len();
     d.create().unwrap();
     d.destroy().unwrap();
-    let spooled = std::fs::read_to_string(&spool).unwrap();
+    let spooled = std::fs::read_to_string(spool).unwrap();
     assert_eq!(spooled.lines().count(), 50 + 5, "{spooled}");
-    let called_now = std::fs::read_to_string(&calls_log).unwrap().lines().count();
+    let called_now = std::fs::read_to_string(calls_log).unwrap().lines().count();
     assert_eq!(called_now - before, 5);
 
     // 4. The agent journals the spool when it starts.
@@ -320,4 +359,96 @@ fn the_hook_binary_links_only_libc() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&agent.stdout).contains("libvirt.so"));
+}
+
+/// A live migration between two hooked hosts: the destination's hook
+/// calls (`migrate` with the incoming XML, then `prepare`, `start`,
+/// `started`) and the source's (`stopped`, `release`) are journaled by
+/// each host's agent, in the order each host's libvirt made them and
+/// interleaved with that host's lifecycle events; the destination's
+/// `migrate` comes before its first event of the domain, the source's
+/// `release` before its `STOPPED/MIGRATED`.
+#[test]
+fn a_migration_shows_the_hook_phases_on_both_hosts() {
+    let nats = NatsServer::start();
+    let hosts = [HookedHost::start(), HookedHost::start()];
+    let agents: Vec<Agent> = hosts
+        .iter()
+        .map(|h| Agent::ready(&h.host.qemu_uri(), Some(&nats.url()), &h.hooks_section()))
+        .collect();
+    let (name, uuid) = (unique("hmig"), new_uuid());
+    let xml = hosts[0].host.dir.path().join("guest.xml");
+    std::fs::write(&xml, qemu_domain_xml(&name, &uuid)).unwrap();
+    let virsh = |h: usize, args: &[&str]| {
+        let out = Command::new("virsh")
+            .arg("-c")
+            .arg(hosts[h].host.qemu_uri())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "virsh {args:?} on host {h}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    virsh(0, &["create", xml.to_str().unwrap()]);
+    let before_a = hosts[0].called().len();
+    virsh(
+        0,
+        &[
+            "migrate",
+            "--live",
+            &name,
+            &hosts[1].host.qemu_uri(),
+            "--migrateuri",
+            "tcp://127.0.0.1",
+        ],
+    );
+    // Each host's records of the domain, once its last hook call is there.
+    let on = |h: usize, last: &str| -> Vec<String> {
+        let msgs = wait_for(
+            &nats.url(),
+            &agents[h].filter(),
+            Duration::from_secs(60),
+            &format!("host {h}'s {last}"),
+            |m| {
+                let l: Vec<String> = of_domain(m, &uuid).iter().map(label).collect();
+                l.iter().any(|x| x == last) && l.iter().any(|x| x == "STOPPED" || x == "RESUMED")
+            },
+        );
+        assert_contiguous(&msgs);
+        of_domain(&msgs, &uuid).iter().map(label).collect()
+    };
+    let b = on(1, "hook:started");
+    let a = on(0, "hook:release");
+    eprintln!("source A journaled: {a:?}\ndestination B journaled: {b:?}");
+    // Each agent journaled exactly the calls its host's libvirt made.
+    let hooks_of = |l: &[String]| -> Vec<String> {
+        l.iter()
+            .filter(|x| x.starts_with("hook:"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(hooks_of(&b), hosts[1].called(), "destination");
+    assert_eq!(hooks_of(&a), hosts[0].called(), "source");
+    assert_eq!(
+        hosts[0].called()[before_a..].to_vec(),
+        vec!["hook:stopped", "hook:release"],
+        "the source's calls for the migration"
+    );
+    assert_eq!(
+        hooks_of(&b),
+        vec!["hook:migrate", "hook:prepare", "hook:start", "hook:started"],
+        "the destination's calls"
+    );
+    // The destination's first word on the domain is the migrate hook,
+    // before libvirt's STARTED/MIGRATED; the source's release comes
+    // before its STOPPED.
+    assert_eq!(b[0], "hook:migrate", "{b:?}");
+    let pos = |l: &[String], x: &str| l.iter().position(|y| y == x).unwrap();
+    assert!(pos(&b, "hook:started") < pos(&b, "STARTED"), "{b:?}");
+    assert!(pos(&b, "STARTED") < pos(&b, "RESUMED"), "{b:?}");
+    assert!(pos(&a, "hook:release") < pos(&a, "STOPPED"), "{a:?}");
+    virsh(1, &["destroy", &name]);
 }
