@@ -17,7 +17,6 @@
 //! - bounded in space: see the spool invariants in `hooks`.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -118,13 +117,8 @@ pub fn spool(path: &Path, max_bytes: u64, line: &[u8]) -> Result<bool, HookError
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
     let mut f = open_own_file(path).map_err(err)?;
-    let meta = f.metadata().map_err(err)?;
-    give_to_dir_owner(path, &f, &meta);
-    let len = meta.len();
+    let len = f.metadata().map_err(err)?.len();
     if len + line.len() as u64 > max_bytes {
         count_drop(path);
         return Ok(false);
@@ -133,43 +127,70 @@ pub fn spool(path: &Path, max_bytes: u64, line: &[u8]) -> Result<bool, HookError
     Ok(true)
 }
 
-/// Opens (or creates, 0600) a file the hook appends to, refusing anything
-/// but a plain file of its own: the hook runs as root in a directory the
-/// agent's user owns, and a symlink or hard link placed there must not
-/// make root append to (and hand over) another file such as
-/// `/etc/shadow`.
+/// Opens a file the hook appends to (the spool, its drop counter) without
+/// letting whoever owns its directory redirect root. The hook runs as
+/// root; the directory usually belongs to the agent's user, who could
+/// place a symlink, a hard link to a root file or a FIFO there, or swap
+/// the directory itself for a symlink. So:
+/// - the directory is opened without following a symlink (a missing one
+///   is created first, root's), and the file relative to that descriptor,
+///   also without following one;
+/// - a new file is created exclusively (0600) and only then handed to the
+///   directory's owner, so the agent can read it;
+/// - an existing file is used only if it is a plain file with one link
+///   owned by the directory's owner, and is never chowned.
 fn open_own_file(path: &Path) -> std::io::Result<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = f.metadata()?;
-    use std::os::unix::fs::MetadataExt;
-    if !meta.file_type().is_file() || meta.nlink() != 1 {
-        return Err(std::io::Error::other(
-            "not a plain file with one link (refused: the hook runs as root)",
-        ));
-    }
-    Ok(f)
-}
-
-/// The hook runs as root, the agent usually as the owner of the spool's
-/// directory (the unit's `StateDirectory`): a spool the hook created is
-/// handed to that owner, so the agent can read it.
-fn give_to_dir_owner(path: &Path, f: &std::fs::File, meta: &std::fs::Metadata) {
-    use std::os::unix::fs::MetadataExt;
-    let Some(dir) = path.parent().and_then(|d| std::fs::metadata(d).ok()) else {
-        return;
+    use rustix::fs::{fstat, open, openat, FileType, Mode, OFlags};
+    use std::os::unix::fs::fchown;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     };
-    if (meta.uid(), meta.gid()) != (dir.uid(), dir.gid()) {
-        if let Err(e) = std::os::unix::fs::fchown(f, Some(dir.uid()), Some(dir.gid())) {
-            eprintln!(
-                "virtstream hook: giving {} to the owner of its directory: {e}",
-                path.display()
-            );
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the path names no file"))?;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let dfd = open(
+        dir,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let owner = fstat(&dfd)?;
+    let flags =
+        OFlags::WRONLY | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    match openat(
+        &dfd,
+        name,
+        flags | OFlags::CREATE | OFlags::EXCL,
+        Mode::RUSR | Mode::WUSR,
+    ) {
+        Ok(fd) => {
+            let f = std::fs::File::from(fd);
+            if let Err(e) = fchown(&f, Some(owner.st_uid), Some(owner.st_gid)) {
+                eprintln!(
+                    "virtstream hook: giving {} to the owner of its directory: {e}",
+                    path.display()
+                );
+            }
+            Ok(f)
         }
+        Err(rustix::io::Errno::EXIST) => {
+            let fd = openat(&dfd, name, flags, Mode::empty())?;
+            let st = fstat(&fd)?;
+            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+                || st.st_nlink != 1
+                || st.st_uid != owner.st_uid
+            {
+                return Err(std::io::Error::other(
+                    "not a plain file with one link owned by its directory's owner \
+                     (refused: the hook runs as root)",
+                ));
+            }
+            Ok(std::fs::File::from(fd))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -250,38 +271,67 @@ mod tests {
     }
 
     #[test]
-    fn a_link_or_fifo_in_place_of_the_spool_is_refused_untouched() {
+    fn links_fifos_and_foreign_files_in_place_of_the_spool_are_refused_untouched() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        // Another file the agent's user must not get root to append to
-        // or hand over (as /etc/shadow would be).
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, b"root only\n").unwrap();
-        let before = std::fs::metadata(&secret).unwrap();
-        let sym = dir.path().join("sym.spool");
-        std::os::unix::fs::symlink(&secret, &sym).unwrap();
-        let hard = dir.path().join("hard.spool");
-        std::fs::hard_link(&secret, &hard).unwrap();
-        let fifo = dir.path().join("fifo.spool");
+        // The spool directory belongs to the agent's user (4242 here); the
+        // hook runs as root. Skipped where the test cannot chown.
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        if std::os::unix::fs::chown(&state, Some(4242), Some(4243)).is_err() {
+            eprintln!("not root: not checked");
+            return;
+        }
+        // Root's files the agent's user must not get root to append to or
+        // hand over (as /etc/shadow would be), one per case so each has a
+        // single link of its own.
+        let secret = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, b"root only\n").unwrap();
+            p
+        };
+        let (s1, s2, s3) = (secret("s1"), secret("s2"), secret("s3"));
+        let sym = state.join("sym.spool");
+        std::os::unix::fs::symlink(&s1, &sym).unwrap();
+        // A hard link whose original was since replaced: one link left.
+        let hard = state.join("hard.spool");
+        std::fs::hard_link(&s2, &hard).unwrap();
+        std::fs::remove_file(&s2).unwrap();
+        assert_eq!(std::fs::metadata(&hard).unwrap().nlink(), 1);
+        let fifo = state.join("fifo.spool");
         assert!(std::process::Command::new("mkfifo")
             .arg(&fifo)
             .status()
             .unwrap()
             .success());
-        for p in [&sym, &hard, &fifo] {
+        // The directory itself swapped for a symlink to root's directory.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let swapped = state.join("spooldir");
+        std::os::unix::fs::symlink(&elsewhere, &swapped).unwrap();
+        let via_dir = swapped.join("hooks.spool");
+        for p in [&sym, &hard, &fifo, &via_dir] {
             let e = spool(p, 4096, b"{}\n").unwrap_err().to_string();
             assert!(e.contains(&p.display().to_string()), "{e}");
-            // The drop counter refuses links the same way.
+            // The drop counter is opened the same way.
             let counter = dropped_path(p);
-            std::os::unix::fs::symlink(&secret, &counter).unwrap();
+            if p != &via_dir {
+                std::os::unix::fs::symlink(&s3, &counter).unwrap();
+            }
             count_drop(p);
-            std::fs::remove_file(&counter).unwrap();
+            let _ = std::fs::remove_file(&counter);
         }
-        let after = std::fs::metadata(&secret).unwrap();
-        assert_eq!(std::fs::read(&secret).unwrap(), b"root only\n");
-        assert_eq!(
-            (after.uid(), after.gid(), after.len()),
-            (before.uid(), before.gid(), before.len())
-        );
+        assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none());
+        for s in [&s1, &hard, &s3] {
+            let m = std::fs::metadata(s).unwrap();
+            assert_eq!(std::fs::read(s).unwrap(), b"root only\n", "{}", s.display());
+            assert_eq!((m.uid(), m.gid()), (0, 0), "{}", s.display());
+        }
+        // A plain file of the directory's owner is used, and not chowned.
+        let own = state.join("hooks.spool");
+        assert!(spool(&own, 4096, b"{}\n").unwrap());
+        assert!(spool(&own, 4096, b"{}\n").unwrap());
+        let m = std::fs::metadata(&own).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.len()), (4242, 4243, 6));
     }
 }
