@@ -140,7 +140,7 @@ agent_binary() {
         return
     fi
     BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/virtstream"
-    if [[ ! -x $BIN ]]; then
+    if [[ ! -x $BIN || ! -x $(dirname "$BIN")/virtstream-hook ]]; then
         log "building the agent (cargo build --release)"
         cargo build --release --bin virtstream --bin virtstream-hook
     fi
@@ -260,6 +260,8 @@ refuse "/hooks/hostSocketDir': 'run/virtstream' does not match pattern" \
     --set hooks.enabled=true --set hooks.hostSocketDir=run/virtstream
 refuse "/hooks/hostBinDir': '/opt/my bin' does not match pattern" \
     --set hooks.enabled=true --set hooks.install=true --set-string "hooks.hostBinDir=/opt/my bin"
+refuse "/hooks/hostSpoolDir': '/var/lib/virtstream/../spool' does not match pattern" \
+    --set hooks.enabled=true --set hooks.hostSpoolDir=/var/lib/virtstream/../spool
 refuse "/hooks/hostSocketDir': maxLength" \
     --set hooks.enabled=true --set "hooks.hostSocketDir=/run/$(printf 'x%.0s' {1..90})"
 refuse "/hooks': additional properties 'socket' not allowed" --set hooks.socket=/run/x.sock

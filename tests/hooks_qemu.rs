@@ -40,8 +40,22 @@ fn of_domain(msgs: &[Stored], uuid: &str) -> Vec<Stored> {
     v
 }
 
-/// The small hook binary (links only libc).
+/// The small hook binary (links only glibc and libgcc_s).
 const HOOK_BIN: &str = env!("CARGO_BIN_EXE_virtstream-hook");
+
+/// The domain's records as the bus holds them (stream or partition
+/// order) are in `seq` order: no sorting hides a reordering.
+fn assert_stored_in_seq_order(msgs: &[Stored], uuid: &str, bus: &str) {
+    let seqs: Vec<u64> = msgs
+        .iter()
+        .filter(|m| m.event.domain.uuid == uuid)
+        .map(|m| m.event.seq)
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "{bus} holds the domain's records out of order: {seqs:?}"
+    );
+}
 
 /// One direct hook call, `virtstream hook qemu …` or (`lean`)
 /// `virtstream-hook qemu …`; its wall time.
@@ -99,7 +113,7 @@ impl HookedHost {
             let hooks = root.join("etc/hooks");
             std::fs::create_dir_all(&hooks).unwrap();
             let script = format!(
-                "#!/bin/sh\necho \"$2\" >> '{}'\nexec '{}' qemu \"$@\" --socket '{}' --spool '{}'\n",
+                "#!/bin/sh\necho \"$2\" >> '{}'\nexec '{}' --socket '{}' --spool '{}' -- qemu \"$@\"\n",
                 calls_log.display(),
                 HOOK_BIN,
                 socket.display(),
@@ -227,6 +241,8 @@ fn qemu_hook_calls_are_journaled_in_order_with_the_lifecycle_events() {
         "the same records on Kafka",
         |m| of_domain(m, &uuid).len() >= dom.len(),
     );
+    assert_stored_in_seq_order(&msgs, &uuid, "NATS");
+    assert_stored_in_seq_order(&on_kafka, &uuid, "Kafka");
     let kdom = of_domain(&on_kafka, &uuid);
     let klabels: Vec<String> = kdom.iter().take(dom.len()).map(label).collect();
     assert_eq!(klabels, labels, "Kafka vs NATS");

@@ -185,7 +185,7 @@ pub fn run(nats_url: &str, n: usize) -> Vec<String> {
         dir.path(),
         "qemu",
         &format!(
-            "'{}' qemu \"$@\" --socket '{}' --spool '{}' || true\nexit 0",
+            "'{}' --socket '{}' --spool '{}' -- qemu \"$@\" || true\nexit 0",
             hook_bin.display(),
             socket.display(),
             spool.display()

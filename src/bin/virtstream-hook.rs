@@ -1,7 +1,7 @@
 //! `virtstream-hook`: libvirt's qemu hook forwarder alone, for
 //! `/etc/libvirt/hooks/qemu` (`virtstream-hook qemu "$@"`). The same
 //! arguments and behaviour as `virtstream hook` (see
-//! `source::hooks::cli`), in a binary that links only libc: libvirtd waits
+//! `source::hooks::cli`), in a binary that links only glibc and libgcc_s: libvirtd waits
 //! for every hook call, so its start-up time is on every guest's start and
 //! stop.
 //!
