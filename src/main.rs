@@ -300,7 +300,6 @@ fn write_out(text: &str) -> ExitCode {
     }
 }
 
-/// The wall clock, µs since the Unix epoch.
 fn state_cmd(cfg: &Config, bus: BusKind, silent_after: u32, table: bool) -> ExitCode {
     let (fleet, out) = match consumer::state(cfg, bus, silent_after, now_micros()) {
         Ok(r) => r,
