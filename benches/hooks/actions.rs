@@ -148,24 +148,6 @@ fn wait_count(
     }
 }
 
-/// Waits until `count` has not moved for 500 ms; returns it.
-fn settle(mut count: impl FnMut() -> u64) -> u64 {
-    let mut last = count();
-    let mut since = Instant::now();
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let c = count();
-        if c != last {
-            last = c;
-            since = Instant::now();
-        } else if since.elapsed() >= Duration::from_millis(500) {
-            return c;
-        }
-        assert!(Instant::now() < end, "the count did not settle: {c}");
-    }
-}
-
 fn agent_run(nats_url: &str, e: u64, concurrency: Option<usize>) -> Result<Measured, String> {
     let host = Host::start();
     let label = match concurrency {
@@ -182,7 +164,7 @@ fn agent_run(nats_url: &str, e: u64, concurrency: Option<usize>) -> Result<Measu
     agent.wait_ready(Duration::from_secs(60));
     let runs = |a: &common::Agent| a.metric(RUNS) as u64;
     // The start's reconcile events run the action too: counted before.
-    let base = settle(|| runs(&agent));
+    let base = procs::settle("the action runs", || runs(&agent));
     let pid = agent.pid().expect("agent running");
     let cpu0 = tree_cpu(pid);
     let t0 = Instant::now();
@@ -309,7 +291,7 @@ fn baseline_run(e: u64) -> Result<Measured, String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(conn);
-    let base = settle(count);
+    let base = procs::settle("the loop's count", count);
     let pid = group.0.id();
     let cpu0 = tree_cpu(pid);
     let t0 = Instant::now();

@@ -234,3 +234,22 @@ pub fn agent(uri: &str, nats: Option<&str>, kafka: Option<(&str, &str)>) -> comm
 pub fn agent_binary() -> PathBuf {
     PathBuf::from(common::Agent::bin())
 }
+
+/// Waits until what `read` returns has not moved for 500 ms (read every
+/// 100 ms, at most 60 s); returns it. `what` names it in the panic.
+pub fn settle<T: PartialEq + std::fmt::Debug>(what: &str, mut read: impl FnMut() -> T) -> T {
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut last = read();
+    let mut since = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = read();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= Duration::from_millis(500) {
+            return last;
+        }
+        assert!(Instant::now() < end, "{what} did not settle: {last:?}");
+    }
+}

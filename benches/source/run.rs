@@ -245,20 +245,9 @@ pub fn run(bus: &Bus, cell: Cell, who: Who, run_no: usize) -> Measured {
 
 /// Waits until the counts of `places` stop moving (500 ms); returns them.
 fn settle(bus: &Bus, places: &[Place]) -> Vec<u64> {
-    let end = Instant::now() + Duration::from_secs(60);
-    let mut last: Vec<u64> = places.iter().map(|p| bus.count(p)).collect();
-    let mut since = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now: Vec<u64> = places.iter().map(|p| bus.count(p)).collect();
-        if now != last {
-            last = now;
-            since = Instant::now();
-        } else if since.elapsed() >= Duration::from_millis(500) {
-            return last;
-        }
-        assert!(Instant::now() < end, "the bus did not settle: {last:?}");
-    }
+    procs::settle("the bus", || {
+        places.iter().map(|p| bus.count(p)).collect::<Vec<u64>>()
+    })
 }
 
 fn describe(places: &[Place], counts: &[u64], base: &[u64], n: u64) -> String {

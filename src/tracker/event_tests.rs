@@ -11,11 +11,7 @@ fn lifecycle_sequence_gives_contiguous_seq_and_right_states() {
     let table = TableInspector::default();
     let mut t = tracker(table.clone());
     let u = "11111111-1111-1111-1111-111111111111";
-    table
-        .0
-        .lock()
-        .unwrap()
-        .insert(u.into(), facts(DomainState::SHUTOFF, "UNKNOWN", true));
+    table.set(u, facts(DomainState::SHUTOFF, "UNKNOWN", true));
     let steps = [
         (0, 0, DomainState::SHUTOFF, true),  // DEFINED/ADDED
         (2, 0, DomainState::RUNNING, true),  // STARTED/BOOTED
@@ -34,11 +30,7 @@ fn lifecycle_sequence_gives_contiguous_seq_and_right_states() {
     }
     assert!(t.domain(u).unwrap().gone());
     // The lookup table still says RUNNING-ish facts: they never override.
-    table
-        .0
-        .lock()
-        .unwrap()
-        .insert(u.into(), facts(DomainState::RUNNING, "BOOTED", true));
+    table.set(u, facts(DomainState::RUNNING, "BOOTED", true));
     let o = t.on_event(&raw(u, 3, 0));
     assert_eq!(o.event.state_after.state, DomainState::PAUSED);
     assert_eq!(o.event.seq, 7, "a returning UUID continues its seq");
@@ -50,11 +42,7 @@ fn lookup_never_overrides_the_event_derived_state() {
     let mut t = tracker(table.clone());
     let u = "22222222-2222-2222-2222-222222222222";
     // During a burst the lookup already sees the domain paused again.
-    table
-        .0
-        .lock()
-        .unwrap()
-        .insert(u.into(), facts(DomainState::PAUSED, "USER", false));
+    table.set(u, facts(DomainState::PAUSED, "USER", false));
     let o = t.on_event(&raw(u, 4, 0)); // RESUMED/UNPAUSED
     assert_eq!(o.event.state_after.state, DomainState::RUNNING);
     assert_eq!(o.event.state_after.reason, "UNPAUSED");

@@ -87,11 +87,7 @@ mod tests {
         let table = TableInspector::default();
         let mut t = tracker(table.clone());
         let u = "22222222-2222-2222-2222-222222222222";
-        table
-            .0
-            .lock()
-            .unwrap()
-            .insert(u.into(), facts(DomainState::SHUTOFF, "UNKNOWN", true));
+        table.set(u, facts(DomainState::SHUTOFF, "UNKNOWN", true));
         let defined = t.on_event(&raw(u, 0, 0));
         assert_eq!(defined.event.seq, 1);
         let o = t.tracker.on_hook(&hook(u, "prepare", "begin"));
@@ -130,11 +126,7 @@ mod tests {
         assert!(!o.event.persistent);
         assert!(t.tracker.domain(u).unwrap().gone());
         // A transient domain: created, started.
-        table
-            .0
-            .lock()
-            .unwrap()
-            .insert(u.into(), facts(DomainState::RUNNING, "BOOTED", false));
+        table.set(u, facts(DomainState::RUNNING, "BOOTED", false));
         let started = t.on_event(&raw(u, 2, 0));
         assert_eq!(started.event.seq, 2);
         assert_eq!(started.event.state_after.state, DomainState::RUNNING);

@@ -232,12 +232,7 @@ fn a_redefinition_after_the_listing_was_read_keeps_its_configuration() {
     let mut new = facts(DomainState::RUNNING, "BOOTED", true);
     new.config_hash = Some("sha256:new".into());
     new.vcpus = Some(8);
-    t.enricher
-        .inspector()
-        .0
-        .lock()
-        .unwrap()
-        .insert(A.to_string(), new);
+    t.enricher.inspector().set(A, new);
     t.begin_listing();
     // The listing read the old configuration.
     let listing = vec![(A.to_string(), facts(DomainState::RUNNING, "BOOTED", true))];
