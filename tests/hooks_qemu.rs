@@ -418,7 +418,7 @@ fn a_migration_shows_the_hook_phases_on_both_hosts() {
             &name,
             &hosts[1].host.qemu_uri(),
             "--migrateuri",
-            "tcp://127.0.0.1",
+            &LibvirtHost::migrate_uri(),
         ],
     );
     // Each host's records of the domain, once its last hook call is there.

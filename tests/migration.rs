@@ -84,7 +84,7 @@ impl Pair {
             .arg(self.uri(A))
             .args(["migrate", name])
             .arg(self.uri(B))
-            .args(["--migrateuri", "tcp://127.0.0.1"])
+            .args(["--migrateuri", &LibvirtHost::migrate_uri()])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

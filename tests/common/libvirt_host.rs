@@ -94,6 +94,15 @@ impl LibvirtHost {
         format!("qemu:///system?socket={}", self.socket().display())
     }
 
+    /// The `--migrateuri` for a migration to another host on this machine:
+    /// loopback with a free port of its own. Every daemon allocates its
+    /// incoming-migration port from the same default range (49152–49215)
+    /// without knowing of the others, so two migrations to two hosts at
+    /// once could pick the same port ("Failed to find an available port").
+    pub fn migrate_uri() -> String {
+        format!("tcp://127.0.0.1:{}", super::free_port())
+    }
+
     /// The daemon's log (libvirtd.log in its private /var/log/libvirt).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log/libvirtd.log")).unwrap_or_default()
