@@ -328,7 +328,7 @@ fn audit_cmd(
         Err(e) => return tool_failed(e),
     };
     let text = if json {
-        report::json(&audit)
+        report::audit_json(&audit)
     } else {
         report::audit_text(&audit)
     };

@@ -25,8 +25,9 @@
 //!   (`missing_heartbeat`).
 //!
 //! The audit is a `Feed`: holes in positions come from the lanes stage
-//! (the audit counts by record: see `lanes`); its text is rendered in
-//! `report`.
+//! (the audit counts by record: see `lanes`). It states each problem as
+//! a [`Finding`] with the facts it rests on; `report` writes the
+//! sentences, the JSON and the text.
 //!
 //! Invariant: every problem names the host (and domain) and the position
 //! of the message where it was found.
@@ -57,19 +58,122 @@ pub enum ProblemKind {
 }
 
 /// One problem (or notice) and where it is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub kind: ProblemKind,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub host_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
     /// Position of the message where it was found.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub at: Option<String>,
-    pub message: String,
+    pub finding: Finding,
+}
+
+/// A domain as a finding names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainLabel {
+    pub uuid: String,
+    pub name: String,
+    pub host: String,
+}
+
+/// What was found, with the facts its sentence names (`report` writes
+/// the sentence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// The message at `at` cannot be decoded.
+    Undecodable { at: Position, why: String },
+    /// `lane` positions `first..=last` missing between `prev` and `next`.
+    LaneHole {
+        lane: Lane,
+        first: u64,
+        last: u64,
+        prev: Position,
+        next: Position,
+    },
+    /// `lane` positions `first..=last` missing at its end, after the
+    /// last position read (`read`, when any was).
+    LaneEnd {
+        lane: Lane,
+        first: u64,
+        last: u64,
+        read: Option<u64>,
+    },
+    /// A `host_seq` read at `at` after `first`.
+    HostSeqAgain {
+        host: String,
+        epoch: String,
+        host_seq: u64,
+        at: Position,
+        first: Position,
+    },
+    /// A domain's first event, at `at`, carries `seq`, but its lane was
+    /// read from its very beginning.
+    SeqAfterOrigin {
+        domain: DomainLabel,
+        seq: u64,
+        at: Position,
+    },
+    /// `seq` at `at` follows `last`: the seqs between are missing.
+    SeqMissing {
+        domain: DomainLabel,
+        last: u64,
+        seq: u64,
+        at: Position,
+    },
+    /// `seq` read again at `at`.
+    SeqAgain {
+        domain: DomainLabel,
+        seq: u64,
+        at: Position,
+    },
+    /// `seq` at `at` comes after the later `last`.
+    SeqBack {
+        domain: DomainLabel,
+        seq: u64,
+        last: u64,
+        at: Position,
+    },
+    /// The snapshot at `at` carries `snap_seq`; events read before it end
+    /// at `events_end`.
+    SnapshotAhead {
+        domain: DomainLabel,
+        at: Position,
+        snap_seq: u64,
+        events_end: u64,
+    },
+    /// A host's epoch `old` followed by `new`.
+    EpochReplaced {
+        host: String,
+        old: String,
+        new: String,
+    },
+    /// A gap marker at `at`; `repaired` when a complete snapshot round
+    /// of its epoch followed.
+    ReportedGap {
+        host: String,
+        cause: String,
+        at: Position,
+        repaired: bool,
+    },
+    /// Two consecutive heartbeats (agent time µs, position) with a
+    /// silence between them.
+    SilenceBetween {
+        host: String,
+        from: (i64, Position),
+        to: (i64, Position),
+    },
+    /// The newest heartbeat, at `at` (agent time `last_us`), is older than
+    /// the liveness rule allows at `now_us`.
+    SilentSince {
+        host: String,
+        last_us: i64,
+        at: Position,
+        now_us: i64,
+        rule: Liveness,
+    },
+    /// A host with neither heartbeat nor snapshot round read.
+    NoHeartbeat { host: String },
 }
 
 /// Per (host, epoch) totals.
@@ -87,7 +191,7 @@ pub struct HostSummary {
 }
 
 /// The audit's result.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditReport {
     pub continuous: bool,
     pub records: u64,
@@ -170,7 +274,10 @@ impl Auditor {
             epoch: None,
             uuid: None,
             at: Some(pos.to_string()),
-            message: format!("message at {pos} cannot be decoded: {why}"),
+            finding: Finding::Undecodable {
+                at: pos.clone(),
+                why: why.to_owned(),
+            },
         });
     }
 
@@ -184,37 +291,35 @@ impl Auditor {
         let lane = &hole.lane;
         match (&hole.kind, &hole.after) {
             (HoleKind::Before { next: pos, .. }, Some(prev)) => {
-                let (a, b) = (prev.offset + 1, pos.offset - 1);
-                let what = if a == b {
-                    format!("{a} is")
-                } else {
-                    format!("{a}..={b} are")
-                };
                 self.problems.push(Problem {
                     kind: ProblemKind::StreamHole,
                     host_id: None,
                     epoch: None,
                     uuid: None,
                     at: Some(pos.to_string()),
-                    message: format!(
-                        "{lane}: position {what} missing (deleted or lost), between {prev} and {pos}"
-                    ),
+                    finding: Finding::LaneHole {
+                        lane: lane.clone(),
+                        first: prev.offset + 1,
+                        last: pos.offset - 1,
+                        prev: prev.clone(),
+                        next: pos.clone(),
+                    },
                 });
             }
             (HoleKind::End { last, .. }, after) => {
                 let read = after.as_ref().map(|p| p.offset);
-                let first = read.map_or(0, |r| r + 1);
                 self.problems.push(Problem {
                     kind: ProblemKind::StreamHole,
                     host_id: None,
                     epoch: None,
                     uuid: None,
                     at: None,
-                    message: format!(
-                        "{lane}: positions {first}..={last} are missing at its end (deleted or lost){}",
-                        read.map(|r| format!(", after position {r}"))
-                            .unwrap_or_default()
-                    ),
+                    finding: Finding::LaneEnd {
+                        lane: lane.clone(),
+                        first: read.map_or(0, |r| r + 1),
+                        last: *last,
+                        read,
+                    },
                 });
             }
             _ => {}
@@ -246,19 +351,25 @@ impl Auditor {
             first_host_seq: u64::MAX,
             ..HostTrack::default()
         });
-        let problem = |kind, uuid: Option<&str>, message: String| Problem {
+        let problem = |kind, uuid: Option<&str>, finding| Problem {
             kind,
             host_id: Some(key.0.clone()),
             epoch: Some(key.1.clone()),
             uuid: uuid.map(str::to_owned),
             at: Some(pos.to_string()),
-            message,
+            finding,
         };
         if let Some(first) = h.seen.get(&host_seq) {
             self.problems.push(problem(
                 ProblemKind::Duplicate,
                 None,
-                format!("host {host} epoch {epoch}: host_seq {host_seq} read again at {pos} (first at {first})"),
+                Finding::HostSeqAgain {
+                    host: host.to_owned(),
+                    epoch: epoch.to_owned(),
+                    host_seq,
+                    at: pos.clone(),
+                    first: first.clone(),
+                },
             ));
             return;
         }
@@ -281,42 +392,59 @@ impl Auditor {
                 let d = h.domains.entry(e.domain.uuid.clone()).or_default();
                 d.name.clone_from(&e.domain.name);
                 let uuid = Some(e.domain.uuid.as_str());
-                let label = format!("domain {} ({}) on {host}", e.domain.uuid, e.domain.name);
+                let domain = DomainLabel {
+                    uuid: e.domain.uuid.clone(),
+                    name: e.domain.name.clone(),
+                    host: host.to_owned(),
+                };
                 match d.last {
                     None if origin && e.seq > 1 => {
                         self.problems.push(problem(
                             ProblemKind::Gap,
                             uuid,
-                            format!("{label}: seq 1..={} missing before {pos} (the stream was read from its beginning)", e.seq - 1),
+                            Finding::SeqAfterOrigin {
+                                domain,
+                                seq: e.seq,
+                                at: pos.clone(),
+                            },
                         ));
                     }
                     None => d.first_lane_origin = origin,
                     Some((last, last_hs))
                         if Some(e.seq) == last.checked_add(1) && host_seq > last_hs => {}
                     Some((last, _)) if e.seq > last.saturating_add(1) => {
-                        let missing = if e.seq == last + 2 {
-                            format!("seq {} is", last + 1)
-                        } else {
-                            format!("seq {}..={} are", last + 1, e.seq - 1)
-                        };
                         self.problems.push(problem(
                             ProblemKind::Gap,
                             uuid,
-                            format!("{label}: {missing} missing before {pos} (seq {})", e.seq),
+                            Finding::SeqMissing {
+                                domain,
+                                last,
+                                seq: e.seq,
+                                at: pos.clone(),
+                            },
                         ));
                     }
                     Some((last, _)) if e.seq == last => {
                         self.problems.push(problem(
                             ProblemKind::Duplicate,
                             uuid,
-                            format!("{label}: seq {} read again at {pos}", e.seq),
+                            Finding::SeqAgain {
+                                domain,
+                                seq: e.seq,
+                                at: pos.clone(),
+                            },
                         ));
                     }
                     Some((last, _)) => {
                         self.problems.push(problem(
                             ProblemKind::Reordering,
                             uuid,
-                            format!("{label}: seq {} at {pos} comes after seq {last}", e.seq),
+                            Finding::SeqBack {
+                                domain,
+                                seq: e.seq,
+                                last,
+                                at: pos.clone(),
+                            },
                         ));
                     }
                 }
@@ -371,22 +499,23 @@ impl Auditor {
                     epoch: Some(w[1].to_owned()),
                     uuid: None,
                     at: None,
-                    message: format!(
-                        "host {host}: epoch {} replaced by {} (journal recreated; counters restarted, state is known again from its next complete round)",
-                        w[0], w[1]
-                    ),
+                    finding: Finding::EpochReplaced {
+                        host: (*host).to_owned(),
+                        old: w[0].to_owned(),
+                        new: w[1].to_owned(),
+                    },
                 });
             }
         }
         let mut hosts = Vec::new();
         for ((host, epoch), h) in &self.hosts {
-            let who = |uuid: Option<&str>, at: Option<&Position>, kind, message| Problem {
+            let who = |uuid: Option<&str>, at: Option<&Position>, kind, finding| Problem {
                 kind,
                 host_id: Some(host.clone()),
                 epoch: Some(epoch.clone()),
                 uuid: uuid.map(str::to_owned),
                 at: at.map(Position::to_string),
-                message,
+                finding,
             };
             // Snapshots that carry a seq beyond the events read before them.
             for (uuid, (snap_hs, snap_seq, pos)) in &h.snapshots {
@@ -405,24 +534,28 @@ impl Auditor {
                             Some(uuid),
                             Some(pos),
                             ProblemKind::Gap,
-                            format!(
-                                "domain {uuid} ({}) on {host}: the snapshot at {pos} reflects seq {snap_seq}, but events read before it end at seq {m}",
-                                d.name
-                            ),
+                            Finding::SnapshotAhead {
+                                domain: DomainLabel {
+                                    uuid: uuid.clone(),
+                                    name: d.name.clone(),
+                                    host: host.clone(),
+                                },
+                                at: pos.clone(),
+                                snap_seq: *snap_seq,
+                                events_end: m,
+                            },
                         ));
                     }
                 }
             }
             for (g, pos, cause) in &h.gaps {
                 let repaired = h.complete_rounds.iter().any(|b| b > g);
-                let msg = format!(
-                    "host {host}: the agent reported lost libvirt events ({cause}) at {pos}{}",
-                    if repaired {
-                        "; a complete snapshot round followed"
-                    } else {
-                        "; no complete snapshot round after it was read"
-                    }
-                );
+                let msg = Finding::ReportedGap {
+                    host: host.clone(),
+                    cause: cause.clone(),
+                    at: pos.clone(),
+                    repaired,
+                };
                 if repaired {
                     notices.push(who(None, Some(pos), ProblemKind::ReportedGap, msg));
                 } else {
@@ -441,13 +574,11 @@ impl Auditor {
                         None,
                         Some(&w[1].2),
                         ProblemKind::MissingHeartbeat,
-                        format!(
-                            "host {host}: no heartbeat between {} ({}) and {} ({})",
-                            crate::codec::rfc3339_micros(w[0].1),
-                            w[0].2,
-                            crate::codec::rfc3339_micros(w[1].1),
-                            w[1].2
-                        ),
+                        Finding::SilenceBetween {
+                            host: host.clone(),
+                            from: (w[0].1, w[0].2.clone()),
+                            to: (w[1].1, w[1].2.clone()),
+                        },
                     ));
                 }
             }
@@ -462,20 +593,20 @@ impl Auditor {
                             None,
                             Some(pos),
                             ProblemKind::MissingHeartbeat,
-                            format!(
-                                "host {host}: last heartbeat at {} ({pos}), {} s before the audit; expected every {} s, silent after {} missed",
-                                crate::codec::rfc3339_micros(t),
-                                self.opts.now_us.saturating_sub(t) / 1_000_000,
-                                rule.heartbeat_us as f64 / 1e6,
-                                rule.multiple
-                            ),
+                            Finding::SilentSince {
+                                host: host.clone(),
+                                last_us: t,
+                                at: pos.clone(),
+                                now_us: self.opts.now_us,
+                                rule,
+                            },
                         ));
                     }
                     (None, _) => self.problems.push(who(
                         None,
                         None,
                         ProblemKind::MissingHeartbeat,
-                        format!("host {host}: no heartbeat or snapshot round read"),
+                        Finding::NoHeartbeat { host: host.clone() },
                     )),
                     _ => {}
                 }
@@ -554,10 +685,17 @@ mod tests {
             .find(|p| p.kind == ProblemKind::StreamHole)
             .expect("a hole");
         assert!(
-            hole.message
-                .contains("positions 2..=3 are missing at its end"),
-            "{}",
-            hole.message
+            matches!(
+                hole.finding,
+                Finding::LaneEnd {
+                    first: 2,
+                    last: 3,
+                    read: Some(1),
+                    ..
+                }
+            ),
+            "{:?}",
+            hole.finding
         );
     }
 

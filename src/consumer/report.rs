@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::audit::AuditReport;
+use super::audit::{AuditReport, DomainLabel, Finding, HostSummary, Problem, ProblemKind};
 use super::bus::Message;
 use super::rebuild::{DomainView, HostView};
 use super::usage::UsageRow;
@@ -223,6 +223,165 @@ pub fn usage_cloudevents(events: &[UsageEvent]) -> String {
     text
 }
 
+/// `audit --format json`: the report, each finding with its sentence as
+/// `message`.
+pub fn audit_json(report: &AuditReport) -> String {
+    #[derive(Serialize)]
+    struct Report<'a> {
+        continuous: bool,
+        records: u64,
+        hosts: &'a [HostSummary],
+        problems: Vec<Entry<'a>>,
+        notices: Vec<Entry<'a>>,
+    }
+    #[derive(Serialize)]
+    struct Entry<'a> {
+        kind: ProblemKind,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        uuid: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        at: Option<&'a str>,
+        message: String,
+    }
+    fn entries(list: &[Problem]) -> Vec<Entry<'_>> {
+        list.iter()
+            .map(|p| Entry {
+                kind: p.kind,
+                host_id: p.host_id.as_deref(),
+                epoch: p.epoch.as_deref(),
+                uuid: p.uuid.as_deref(),
+                at: p.at.as_deref(),
+                message: sentence(&p.finding),
+            })
+            .collect()
+    }
+    json(&Report {
+        continuous: report.continuous,
+        records: report.records,
+        hosts: &report.hosts,
+        problems: entries(&report.problems),
+        notices: entries(&report.notices),
+    })
+}
+
+/// One finding of the audit as a sentence (the `message` of its JSON
+/// entry and its line in the text).
+pub fn sentence(finding: &Finding) -> String {
+    let label = |d: &DomainLabel| format!("domain {} ({}) on {}", d.uuid, d.name, d.host);
+    let time = crate::codec::rfc3339_micros;
+    match finding {
+        Finding::Undecodable { at, why } => format!("message at {at} cannot be decoded: {why}"),
+        Finding::LaneHole {
+            lane,
+            first,
+            last,
+            prev,
+            next,
+        } => {
+            let what = if first == last {
+                format!("{first} is")
+            } else {
+                format!("{first}..={last} are")
+            };
+            format!("{lane}: position {what} missing (deleted or lost), between {prev} and {next}")
+        }
+        Finding::LaneEnd {
+            lane,
+            first,
+            last,
+            read,
+        } => format!(
+            "{lane}: positions {first}..={last} are missing at its end (deleted or lost){}",
+            read.map(|r| format!(", after position {r}"))
+                .unwrap_or_default()
+        ),
+        Finding::HostSeqAgain {
+            host,
+            epoch,
+            host_seq,
+            at,
+            first,
+        } => format!("host {host} epoch {epoch}: host_seq {host_seq} read again at {at} (first at {first})"),
+        Finding::SeqAfterOrigin { domain, seq, at } => format!(
+            "{}: seq 1..={} missing before {at} (the stream was read from its beginning)",
+            label(domain),
+            seq.saturating_sub(1)
+        ),
+        Finding::SeqMissing {
+            domain,
+            last,
+            seq,
+            at,
+        } => {
+            let missing = if *seq == last.saturating_add(2) {
+                format!("seq {} is", last.saturating_add(1))
+            } else {
+                format!("seq {}..={} are", last.saturating_add(1), seq.saturating_sub(1))
+            };
+            format!("{}: {missing} missing before {at} (seq {seq})", label(domain))
+        }
+        Finding::SeqAgain { domain, seq, at } => {
+            format!("{}: seq {seq} read again at {at}", label(domain))
+        }
+        Finding::SeqBack {
+            domain,
+            seq,
+            last,
+            at,
+        } => format!("{}: seq {seq} at {at} comes after seq {last}", label(domain)),
+        Finding::SnapshotAhead {
+            domain,
+            at,
+            snap_seq,
+            events_end,
+        } => format!(
+            "{}: the snapshot at {at} reflects seq {snap_seq}, but events read before it end at seq {events_end}",
+            label(domain)
+        ),
+        Finding::EpochReplaced { host, old, new } => format!(
+            "host {host}: epoch {old} replaced by {new} (journal recreated; counters restarted, state is known again from its next complete round)"
+        ),
+        Finding::ReportedGap {
+            host,
+            cause,
+            at,
+            repaired,
+        } => format!(
+            "host {host}: the agent reported lost libvirt events ({cause}) at {at}{}",
+            if *repaired {
+                "; a complete snapshot round followed"
+            } else {
+                "; no complete snapshot round after it was read"
+            }
+        ),
+        Finding::SilenceBetween { host, from, to } => format!(
+            "host {host}: no heartbeat between {} ({}) and {} ({})",
+            time(from.0),
+            from.1,
+            time(to.0),
+            to.1
+        ),
+        Finding::SilentSince {
+            host,
+            last_us,
+            at,
+            now_us,
+            rule,
+        } => format!(
+            "host {host}: last heartbeat at {} ({at}), {} s before the audit; expected every {} s, silent after {} missed",
+            time(*last_us),
+            now_us.saturating_sub(*last_us) / 1_000_000,
+            rule.heartbeat_us as f64 / 1e6,
+            rule.multiple
+        ),
+        Finding::NoHeartbeat { host } => format!("host {host}: no heartbeat or snapshot round read"),
+    }
+}
+
 /// `audit --format text`.
 pub fn audit_text(report: &AuditReport) -> String {
     let mut s = String::new();
@@ -241,10 +400,10 @@ pub fn audit_text(report: &AuditReport) -> String {
         );
     }
     for n in &report.notices {
-        let _ = writeln!(s, "notice {:?}: {}", n.kind, n.message);
+        let _ = writeln!(s, "notice {:?}: {}", n.kind, sentence(&n.finding));
     }
     for p in &report.problems {
-        let _ = writeln!(s, "PROBLEM {:?}: {}", p.kind, p.message);
+        let _ = writeln!(s, "PROBLEM {:?}: {}", p.kind, sentence(&p.finding));
     }
     let _ = writeln!(
         s,
@@ -295,6 +454,136 @@ pub fn replay_undecodable(msg: &Message<'_>, why: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consumer::liveness::Liveness;
+    use crate::consumer::rebuild::tests::pos;
+
+    #[test]
+    fn every_audit_finding_reads_as_its_sentence() {
+        let d = DomainLabel {
+            uuid: "u1".into(),
+            name: "vm-1".into(),
+            host: "h".into(),
+        };
+        let host = || "h".to_string();
+        let cases = [
+            (
+                Finding::Undecodable { at: pos("EV", 4), why: "bad magic".into() },
+                "message at EV stream seq 4 cannot be decoded: bad magic",
+            ),
+            (
+                Finding::LaneHole { lane: pos("EV", 1).lane(), first: 2, last: 2, prev: pos("EV", 1), next: pos("EV", 3) },
+                "EV: position 2 is missing (deleted or lost), between EV stream seq 1 and EV stream seq 3",
+            ),
+            (
+                Finding::LaneHole { lane: pos("EV", 1).lane(), first: 2, last: 5, prev: pos("EV", 1), next: pos("EV", 6) },
+                "EV: position 2..=5 are missing (deleted or lost), between EV stream seq 1 and EV stream seq 6",
+            ),
+            (
+                Finding::LaneEnd { lane: pos("EV", 1).lane(), first: 2, last: 3, read: Some(1) },
+                "EV: positions 2..=3 are missing at its end (deleted or lost), after position 1",
+            ),
+            (
+                Finding::LaneEnd { lane: pos("EV", 1).lane(), first: 0, last: 3, read: None },
+                "EV: positions 0..=3 are missing at its end (deleted or lost)",
+            ),
+            (
+                Finding::HostSeqAgain { host: host(), epoch: "e".into(), host_seq: 7, at: pos("EV", 9), first: pos("EV", 8) },
+                "host h epoch e: host_seq 7 read again at EV stream seq 9 (first at EV stream seq 8)",
+            ),
+            (
+                Finding::SeqAfterOrigin { domain: d.clone(), seq: 3, at: pos("EV", 1) },
+                "domain u1 (vm-1) on h: seq 1..=2 missing before EV stream seq 1 (the stream was read from its beginning)",
+            ),
+            (
+                Finding::SeqMissing { domain: d.clone(), last: 1, seq: 3, at: pos("EV", 5) },
+                "domain u1 (vm-1) on h: seq 2 is missing before EV stream seq 5 (seq 3)",
+            ),
+            (
+                Finding::SeqMissing { domain: d.clone(), last: 1, seq: 5, at: pos("EV", 5) },
+                "domain u1 (vm-1) on h: seq 2..=4 are missing before EV stream seq 5 (seq 5)",
+            ),
+            (
+                Finding::SeqAgain { domain: d.clone(), seq: 4, at: pos("EV", 6) },
+                "domain u1 (vm-1) on h: seq 4 read again at EV stream seq 6",
+            ),
+            (
+                Finding::SeqBack { domain: d.clone(), seq: 2, last: 4, at: pos("EV", 6) },
+                "domain u1 (vm-1) on h: seq 2 at EV stream seq 6 comes after seq 4",
+            ),
+            (
+                Finding::SnapshotAhead { domain: d, at: pos("SN", 2), snap_seq: 6, events_end: 4 },
+                "domain u1 (vm-1) on h: the snapshot at SN stream seq 2 reflects seq 6, but events read before it end at seq 4",
+            ),
+            (
+                Finding::EpochReplaced { host: host(), old: "e1".into(), new: "e2".into() },
+                "host h: epoch e1 replaced by e2 (journal recreated; counters restarted, state is known again from its next complete round)",
+            ),
+            (
+                Finding::ReportedGap { host: host(), cause: "QUEUE_OVERFLOW".into(), at: pos("EV", 3), repaired: true },
+                "host h: the agent reported lost libvirt events (QUEUE_OVERFLOW) at EV stream seq 3; a complete snapshot round followed",
+            ),
+            (
+                Finding::ReportedGap { host: host(), cause: "QUEUE_OVERFLOW".into(), at: pos("EV", 3), repaired: false },
+                "host h: the agent reported lost libvirt events (QUEUE_OVERFLOW) at EV stream seq 3; no complete snapshot round after it was read",
+            ),
+            (
+                Finding::SilenceBetween { host: host(), from: (1_000_000, pos("SN", 1)), to: (61_000_000, pos("SN", 2)) },
+                "host h: no heartbeat between 1970-01-01T00:00:01.000000Z (SN stream seq 1) and 1970-01-01T00:01:01.000000Z (SN stream seq 2)",
+            ),
+            (
+                Finding::SilentSince {
+                    host: host(),
+                    last_us: 1_000_000,
+                    at: pos("SN", 1),
+                    now_us: 91_500_000,
+                    rule: Liveness::new(std::time::Duration::from_millis(2500), 3),
+                },
+                "host h: last heartbeat at 1970-01-01T00:00:01.000000Z (SN stream seq 1), 90 s before the audit; expected every 2.5 s, silent after 3 missed",
+            ),
+            (
+                Finding::NoHeartbeat { host: host() },
+                "host h: no heartbeat or snapshot round read",
+            ),
+        ];
+        for (finding, want) in cases {
+            assert_eq!(sentence(&finding), want, "{finding:?}");
+        }
+    }
+
+    #[test]
+    fn audit_json_gives_each_finding_its_sentence_and_omits_what_is_unknown() {
+        let problem = Problem {
+            kind: ProblemKind::Gap,
+            host_id: Some("h".into()),
+            epoch: Some("e".into()),
+            uuid: None,
+            at: Some("EV stream seq 4".into()),
+            finding: Finding::NoHeartbeat { host: "h".into() },
+        };
+        let report = AuditReport {
+            continuous: false,
+            records: 3,
+            hosts: vec![],
+            problems: vec![problem.clone()],
+            notices: vec![],
+        };
+        let out = audit_json(&report);
+        assert!(out.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["continuous"], false);
+        assert_eq!(v["records"], 3);
+        assert_eq!(v["notices"], serde_json::json!([]));
+        assert_eq!(
+            v["problems"][0],
+            serde_json::json!({
+                "kind": "gap",
+                "host_id": "h",
+                "epoch": "e",
+                "at": "EV stream seq 4",
+                "message": "host h: no heartbeat or snapshot round read",
+            })
+        );
+    }
 
     fn row(host: &str, name: &str, stale: Option<&str>) -> UsageRow {
         UsageRow {
