@@ -25,6 +25,7 @@ pub mod nats;
 pub mod registry;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -46,60 +47,77 @@ pub struct MessageParts {
     pub tombstone: bool,
 }
 
-/// Builds the [`MessageParts`] of a journal entry. Deterministic: the same
-/// entry always yields the same id, headers and body. With `framing` (a
-/// schema registry), an Avro body is in the registry's framing.
-pub fn message_parts(
-    host_id: &str,
-    epoch: &str,
-    encoding: Encoding,
-    framing: Option<&registry::SchemaIds>,
-    entry: &Entry,
-) -> Result<MessageParts, CodecError> {
-    let id = event_id(host_id, epoch, entry.host_seq);
-    let (ce_type, schema) = match entry.kind {
-        Kind::DomainEvent => (codec::CE_TYPE_DOMAIN_EVENT, codec::latest("DomainEvent")),
-        Kind::DomainSnapshot | Kind::DomainTombstone => (
-            codec::CE_TYPE_DOMAIN_SNAPSHOT,
-            codec::latest("DomainSnapshot"),
-        ),
-        Kind::HostSnapshot => (codec::CE_TYPE_HOST_SNAPSHOT, codec::latest("HostSnapshot")),
-    };
-    let tombstone = entry.kind == Kind::DomainTombstone;
-    let (content_type, body) = match encoding {
-        _ if tombstone => (codec::CONTENT_TYPE_AVRO, Bytes::new()),
-        Encoding::Avro => match framing {
-            Some(ids) => (codec::CONTENT_TYPE_AVRO, ids.frame(&entry.payload)?),
-            None => (codec::CONTENT_TYPE_AVRO, Bytes::from(entry.payload.clone())),
-        },
-        Encoding::Json => {
-            let (_, json) = codec::decode_json(&entry.payload)?;
-            (codec::CONTENT_TYPE_JSON, Bytes::from(json.to_string()))
-        }
-    };
-    let subject = if entry.kind == Kind::HostSnapshot {
-        host_id
-    } else {
-        entry.key.as_str()
-    };
-    let mut headers = codec::cloudevents_headers(
-        ce_type,
-        &id,
-        host_id,
-        entry.observed_at,
-        subject,
-        content_type,
-        schema,
-    );
-    if tombstone {
-        headers.push((TOMBSTONE_HEADER, "true".to_string()));
+/// What every message of one agent run shares on either bus: the host
+/// and epoch its id is made of, the body encoding and, with a schema
+/// registry, the framing ids. Each sink's encoding context holds one and
+/// adds its own routing (subjects, topics).
+#[derive(Debug, Clone)]
+pub struct MessageContext {
+    pub host_id: String,
+    pub epoch: String,
+    pub encoding: Encoding,
+    /// Registry ids when the sink publishes in schema-registry framing.
+    pub framing: Option<Arc<registry::SchemaIds>>,
+}
+
+impl MessageContext {
+    /// Why `entry` cannot be framed for the schema registry, if the sink
+    /// frames and it cannot: the caller keeps it in the journal and stops.
+    pub fn unframable(&self, entry: &Entry) -> Option<crate::bus::registry::RegistryError> {
+        self.framing.as_ref().and_then(|f| f.unframable(entry))
     }
-    Ok(MessageParts {
-        event_id: id,
-        headers,
-        body,
-        tombstone,
-    })
+
+    /// Builds the [`MessageParts`] of a journal entry. Deterministic: the
+    /// same entry always yields the same id, headers and body. With
+    /// `framing`, an Avro body is in the registry's framing.
+    pub fn parts(&self, entry: &Entry) -> Result<MessageParts, CodecError> {
+        let (host_id, encoding) = (self.host_id.as_str(), self.encoding);
+        let framing = self.framing.as_deref();
+        let id = event_id(host_id, &self.epoch, entry.host_seq);
+        let (ce_type, schema) = match entry.kind {
+            Kind::DomainEvent => (codec::CE_TYPE_DOMAIN_EVENT, codec::latest("DomainEvent")),
+            Kind::DomainSnapshot | Kind::DomainTombstone => (
+                codec::CE_TYPE_DOMAIN_SNAPSHOT,
+                codec::latest("DomainSnapshot"),
+            ),
+            Kind::HostSnapshot => (codec::CE_TYPE_HOST_SNAPSHOT, codec::latest("HostSnapshot")),
+        };
+        let tombstone = entry.kind == Kind::DomainTombstone;
+        let (content_type, body) = match encoding {
+            _ if tombstone => (codec::CONTENT_TYPE_AVRO, Bytes::new()),
+            Encoding::Avro => match framing {
+                Some(ids) => (codec::CONTENT_TYPE_AVRO, ids.frame(&entry.payload)?),
+                None => (codec::CONTENT_TYPE_AVRO, Bytes::from(entry.payload.clone())),
+            },
+            Encoding::Json => {
+                let (_, json) = codec::decode_json(&entry.payload)?;
+                (codec::CONTENT_TYPE_JSON, Bytes::from(json.to_string()))
+            }
+        };
+        let subject = if entry.kind == Kind::HostSnapshot {
+            host_id
+        } else {
+            entry.key.as_str()
+        };
+        let mut headers = codec::cloudevents_headers(
+            ce_type,
+            &id,
+            host_id,
+            entry.observed_at,
+            subject,
+            content_type,
+            schema,
+        );
+        if tombstone {
+            headers.push((TOMBSTONE_HEADER, "true".to_string()));
+        }
+        Ok(MessageParts {
+            event_id: id,
+            headers,
+            body,
+            tombstone,
+        })
+    }
 }
 
 /// Tracks out-of-order acknowledgements and yields the contiguous cursor.

@@ -17,9 +17,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::bus::kafka::partition_for;
 use crate::codec::CodecError;
-use crate::config::Encoding;
 use crate::journal::{Entry, Kind};
-use crate::sinks::message_parts;
+use crate::sinks::MessageContext;
 
 /// Header carrying the event id (CloudEvents `id`).
 pub const EVENT_ID_HEADER: &str = "ce_id";
@@ -46,14 +45,11 @@ pub const HOST_SNAPSHOTS: usize = 2;
 
 /// Per-sink constants.
 pub struct EncodingContext {
-    pub host_id: String,
-    pub epoch: String,
+    /// Id, headers and body, as on every bus.
+    pub message: MessageContext,
     /// (name, partitions) of the events, domain snapshots and host
     /// snapshots topics, in that order.
     pub topics: [(String, i32); 3],
-    pub encoding: Encoding,
-    /// Registry ids when the sink publishes in schema-registry framing.
-    pub framing: Option<std::sync::Arc<crate::sinks::registry::SchemaIds>>,
 }
 
 impl EncodingContext {
@@ -61,23 +57,18 @@ impl EncodingContext {
     pub fn route(&self, entry: &Entry) -> (usize, String, i32) {
         let (topic, key) = match entry.kind {
             Kind::DomainEvent => (EVENTS, entry.key.clone()),
-            Kind::DomainSnapshot | Kind::DomainTombstone => {
-                (DOMAIN_SNAPSHOTS, format!("{}/{}", self.host_id, entry.key))
-            }
-            Kind::HostSnapshot => (HOST_SNAPSHOTS, self.host_id.clone()),
+            Kind::DomainSnapshot | Kind::DomainTombstone => (
+                DOMAIN_SNAPSHOTS,
+                format!("{}/{}", self.message.host_id, entry.key),
+            ),
+            Kind::HostSnapshot => (HOST_SNAPSHOTS, self.message.host_id.clone()),
         };
         let partition = partition_for(&key, self.topics[topic].1);
         (topic, key, partition)
     }
 
     pub fn encode(&self, entry: &Entry) -> Result<Encoded, CodecError> {
-        let parts = message_parts(
-            &self.host_id,
-            &self.epoch,
-            self.encoding,
-            self.framing.as_deref(),
-            entry,
-        )?;
+        let parts = self.message.parts(entry)?;
         let mut headers = OwnedHeaders::new_with_capacity(parts.headers.len());
         for (k, v) in &parts.headers {
             headers = headers.insert(Header {
@@ -101,6 +92,7 @@ impl EncodingContext {
 mod tests {
     use super::*;
     use crate::codec::{self, tests::sample};
+    use crate::config::Encoding;
     use rdkafka::message::Headers;
 
     #[test]
@@ -114,15 +106,17 @@ mod tests {
             payload: codec::encode_event(&e),
         };
         let ctx = EncodingContext {
-            host_id: "host.a".into(),
-            epoch: "7f3c".into(),
+            message: MessageContext {
+                host_id: "host.a".into(),
+                epoch: "7f3c".into(),
+                encoding: Encoding::Avro,
+                framing: None,
+            },
             topics: [
                 ("virt.domain.events.v1".into(), 12),
                 ("virt.domain.snapshots.v1".into(), 6),
                 ("virt.host.snapshots.v1".into(), 3),
             ],
-            encoding: Encoding::Avro,
-            framing: None,
         };
         let enc = ctx.encode(&entry).unwrap();
         assert_eq!(enc.topic, EVENTS);

@@ -51,6 +51,7 @@ use crate::journal::{Entry, Journal, JournalError};
 pub use crate::sinks::driver::AckObserver;
 use crate::sinks::driver::{Bus, Driver, DriverOptions, Progress};
 use crate::sinks::registry::{await_ids, Registrar, SchemaIds};
+use crate::sinks::MessageContext;
 use crate::telemetry::{Health, Metrics, SinkState};
 
 /// The sink's name in the journal's cursor table and in metrics.
@@ -207,15 +208,17 @@ impl KafkaSink {
         let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
         let (partitions, start, mut offsets) = prepared?;
         let enc = Arc::new(EncodingContext {
-            host_id: self.host_id.clone(),
-            epoch: self.epoch.clone(),
+            message: MessageContext {
+                host_id: self.host_id.clone(),
+                epoch: self.epoch.clone(),
+                encoding: self.cfg.encoding,
+                framing: framing.clone(),
+            },
             topics: [
                 (self.cfg.events_topic.clone(), partitions[0]),
                 (self.cfg.domain_snapshots_topic.clone(), partitions[1]),
                 (self.cfg.host_snapshots_topic.clone(), partitions[2]),
             ],
-            encoding: self.cfg.encoding,
-            framing: framing.clone(),
         });
 
         // 2. Recovery.
@@ -489,12 +492,7 @@ impl Bus for Publisher<'_> {
                 Ok(e) => e,
                 Err(e) => {
                     // Never skipped: the journal keeps it, the sink stops.
-                    if let Some(fatal) = self
-                        .encoding
-                        .framing
-                        .as_ref()
-                        .and_then(|f| f.unframable(&entry))
-                    {
+                    if let Some(fatal) = self.encoding.message.unframable(&entry) {
                         return Err(fatal.into());
                     }
                     tracing::error!(host_seq = entry.host_seq, error = %e, "cannot encode journal entry; skipped");

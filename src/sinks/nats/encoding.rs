@@ -10,9 +10,9 @@ use bytes::Bytes;
 
 use crate::bus::wire::subject_token;
 use crate::codec::CodecError;
-use crate::config::Encoding;
 use crate::journal::{Entry, Kind};
-use crate::sinks::message_parts;
+use crate::sinks::registry::SchemaIds;
+use crate::sinks::MessageContext;
 
 /// Subject of an entry: `<events prefix>.<host token>.<domain uuid>` for
 /// events, `<snapshots prefix>.<host token>.<domain uuid>` for domain
@@ -38,55 +38,42 @@ pub struct Encoded {
 }
 
 /// Per-sink constants.
+#[derive(Debug, Clone)]
 pub struct EncodingContext {
-    pub host_id: String,
+    /// Id, headers and body, as on every bus.
+    pub message: MessageContext,
     pub host_token: String,
-    pub epoch: String,
     /// Events subject prefix.
     pub prefix: String,
     pub snapshots_prefix: String,
     pub hosts_prefix: String,
-    pub encoding: Encoding,
-    /// Registry ids when the sink publishes in schema-registry framing.
-    pub framing: Option<std::sync::Arc<crate::sinks::registry::SchemaIds>>,
 }
 
 impl EncodingContext {
     pub fn new(host_id: &str, epoch: &str, cfg: &crate::config::NatsConfig) -> Self {
         EncodingContext {
-            host_id: host_id.to_string(),
+            message: MessageContext {
+                host_id: host_id.to_string(),
+                epoch: epoch.to_string(),
+                encoding: cfg.encoding,
+                framing: None,
+            },
             host_token: subject_token(host_id),
-            epoch: epoch.to_string(),
             prefix: cfg.events_subject_prefix.clone(),
             snapshots_prefix: cfg.snapshots_subject_prefix.clone(),
             hosts_prefix: cfg.hosts_subject_prefix.clone(),
-            encoding: cfg.encoding,
-            framing: None,
         }
     }
 
     /// The same context, publishing in schema-registry framing with `ids`.
-    pub fn with_framing(&self, ids: std::sync::Arc<crate::sinks::registry::SchemaIds>) -> Self {
-        EncodingContext {
-            host_id: self.host_id.clone(),
-            host_token: self.host_token.clone(),
-            epoch: self.epoch.clone(),
-            prefix: self.prefix.clone(),
-            snapshots_prefix: self.snapshots_prefix.clone(),
-            hosts_prefix: self.hosts_prefix.clone(),
-            encoding: self.encoding,
-            framing: Some(ids),
-        }
+    pub fn with_framing(&self, ids: std::sync::Arc<SchemaIds>) -> Self {
+        let mut framed = self.clone();
+        framed.message.framing = Some(ids);
+        framed
     }
 
     pub fn encode(&self, entry: &Entry) -> Result<Encoded, CodecError> {
-        let parts = message_parts(
-            &self.host_id,
-            &self.epoch,
-            self.encoding,
-            self.framing.as_deref(),
-            entry,
-        )?;
+        let parts = self.message.parts(entry)?;
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", parts.event_id.as_str());
         for (k, v) in &parts.headers {

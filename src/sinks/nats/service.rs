@@ -111,7 +111,7 @@ async fn last_position(
                 .and_then(|v| {
                     parse_event_id(v.as_str()).map(|(h, e, s)| (h.to_string(), e.to_string(), s))
                 })
-                .filter(|(h, e, _)| *h == enc.host_id && *e == enc.epoch)
+                .filter(|(h, e, _)| *h == enc.message.host_id && *e == enc.message.epoch)
                 .map(|(_, _, s)| s);
             Ok(Position {
                 stream_seq: m.sequence,
@@ -459,9 +459,7 @@ impl Bus for Publisher<'_> {
             let encoded = match self.enc.encode(&entry) {
                 Ok(e) => e,
                 Err(e) => {
-                    if let Some(fatal) =
-                        self.enc.framing.as_ref().and_then(|f| f.unframable(&entry))
-                    {
+                    if let Some(fatal) = self.enc.message.unframable(&entry) {
                         return Err(fatal.into());
                     }
                     // An entry this build cannot encode cannot be
@@ -523,7 +521,7 @@ impl Bus for Publisher<'_> {
             }
             Outcome::AlreadyStored { tail } => tail,
             Outcome::BeyondJournal { host_seq, head } => {
-                let e = super::probe::behind_bus(&self.enc.epoch, host_seq, head);
+                let e = super::probe::behind_bus(&self.enc.message.epoch, host_seq, head);
                 tracing::error!(error = %e, "NATS sink cannot continue");
                 self.sink.set_state(SinkState::Failing(e.to_string()));
                 return Err(e);
