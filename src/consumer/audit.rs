@@ -239,7 +239,8 @@ impl Auditor {
                 let d = h.domains.entry(e.domain.uuid.clone()).or_default();
                 d.name.clone_from(&e.domain.name);
                 let uuid = Some(e.domain.uuid.as_str());
-                let domain = DomainLabel {
+                // Built only for a problem: most events have none.
+                let domain = || DomainLabel {
                     uuid: e.domain.uuid.clone(),
                     name: e.domain.name.clone(),
                     host: host.to_owned(),
@@ -250,7 +251,7 @@ impl Auditor {
                             ProblemKind::Gap,
                             uuid,
                             Finding::SeqAfterOrigin {
-                                domain,
+                                domain: domain(),
                                 seq: e.seq,
                                 at: pos.clone(),
                             },
@@ -264,7 +265,7 @@ impl Auditor {
                             ProblemKind::Gap,
                             uuid,
                             Finding::SeqMissing {
-                                domain,
+                                domain: domain(),
                                 last,
                                 seq: e.seq,
                                 at: pos.clone(),
@@ -276,7 +277,7 @@ impl Auditor {
                             ProblemKind::Duplicate,
                             uuid,
                             Finding::SeqAgain {
-                                domain,
+                                domain: domain(),
                                 seq: e.seq,
                                 at: pos.clone(),
                             },
@@ -287,7 +288,7 @@ impl Auditor {
                             ProblemKind::Reordering,
                             uuid,
                             Finding::SeqBack {
-                                domain,
+                                domain: domain(),
                                 seq: e.seq,
                                 last,
                                 at: pos.clone(),
